@@ -1,0 +1,1 @@
+"""The decision core: plain Python, no gRPC. identify caller → resolve policy → decide → mutations."""

@@ -1,0 +1,82 @@
+"""The AI wire formats we understand: which paths they use and how they spell errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+
+import orjson
+
+
+class Api(StrEnum):
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    api: Api
+    operation: str
+    suffix: str  # appended to a provider's base path, e.g. "/chat/completions"
+
+
+ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/chat/completions": Endpoint(Api.OPENAI, "chat_completions", "/chat/completions"),
+    "/v1/embeddings": Endpoint(Api.OPENAI, "embeddings", "/embeddings"),
+    "/v1/messages": Endpoint(Api.ANTHROPIC, "messages", "/messages"),
+}
+
+
+def split_path(path: str) -> tuple[str, str]:
+    """``/v1/x?y=1`` → (``/v1/x``, ``?y=1``)."""
+    cut = path.find("?")
+    return (path, "") if cut < 0 else (path[:cut], path[cut:])
+
+
+def classify(path: str) -> Endpoint | None:
+    return ENDPOINTS.get(split_path(path)[0].rstrip("/"))
+
+
+def api_of_caller(path: str, headers: dict[str, str]) -> Api:
+    """Which error format a caller understands, even on a path we do not handle."""
+    endpoint = classify(path)
+    if endpoint is not None:
+        return endpoint.api
+    if "anthropic-version" in headers or "x-api-key" in headers or "/messages" in path:
+        return Api.ANTHROPIC
+    return Api.OPENAI
+
+
+class ErrorKind(Enum):
+    # status, OpenAI error type, Anthropic error type
+    INVALID_REQUEST = (400, "invalid_request_error", "invalid_request_error")
+    PERMISSION = (403, "permission_error", "permission_error")
+    NOT_FOUND = (404, "invalid_request_error", "not_found_error")
+    METHOD = (405, "invalid_request_error", "invalid_request_error")
+    TOO_LARGE = (413, "invalid_request_error", "request_too_large")
+    MEDIA_TYPE = (415, "invalid_request_error", "invalid_request_error")
+    RATE_LIMIT = (429, "rate_limit_exceeded", "rate_limit_error")
+    INTERNAL = (500, "server_error", "api_error")
+    UNAVAILABLE = (503, "server_error", "overloaded_error")
+
+    @property
+    def status(self) -> int:
+        return self.value[0]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiError:
+    """An error answered by the processor itself, rendered in the caller's API format."""
+
+    kind: ErrorKind
+    message: str
+    code: str
+    param: str | None = None
+
+    def render(self, api: Api) -> bytes:
+        status, openai_type, anthropic_type = self.kind.value
+        if api is Api.ANTHROPIC:
+            return orjson.dumps({"type": "error", "error": {"type": anthropic_type, "message": self.message}})
+        return orjson.dumps(
+            {"error": {"message": self.message, "type": openai_type, "param": self.param, "code": self.code}}
+        )

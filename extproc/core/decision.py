@@ -1,0 +1,217 @@
+"""The request's journey: identify caller → resolve policy → decide (route) → mutations.
+
+Two entry points mirror what Envoy tells us and when: :meth:`Decider.on_headers` may answer on
+headers alone (a pass-through path, an unknown caller, a bad content type); otherwise
+:meth:`Exchange.on_body` decides on the complete body. Both return plain data that the gRPC
+layer turns into one ext_proc response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import orjson
+
+from extproc.core.apis import Api, ApiError, Endpoint, ErrorKind, api_of_caller, classify, split_path
+from extproc.core.credentials import CredentialStore
+from extproc.core.identity import Caller, identify
+from extproc.core.routing import Target, choose_target
+from extproc.policy.compiled import PolicySet, ServiceModels
+from extproc.policy.model import ModelRoute
+
+METADATA_NAMESPACE = "ai.extproc"
+TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
+_JSON_TYPES = ("application/json",)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    method: str
+    path: str
+    authority: str
+    headers: Mapping[str, str]  # lower-case names, pseudo-headers excluded
+    attributes: Mapping[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send the request on, changed as described."""
+
+    set_headers: tuple[tuple[str, str], ...]
+    remove_headers: tuple[str, ...]
+    body: bytes | None  # None: body unchanged
+    metadata: Mapping[str, str]
+    clear_route_cache: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Answer the caller directly; the request never leaves the mesh."""
+
+    status: int
+    body: bytes
+    details: str  # short token for Envoy's %RESPONSE_CODE_DETAILS%
+    headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
+
+
+Decision = Forward | Reject
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One AI call between its headers and its body; holds the policy snapshot it started with."""
+
+    decider: Decider
+    request: HttpRequest
+    endpoint: Endpoint
+    caller: Caller
+    policy: PolicySet
+    service: ServiceModels
+    _strip: tuple[str, ...] = field(default=())
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.policy.mesh.max_body_bytes
+
+    def too_large(self) -> Reject:
+        limit = self.max_body_bytes
+        return self.reject(ApiError(ErrorKind.TOO_LARGE, f"request body exceeds the limit of {limit} bytes",
+                                    "request_too_large"))
+
+    def reject(self, error: ApiError) -> Reject:
+        return _reject(self.endpoint.api, error)
+
+    def on_body(self, body: bytes) -> Decision:
+        if len(body) > self.max_body_bytes:
+            return self.too_large()
+        data = _parse_json(body)
+        if isinstance(data, ApiError):
+            return self.reject(data)
+        requested = data.get("model")
+        if not isinstance(requested, str) or not requested:
+            return self.reject(ApiError(ErrorKind.INVALID_REQUEST, "'model' is required and must be a string",
+                                        "missing_model", "model"))
+        route = self.service.resolve(requested)
+        if route is None:
+            allowed = ", ".join(self.service.allowed)
+            return self.reject(ApiError(
+                ErrorKind.PERMISSION,
+                f"model {requested!r} is not allowed for {self.caller.describe()}; allowed models: {allowed}",
+                "model_not_allowed", "model"))
+        target = choose_target(route, self.policy.providers, self.request.headers)
+        problem = self._check_target(target)
+        if problem is not None:
+            return self.reject(problem)
+        return self._forward(data, body, requested, route, target)
+
+    def _check_target(self, target: Target) -> ApiError | None:
+        provider = target.provider
+        if provider.api != self.endpoint.api:
+            return ApiError(
+                ErrorKind.INVALID_REQUEST,
+                f"model is served by provider {provider.name!r}, which speaks the {provider.api} API; "
+                f"this call uses the {self.endpoint.api} API", "api_mismatch", "model")
+        return None
+
+    def _forward(self, data: dict[str, object], body: bytes, requested: str, route: ModelRoute,
+                 target: Target) -> Decision:
+        provider = target.provider
+        headers: list[tuple[str, str]] = [
+            (":authority", provider.authority),
+            (":path", provider.base_path + self.endpoint.suffix + split_path(self.request.path)[1]),
+        ]
+        remove = list(self._strip)
+        if provider.credential is not None:
+            key = self.decider.credentials.get(provider.credential)
+            if key is None:
+                return self.reject(ApiError(
+                    ErrorKind.UNAVAILABLE,
+                    f"the credential for provider {provider.name!r} is not available; the platform team must "
+                    "provide it", "credential_unavailable"))
+            if provider.api is Api.ANTHROPIC:
+                headers.append(("x-api-key", key))
+                remove.append("authorization")
+            else:
+                headers.append(("authorization", f"Bearer {key}"))
+                remove.append("x-api-key")
+        if provider.api is Api.ANTHROPIC and "anthropic-version" not in self.request.headers:
+            headers.append(("anthropic-version", provider.anthropic_version))
+        if route.timeout is not None:
+            headers.append((TIMEOUT_HEADER, str(route.timeout)))
+        elif TIMEOUT_HEADER in self.request.headers:
+            remove.append(TIMEOUT_HEADER)  # only policy sets upstream timeouts
+        new_body: bytes | None = None
+        if target.model != requested:
+            data["model"] = target.model
+            new_body = orjson.dumps(data)
+            headers.append(("content-length", str(len(new_body))))
+        metadata = {
+            "service": self.caller.service or "",
+            "namespace": self.caller.namespace or "",
+            "provider": provider.name,
+            "model": target.model,
+            "requested_model": requested,
+            "route": route.name,
+            "variant": target.variant or "",
+            "policy_version": self.policy.version,
+        }
+        return Forward(tuple(headers), tuple(remove), new_body, metadata)
+
+
+class Decider:
+    """Stateless apart from the current policy snapshot and the credential cache."""
+
+    def __init__(self, policies: Callable[[], PolicySet], credentials: CredentialStore) -> None:
+        self._policies = policies
+        self.credentials = credentials
+
+    def on_headers(self, request: HttpRequest, end_of_stream: bool) -> Decision | Exchange:
+        """Decide on headers alone, or return the :class:`Exchange` that waits for the body."""
+        policy = self._policies()
+        mesh = policy.mesh
+        strip = () if mesh.identity.trust_header else (mesh.identity.header,)
+        strip = tuple(h for h in strip if h in request.headers)
+        endpoint = classify(request.path)
+        if endpoint is None:
+            if mesh.unknown_paths == "pass":
+                return Forward((), strip, None, {}, clear_route_cache=False)
+            return _reject(api_of_caller(request.path, dict(request.headers)), ApiError(
+                ErrorKind.NOT_FOUND, f"path {split_path(request.path)[0]!r} is not an AI endpoint handled here",
+                "unknown_path"))
+        if request.method != "POST":
+            return _reject(endpoint.api, ApiError(
+                ErrorKind.METHOD, f"{request.method} is not allowed on {endpoint.suffix}; use POST", "method"))
+        content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type not in _JSON_TYPES:
+            return _reject(endpoint.api, ApiError(
+                ErrorKind.MEDIA_TYPE, f"content-type must be application/json, got {content_type or 'none'!r}",
+                "unsupported_media_type"))
+        if end_of_stream:
+            return _reject(endpoint.api, ApiError(ErrorKind.INVALID_REQUEST, "request body is empty",
+                                                  "empty_body"))
+        caller = identify(request.attributes, request.headers, mesh.identity)
+        service = policy.for_caller(caller.service, caller.namespace)
+        if service is None:
+            return _reject(endpoint.api, ApiError(
+                ErrorKind.PERMISSION, f"{caller.describe()} has no AI policy in this mesh", "no_policy"))
+        return Exchange(self, request, endpoint, caller, policy, service, strip)
+
+
+def _reject(api: Api, error: ApiError) -> Reject:
+    return Reject(error.kind.status, error.render(api), f"ai_{error.code}")
+
+
+def _parse_json(body: bytes) -> dict[str, object] | ApiError:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return ApiError(ErrorKind.INVALID_REQUEST, f"request body is not valid UTF-8 (byte {bad.start})",
+                            "invalid_utf8")
+        return ApiError(ErrorKind.INVALID_REQUEST, f"request body is not valid JSON: {exc}", "invalid_json")
+    if not isinstance(data, dict):
+        return ApiError(ErrorKind.INVALID_REQUEST, "request body must be a JSON object", "invalid_json")
+    return data

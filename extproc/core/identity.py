@@ -1,0 +1,51 @@
+"""Who is calling: the workload behind the sidecar, from Envoy attributes of its node metadata.
+
+Istio fills the sidecar's node metadata (NAMESPACE, WORKLOAD_NAME, LABELS, SERVICE_ACCOUNT); a
+standalone Envoy carries the same keys statically. The values are requested as CEL attribute
+expressions; the strings below are both the filter config (``request_attributes``) and the keys
+Envoy sends back, so they are defined once, here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from extproc.policy.model import IdentitySettings
+
+ATTR_NAMESPACE = "xds.node.metadata.NAMESPACE"
+ATTR_WORKLOAD = "xds.node.metadata.WORKLOAD_NAME"
+ATTR_APP = "xds.node.metadata.LABELS.app"
+ATTR_K8S_NAME = "xds.node.metadata.LABELS['app.kubernetes.io/name']"
+ATTR_SERVICE_ACCOUNT = "xds.node.metadata['SERVICE_ACCOUNT']"
+
+REQUEST_ATTRIBUTES: tuple[str, ...] = (ATTR_NAMESPACE, ATTR_WORKLOAD, ATTR_APP, ATTR_K8S_NAME, ATTR_SERVICE_ACCOUNT)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    service: str | None
+    namespace: str | None
+    service_account: str | None
+    source: str  # "node" (sidecar metadata) or "header" (trusted identity header)
+
+    def describe(self) -> str:
+        name = self.service or "unidentified caller"
+        return f"{self.namespace}/{name}" if self.namespace else name
+
+
+def _text(attributes: Mapping[str, object], key: str) -> str | None:
+    value = attributes.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def identify(attributes: Mapping[str, object], headers: Mapping[str, str], settings: IdentitySettings) -> Caller:
+    namespace = _text(attributes, ATTR_NAMESPACE)
+    account = _text(attributes, ATTR_SERVICE_ACCOUNT)
+    if settings.trust_header:
+        claimed = headers.get(settings.header, "").strip()
+        if claimed:
+            ns, _, name = claimed.rpartition("/")
+            return Caller(name or None, ns or namespace, account, "header")
+    service = _text(attributes, ATTR_APP) or _text(attributes, ATTR_K8S_NAME) or _text(attributes, ATTR_WORKLOAD)
+    return Caller(service, namespace, account, "node")

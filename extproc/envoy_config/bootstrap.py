@@ -1,0 +1,236 @@
+"""A standalone Envoy bootstrap shaped like an Istio sidecar's outbound HTTP path.
+
+The node carries the metadata Istio gives a sidecar (NAMESPACE, WORKLOAD_NAME, LABELS.app,
+SERVICE_ACCOUNT), provider clusters use Istio's ``outbound|PORT||HOST`` naming, and routing is by
+virtual host on the provider's authority, exactly as the mesh routes. The application calls the
+listener with plain HTTP; our filter picks the provider and rewrites ``:authority`` to reach it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from extproc.envoy_config.filter import ext_proc_filter, response_headers_to_add
+from extproc.policy.model import Provider
+
+PROCESSOR_CLUSTER = "ai-extproc"
+PROCESSOR_AUTHORITY = "ai-extproc.ai-system.svc.cluster.local"
+_NO_ROUTE_BODY = (
+    '{"error":{"message":"no AI provider serves this host; call an AI endpoint such as '
+    '/v1/chat/completions","type":"invalid_request_error","param":null,"code":"no_route"}}'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where Envoy sends one provider authority."""
+
+    authority: str
+    service_port: int  # the port the application addresses (Istio names clusters by it)
+    address: str
+    port: int
+    tls: bool = False
+
+    @property
+    def cluster_name(self) -> str:
+        return f"outbound|{self.service_port}||{self.authority.split(':', 1)[0]}"
+
+
+def upstream_for(provider: Provider, override: tuple[str, int] | None = None) -> Upstream:
+    """The provider's own host, or ``override`` (e.g. a local mock) when given."""
+    parts = urlsplit(provider.base_url)
+    tls = parts.scheme == "https"
+    service_port = parts.port or (443 if tls else 80)
+    if override is not None:
+        return Upstream(provider.authority, service_port, override[0], override[1], tls=False)
+    return Upstream(provider.authority, service_port, parts.hostname or "", service_port, tls)
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarSpec:
+    service: str
+    namespace: str
+    listen_port: int
+    admin_port: int
+    processor: tuple[str, int]
+    upstreams: tuple[Upstream, ...]
+    service_account: str | None = None
+    labels: tuple[tuple[str, str], ...] = field(default=())
+    access_log: bool = True
+
+
+def render_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
+    return {
+        "node": _node(spec),
+        "admin": {"address": _address("127.0.0.1", spec.admin_port)},
+        "static_resources": {
+            "listeners": [_listener(spec)],
+            "clusters": [_processor_cluster(spec.processor), *(_upstream_cluster(u) for u in _unique(spec))],
+        },
+        # Bound the number of downstream connections, as a sidecar should.
+        "overload_manager": {
+            "resource_monitors": [{
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                             "downstream_connections.v3.DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": 10000,
+                },
+            }],
+        },
+    }
+
+
+def to_yaml(config: dict[str, Any], header: str = "") -> str:
+    body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=120)
+    return header + body
+
+
+def _unique(spec: SidecarSpec) -> Iterable[Upstream]:
+    seen: set[str] = set()
+    for upstream in spec.upstreams:
+        if upstream.cluster_name not in seen:
+            seen.add(upstream.cluster_name)
+            yield upstream
+
+
+def _node(spec: SidecarSpec) -> dict[str, Any]:
+    account = spec.service_account or spec.service
+    pod = f"{spec.service}-0"
+    return {
+        "id": f"sidecar~127.0.0.1~{pod}.{spec.namespace}~{spec.namespace}.svc.cluster.local",
+        "cluster": f"{spec.service}.{spec.namespace}",
+        "metadata": {
+            "NAME": pod,
+            "NAMESPACE": spec.namespace,
+            "WORKLOAD_NAME": spec.service,
+            "SERVICE_ACCOUNT": account,
+            "LABELS": {"app": spec.service, **dict(spec.labels)},
+        },
+    }
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _listener(spec: SidecarSpec) -> dict[str, Any]:
+    virtual_hosts = [
+        {
+            "name": upstream.authority,
+            "domains": [upstream.authority, f"{upstream.authority}:*"] if ":" not in upstream.authority
+            else [upstream.authority],
+            "routes": [{
+                "match": {"prefix": "/"},
+                # Model timeouts come per request from policy; this is only the ceiling.
+                "route": {"cluster": upstream.cluster_name, "timeout": "300s"},
+            }],
+        }
+        for upstream in _unique(spec)
+    ]
+    virtual_hosts.append({
+        "name": "no_ai_route",
+        "domains": ["*"],
+        "routes": [{
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 404, "body": {"inline_string": _NO_ROUTE_BODY}},
+            "response_headers_to_add": [
+                {"header": {"key": "content-type", "value": "application/json"},
+                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+            ],
+        }],
+    })
+    hcm: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                 "HttpConnectionManager",
+        "stat_prefix": "outbound_ai",
+        "route_config": {
+            "name": "outbound_ai",
+            "virtual_hosts": virtual_hosts,
+            "response_headers_to_add": response_headers_to_add(),
+        },
+        "http_filters": [
+            ext_proc_filter(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_AUTHORITY),
+            {"name": "envoy.filters.http.router",
+             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    if spec.access_log:
+        hcm["access_log"] = [{
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                "log_format": {"json_format": {
+                    "start": "%START_TIME%",
+                    "method": "%REQ(:METHOD)%",
+                    "authority": "%REQ(:AUTHORITY)%",
+                    "path": "%REQ(:PATH)%",
+                    "status": "%RESPONSE_CODE%",
+                    "details": "%RESPONSE_CODE_DETAILS%",
+                    "cluster": "%UPSTREAM_CLUSTER%",
+                    "duration_ms": "%DURATION%",
+                    "request_id": "%REQ(X-REQUEST-ID)%",
+                    "ai": "%DYNAMIC_METADATA(ai.extproc)%",
+                }},
+            },
+        }]
+    return {
+        "name": "outbound_ai",
+        "address": _address("127.0.0.1", spec.listen_port),
+        "enable_reuse_port": False,  # fail loudly if the port is taken
+        "traffic_direction": "OUTBOUND",
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}],
+    }
+
+
+def _http2_options() -> dict[str, Any]:
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+
+def _processor_cluster(processor: tuple[str, int]) -> dict[str, Any]:
+    return {
+        "name": PROCESSOR_CLUSTER,
+        "type": "STATIC" if _is_ip(processor[0]) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": _http2_options(),
+        "load_assignment": _endpoints(PROCESSOR_CLUSTER, processor[0], processor[1]),
+    }
+
+
+def _upstream_cluster(upstream: Upstream) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": upstream.cluster_name,
+        "type": "STATIC" if _is_ip(upstream.address) else "STRICT_DNS",
+        "connect_timeout": "2s",
+        "load_assignment": _endpoints(upstream.cluster_name, upstream.address, upstream.port),
+    }
+    if upstream.tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": upstream.address,
+            },
+        }
+    return cluster
+
+
+def _endpoints(cluster: str, address: str, port: int) -> dict[str, Any]:
+    return {"cluster_name": cluster,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(address, port)}}]}]}
+
+
+def _is_ip(address: str) -> bool:
+    parts = address.split(".")
+    return len(parts) == 4 and all(p.isdigit() for p in parts)

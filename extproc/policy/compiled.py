@@ -1,0 +1,74 @@
+"""The compiled policy set: immutable, indexed for the per-request lookups of the decision core."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from extproc.policy.model import AIProxy, MeshSettings, ModelRoute, Provider, ServicePolicy
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceModels:
+    """The models one service may call, indexed by every name it may use for them."""
+
+    source: str
+    proxy: AIProxy
+    _by_name: Mapping[str, ModelRoute] = field(repr=False)
+
+    @classmethod
+    def build(cls, source: str, proxy: AIProxy) -> ServiceModels:
+        by_name: dict[str, ModelRoute] = {}
+        # Logical names win over upstream model names; among upstream names the first entry wins.
+        for model in proxy.models:
+            by_name[model.name] = model
+        for model in proxy.models:
+            by_name.setdefault(model.model, model)
+        return cls(source, proxy, MappingProxyType(by_name))
+
+    def resolve(self, requested: str) -> ModelRoute | None:
+        return self._by_name.get(requested)
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.proxy.models)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySet:
+    mesh: MeshSettings
+    providers: Mapping[str, Provider]
+    services: Mapping[tuple[str | None, str], ServiceModels]
+    default: ServiceModels | None
+    version: str
+
+    def for_caller(self, service: str | None, namespace: str | None) -> ServiceModels | None:
+        """The caller's own policy (namespace-specific first), else the mesh default if enabled."""
+        if service is not None:
+            found = self.services.get((namespace, service)) or self.services.get((None, service))
+            if found is not None:
+                return found
+        return self.default if self.mesh.unknown_service == "default" else None
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        return tuple(sorted({name for _, name in self.services}))
+
+
+def compile_policy_set(
+    *,
+    mesh: MeshSettings,
+    providers: Iterable[Provider],
+    services: Iterable[tuple[str, ServicePolicy]],
+    version: str,
+) -> PolicySet:
+    return PolicySet(
+        mesh=mesh,
+        providers=MappingProxyType({p.name: p for p in providers}),
+        services=MappingProxyType(
+            {(p.namespace, p.service): ServiceModels.build(source, p.ai_proxy) for source, p in services}
+        ),
+        default=ServiceModels.build("mesh.default_policy", mesh.default_policy) if mesh.default_policy else None,
+        version=version,
+    )

@@ -1,0 +1,210 @@
+"""The policy schema: what a policy file may say.
+
+One pydantic model is the single source of truth for the file loader today and for the
+``AIPolicy``/``AIProvider`` CRD schemas later (their OpenAPI schema is generated from it).
+All models are frozen: a loaded policy is never mutated, only replaced.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
+
+from extproc.policy.units import Rate, parse_duration_ms, parse_rate
+
+ApiSchema = Literal["openai", "anthropic"]
+
+_NAME = r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$"
+_HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+# A model timeout longer than this is almost certainly a bare number meant as milliseconds.
+_MAX_TIMEOUT_MS = 600_000
+
+
+def _duration(value: object) -> int:
+    return parse_duration_ms(value)
+
+
+DurationMs = Annotated[int, BeforeValidator(_duration), PlainSerializer(lambda v: f"{v}ms", return_type=str)]
+RateSpec = Annotated[Rate, BeforeValidator(parse_rate), PlainSerializer(str, return_type=str)]
+Name = Annotated[str, Field(pattern=_NAME, min_length=1, max_length=253)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+
+class CredentialSource(_Frozen):
+    """Where a provider's API key comes from. Exactly one of ``env`` or ``file``."""
+
+    env: str | None = Field(default=None, description="Environment variable holding the key.")
+    file: str | None = Field(default=None, description="File holding the key (e.g. a mounted Secret).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CredentialSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("set exactly one of 'env' or 'file'")
+        return self
+
+
+class Provider(_Frozen):
+    """An AI provider reachable from the mesh."""
+
+    name: Name
+    api: ApiSchema = Field(description="Wire format the provider speaks.")
+    base_url: str = Field(description="API root as the sidecar sees it, e.g. http://api.openai.com/v1.")
+    credential: CredentialSource | None = Field(
+        default=None, description="API key source; omit for in-mesh model servers that need none."
+    )
+    anthropic_version: str = Field(default="2023-06-01", description="Sent when the caller sent none.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL such as http://api.openai.com/v1")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment")
+        return value.rstrip("/")
+
+    @property
+    def authority(self) -> str:
+        """Host (and port if not the scheme default): what Envoy routes on."""
+        parts = urlsplit(self.base_url)
+        default_port = 443 if parts.scheme == "https" else 80
+        host = parts.hostname or ""
+        return host if parts.port in (None, default_port) else f"{host}:{parts.port}"
+
+    @property
+    def base_path(self) -> str:
+        return urlsplit(self.base_url).path.rstrip("/")
+
+
+class Variant(_Frozen):
+    """One arm of an A/B split. Provider and model default to the model entry's own."""
+
+    name: Name
+    weight: int = Field(ge=0, le=1_000_000)
+    provider: Name | None = None
+    model: str | None = Field(default=None, min_length=1)
+
+
+class ModelRoute(_Frozen):
+    """One model a service may call, under a logical ``name``."""
+
+    name: str = Field(min_length=1, max_length=253, description="Logical name the service asks for.")
+    provider: Name
+    model: str = Field(min_length=1, description="Model name sent to the provider.")
+    purpose: str | None = None
+    rate_limit: RateSpec | None = Field(default=None, description="e.g. 100/min (enforced by the quota engine).")
+    cache_ttl: DurationMs | None = Field(default=None, description="e.g. 3600 (seconds) or 1h.")
+    timeout: DurationMs | None = Field(default=None, description="Upstream timeout, e.g. 2000ms.")
+    variants: tuple[Variant, ...] = Field(default=(), description="Weighted A/B split; empty = no split.")
+    sticky_header: str | None = Field(
+        default=None, description="Request header whose value pins a caller to one variant (e.g. x-user-id)."
+    )
+
+    @field_validator("timeout")
+    @classmethod
+    def _sane_timeout(cls, value: int | None) -> int | None:
+        if value is not None and not 0 < value <= _MAX_TIMEOUT_MS:
+            hint = f"; did you mean {value // 1000}ms?" if value > _MAX_TIMEOUT_MS else ""
+            raise ValueError(f"must be between 1ms and 10m{hint}")
+        return value
+
+    @field_validator("sticky_header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        if value is not None and not _HEADER.match(value.lower()):
+            raise ValueError(f"{value!r} is not a valid HTTP header name")
+        return value.lower() if value else value
+
+    @model_validator(mode="after")
+    def _split(self) -> ModelRoute:
+        if self.variants:
+            names = [v.name for v in self.variants]
+            if len(set(names)) != len(names):
+                raise ValueError("variant names must be unique")
+            if sum(v.weight for v in self.variants) == 0:
+                raise ValueError("variant weights must not all be zero")
+        elif self.sticky_header:
+            raise ValueError("sticky_header needs variants")
+        return self
+
+
+class AIProxy(_Frozen):
+    models: tuple[ModelRoute, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> AIProxy:
+        seen: set[str] = set()
+        for model in self.models:
+            if model.name in seen:
+                raise ValueError(f"model name {model.name!r} is listed twice")
+            seen.add(model.name)
+        return self
+
+
+class ServicePolicy(_Frozen):
+    """A service's own policy: the per-service YAML shape, accepted as written."""
+
+    service: Name
+    namespace: Name | None = Field(default=None, description="Restrict to one namespace; omit for any.")
+    ai_proxy: AIProxy
+
+
+class IdentitySettings(_Frozen):
+    header: str = Field(
+        default="x-ai-service",
+        description="Request header that may name the calling service (as 'service' or 'namespace/service').",
+    )
+    trust_header: bool = Field(
+        default=False,
+        description="Honour that header. Only for callers you trust (e.g. a shared gateway in front of the "
+        "processor); when false the header is stripped and ignored, so nobody can spoof another service.",
+    )
+
+    @field_validator("header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not _HEADER.match(value.lower()):
+            raise ValueError(f"{value!r} is not a valid HTTP header name")
+        return value.lower()
+
+
+class MeshSettings(_Frozen):
+    """Mesh-wide behaviour, set by the platform team."""
+
+    unknown_service: Literal["deny", "default"] = Field(
+        default="deny", description="Callers with no policy: deny, or use default_policy."
+    )
+    default_policy: AIProxy | None = None
+    unknown_paths: Literal["pass", "deny"] = Field(
+        default="pass", description="Non-AI paths on an AI host: pass through untouched, or deny."
+    )
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    identity: IdentitySettings = IdentitySettings()
+
+    @model_validator(mode="after")
+    def _default_present(self) -> MeshSettings:
+        if self.unknown_service == "default" and self.default_policy is None:
+            raise ValueError("unknown_service: default needs a default_policy")
+        return self
+
+
+class MeshConfig(_Frozen):
+    """The mesh document: providers and mesh-wide settings."""
+
+    mesh: MeshSettings = MeshSettings()
+    providers: tuple[Provider, ...] = ()

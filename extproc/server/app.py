@@ -1,0 +1,91 @@
+"""Running the processor: gRPC server, health service, policy reloads and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc.core.credentials import CredentialStore
+from extproc.core.decision import Decider
+from extproc.server.policy_store import PolicyStore
+from extproc.server.processor import ExternalProcessor
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+_MAX_MESSAGE = 80 * 1024 * 1024  # above the largest body policy allows (64 MiB) plus framing
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    listen: str
+    policy_paths: tuple[str | Path, ...]
+    grace_seconds: float = 10.0
+    watch_seconds: float = 2.0  # 0 disables polling; SIGHUP always reloads
+
+
+async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> None:
+    store = PolicyStore(options.policy_paths)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),  # fail loudly if the port is taken instead of sharing it
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+        ]
+    )
+    pb_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessor(Decider(store.current, CredentialStore())), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(options.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {options.listen}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    policy = store.current()
+    log.info("extproc listening on %s (policy %s: %d services, %d providers)", options.listen, policy.version,
+             len(policy.services), len(policy.providers))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, store.reload)
+    watcher = asyncio.create_task(store.watch(options.watch_seconds)) if options.watch_seconds > 0 else None
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: refusing new streams, draining in-flight ones for up to %.1fs",
+                 options.grace_seconds)
+        # Health first, so load balancers and probes stop sending new work before the port closes.
+        await health_servicer.enter_graceful_shutdown()
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await server.stop(options.grace_seconds)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+
+
+def run(listen: str, policy_paths: Sequence[str | Path], grace_seconds: float, watch_seconds: float) -> None:
+    try:
+        import uvloop
+    except ImportError:  # optional speed-up
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    runner(serve(ServeOptions(listen, tuple(policy_paths), grace_seconds, watch_seconds)))
