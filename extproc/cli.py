@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -99,10 +100,8 @@ def cmd_mock_provider(args: argparse.Namespace) -> int:
     config = MockConfig(openai_key=args.openai_key, anthropic_key=args.anthropic_key, name=args.name,
                         latency_ms=args.latency_ms, fault_status=args.fault_status)
     host, port = args.listen
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(host, port, config))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -74,7 +74,7 @@ class ApiError:
     param: str | None = None
 
     def render(self, api: Api) -> bytes:
-        status, openai_type, anthropic_type = self.kind.value
+        _, openai_type, anthropic_type = self.kind.value
         if api is Api.ANTHROPIC:
             return orjson.dumps({"type": "error", "error": {"type": anthropic_type, "message": self.message}})
         return orjson.dumps(
