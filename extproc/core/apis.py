@@ -75,7 +75,7 @@ class ApiError:
 
     def render(self, api: Api) -> bytes:
         _, openai_type, anthropic_type = self.kind.value
-        if api is Api.ANTHROPIC:
+        if api == Api.ANTHROPIC:
             return orjson.dumps({"type": "error", "error": {"type": anthropic_type, "message": self.message}})
         return orjson.dumps(
             {"error": {"message": self.message, "type": openai_type, "param": self.param, "code": self.code}}

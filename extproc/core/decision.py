@@ -129,13 +129,13 @@ class Exchange:
                     ErrorKind.UNAVAILABLE,
                     f"the credential for provider {provider.name!r} is not available; the platform team must "
                     "provide it", "credential_unavailable"))
-            if provider.api is Api.ANTHROPIC:
+            if provider.api == Api.ANTHROPIC:
                 headers.append(("x-api-key", key))
                 remove.append("authorization")
             else:
                 headers.append(("authorization", f"Bearer {key}"))
                 remove.append("x-api-key")
-        if provider.api is Api.ANTHROPIC and "anthropic-version" not in self.request.headers:
+        if provider.api == Api.ANTHROPIC and "anthropic-version" not in self.request.headers:
             headers.append(("anthropic-version", provider.anthropic_version))
         if route.timeout is not None:
             headers.append((TIMEOUT_HEADER, str(route.timeout)))

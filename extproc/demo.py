@@ -1,0 +1,148 @@
+"""``extproc demo``: a real Envoy per sample service, our processor and mock providers, on local ports.
+
+Each sample service gets its own Envoy whose node metadata names it, exactly as an Istio sidecar's
+does. Traffic is sent with the official ``openai`` and ``anthropic`` SDKs through those Envoys, and
+the table shows what each service's policy did with it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from extproc.cli import sample_policy_dir
+from extproc.launch import LaunchError
+from extproc.stack import SERVICES, Stack
+
+
+@dataclass(frozen=True)
+class Row:
+    service: str
+    call: str
+    asked: str
+    provider: str
+    served: str
+    variant: str
+    status: str
+    latency_ms: float
+
+
+def _timed(call: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = call()
+    return result, (time.perf_counter() - start) * 1000
+
+
+def _row(service: str, call: str, asked: str, headers: Any, status: int | str, ms: float) -> Row:
+    return Row(service, call, asked, headers.get("x-ai-provider", "-"), headers.get("x-ai-model", "-"),
+               headers.get("x-ai-variant") or "-", str(status), ms)
+
+
+def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str]]:
+    import anthropic
+    import openai
+
+    rows: list[Row] = []
+
+    def openai_client(service: str) -> openai.OpenAI:
+        # The application's own key is irrelevant: the mesh injects the provider credential.
+        return openai.OpenAI(base_url=stack.base_url(service) + "/v1", api_key="unused", max_retries=0)
+
+    def chat(service: str, label: str, model: str, stream: bool = False, **extra: Any) -> None:
+        client = openai_client(service)
+        messages = [{"role": "user", "content": f"{label} request from {service}"}]
+        try:
+            raw, ms = _timed(lambda: client.chat.completions.with_raw_response.create(
+                model=model, messages=messages, stream=stream, **extra))
+            if stream:
+                text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+                assert text, "empty stream"
+                ms = ms  # time to headers; the stream itself is consumed above
+            else:
+                raw.parse()
+            rows.append(_row(service, label, model, raw.headers, raw.status_code, ms))
+        except openai.APIStatusError as exc:
+            rows.append(_row(service, label, model, exc.response.headers,
+                             f"{exc.status_code} {exc.body.get('code') if isinstance(exc.body, dict) else ''}",
+                             0.0))
+
+    chat("user-service", "chat", "auth_assistant")
+    chat("user-service", "chat (stream)", "auth_assistant", stream=True)
+    chat("user-service", "not in policy", "gpt-4o")
+    chat("user-service", "spoofed identity", "fraud_detector", extra_headers={"x-ai-service": "order-service"})
+
+    variants: Counter[str] = Counter()
+    client = openai_client("product-service")
+    for user in range(200):
+        raw = client.chat.completions.with_raw_response.create(
+            model="recommendation_engine", messages=[{"role": "user", "content": "recommend"}],
+            extra_headers={"x-user-id": f"user-{user}"})
+        variants[raw.headers.get("x-ai-variant", "?")] += 1
+    chat("product-service", "A/B (user-7)", "recommendation_engine", extra_headers={"x-user-id": "user-7"})
+    chat("product-service", "A/B (user-8)", "recommendation_engine", extra_headers={"x-user-id": "user-8"})
+    emb, ms = _timed(lambda: client.embeddings.with_raw_response.create(model="product_embeddings",
+                                                                        input=["red shoes", "blue hat"]))
+    rows.append(_row("product-service", "embeddings", "product_embeddings", emb.headers, emb.status_code, ms))
+
+    claude = anthropic.Anthropic(base_url=stack.base_url("order-service"), api_key="unused", max_retries=0)
+    msg, ms = _timed(lambda: claude.messages.with_raw_response.create(
+        model="fraud_detector", max_tokens=64, messages=[{"role": "user", "content": "order 42 looks odd"}]))
+    msg.parse()
+    rows.append(_row("order-service", "messages", "fraud_detector", msg.headers, msg.status_code, ms))
+    start = time.perf_counter()
+    with claude.messages.stream(model="fraud_detector", max_tokens=64,
+                                messages=[{"role": "user", "content": "score order 43"}]) as stream:
+        final = stream.get_final_message()
+        headers = stream.response.headers
+    rows.append(_row("order-service", f"messages (stream, {final.usage.output_tokens} tok)", "fraud_detector",
+                     headers, 200, (time.perf_counter() - start) * 1000))
+    return rows, variants
+
+
+def print_report(rows: list[Row], variants: Counter[str]) -> None:
+    columns = ("service", "call", "model asked", "provider", "model served", "variant", "status", "ms")
+    table = [(r.service, r.call, r.asked, r.provider, r.served, r.variant, r.status,
+              f"{r.latency_ms:.1f}" if r.latency_ms else "-") for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+    print(line)
+    print("-" * len(line))
+    previous = None
+    for row in table:
+        if previous is not None and row[0] != previous:
+            print()
+        previous = row[0]
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    total = sum(variants.values())
+    split = ", ".join(f"{name} {count} ({100 * count / total:.0f}%)" for name, count in sorted(variants.items()))
+    print(f"\nproduct-service A/B split over {total} users (policy 80/20, sticky on x-user-id): {split}")
+
+
+def run_demo(keep_logs: bool = False) -> int:
+    log_dir = Path(tempfile.mkdtemp(prefix="extproc-demo-"))
+    print("Starting mock providers, the processor and one Envoy sidecar per service (127.0.0.1 only)...")
+    try:
+        stack = Stack(sample_policy_dir(), log_dir)
+    except LaunchError as exc:
+        print(f"demo: could not start: {exc}")
+        return 1
+    try:
+        print(f"  processor policies: {sample_policy_dir()}")
+        for service in SERVICES:
+            print(f"  {service:16} → Envoy on {stack.base_url(service)}")
+        print()
+        rows, variants = drive_traffic(stack)
+        print_report(rows, variants)
+    finally:
+        stack.close()
+        if keep_logs:
+            print(f"\nlogs (Envoy access logs show each decision): {log_dir}")
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    return 0

@@ -1,0 +1,59 @@
+"""A complete local stack on free 127.0.0.1 ports: mock providers, the processor, one Envoy per service.
+
+Each service gets its own Envoy whose node metadata names it, exactly as an Istio sidecar's does.
+``extproc demo``, the end-to-end tests and the benchmark all run on this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from extproc.envoy_config.bootstrap import SidecarSpec, upstream_for
+from extproc.launch import Managed, free_port, start_envoy, start_mock_provider, start_processor
+from extproc.policy.loader import load_policy
+
+OPENAI_KEY = "sk-demo-openai"
+ANTHROPIC_KEY = "sk-ant-demo"
+SERVICES = ("user-service", "product-service", "order-service")
+NAMESPACE = "demo"
+
+
+class Stack:
+    """Mock providers, the processor and one Envoy per service, all on free 127.0.0.1 ports."""
+
+    def __init__(self, policy_dir: Path, log_dir: Path, services: Sequence[str] = SERVICES,
+                 processor_env: Mapping[str, str] | None = None, processor_args: Sequence[str] = ()) -> None:
+        self.log_dir = log_dir
+        self.parts: list[Managed] = []
+        self.ports: dict[str, int] = {}
+        policy = load_policy([policy_dir])
+        try:
+            openai_port, anthropic_port, processor_port = free_port(), free_port(), free_port()
+            self.parts.append(start_mock_provider(openai_port, ["--openai-key", OPENAI_KEY], "openai", log_dir))
+            self.parts.append(start_mock_provider(anthropic_port, ["--anthropic-key", ANTHROPIC_KEY], "anthropic",
+                                                  log_dir))
+            env = {"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY, **(processor_env or {})}
+            self.processor = start_processor([policy_dir], processor_port, log_dir=log_dir, env=env,
+                                             extra_args=processor_args)
+            self.parts.append(self.processor)
+            self.processor_port = processor_port
+            self.mock_ports = {"openai": openai_port, "anthropic": anthropic_port}
+            mocks = {"openai": ("127.0.0.1", openai_port), "anthropic": ("127.0.0.1", anthropic_port)}
+            upstreams = tuple(upstream_for(p, mocks[p.api]) for p in policy.providers.values())
+            for service in services:
+                port = free_port()
+                spec = SidecarSpec(service=service, namespace=NAMESPACE, listen_port=port, admin_port=free_port(),
+                                   processor=("127.0.0.1", processor_port), upstreams=upstreams)
+                self.parts.append(start_envoy(spec, log_dir))
+                self.ports[service] = port
+        except BaseException:
+            self.close()
+            raise
+
+    def base_url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.ports[service]}"
+
+    def close(self) -> None:
+        for part in reversed(self.parts):
+            part.stop()

@@ -1,0 +1,259 @@
+"""The decision core without gRPC: identify → resolve policy → route → mutations, and every refusal."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from extproc.core.credentials import CredentialStore
+from extproc.core.decision import Decider, Exchange, Forward, HttpRequest, Reject
+from extproc.core.identity import ATTR_APP, ATTR_NAMESPACE, ATTR_WORKLOAD
+from extproc.core.routing import choose_target
+from extproc.policy.loader import load_policy
+
+POLICY = """\
+mesh:
+  unknown_paths: {unknown_paths}
+  unknown_service: {unknown_service}
+  max_body_bytes: 2048
+  identity: {{trust_header: {trust}}}
+  default_policy:
+    models:
+    - {{name: small, provider: openai, model: gpt-4o-mini}}
+providers:
+- {{name: openai, api: openai, base_url: http://api.openai.com/v1, credential: {{env: OPENAI_KEY}}}}
+- {{name: claude, api: anthropic, base_url: http://api.anthropic.com/v1, credential: {{env: ANTHROPIC_KEY}}}}
+- {{name: local, api: openai, base_url: http://vllm.models.svc.cluster.local:8000/serving/v1}}
+---
+service: order-service
+ai_proxy:
+  models:
+  - {{name: fraud_detector, provider: claude, model: claude-3, timeout: 2000ms}}
+  - {{name: summariser, provider: openai, model: gpt-4}}
+  - {{name: local_llm, provider: local, model: llama-3-8b}}
+---
+service: product-service
+ai_proxy:
+  models:
+  - name: recommendation_engine
+    provider: openai
+    model: gpt-4-turbo
+    sticky_header: x-user-id
+    variants:
+    - {{name: control, weight: 80}}
+    - {{name: candidate, weight: 20, model: gpt-4o}}
+"""
+
+ENV = {"OPENAI_KEY": "sk-openai", "ANTHROPIC_KEY": "sk-ant"}
+
+
+def make_decider(tmp_path: Path, *, unknown_paths: str = "pass", unknown_service: str = "deny",
+                 trust: str = "false", env: dict[str, str] | None = None) -> Decider:
+    (tmp_path / "policy.yaml").write_text(
+        POLICY.format(unknown_paths=unknown_paths, unknown_service=unknown_service, trust=trust))
+    policy = load_policy([tmp_path])
+    return Decider(lambda: policy, CredentialStore(environ=ENV if env is None else env))
+
+
+def request(path: str = "/v1/chat/completions", *, service: str | None = "order-service", method: str = "POST",
+            headers: dict[str, str] | None = None) -> HttpRequest:
+    attributes: dict[str, object] = {ATTR_NAMESPACE: "shop", ATTR_WORKLOAD: "order-service-v1"}
+    if service:
+        attributes[ATTR_APP] = service
+    return HttpRequest(method, path, "127.0.0.1:10000",
+                       {"content-type": "application/json", **(headers or {})}, attributes)
+
+
+def decide(decider: Decider, body: object, **kwargs: object) -> Forward | Reject:
+    result = decider.on_headers(request(**kwargs), end_of_stream=False)  # type: ignore[arg-type]
+    if not isinstance(result, Exchange):
+        return result
+    return result.on_body(body if isinstance(body, bytes) else orjson.dumps(body))
+
+
+def error_of(decision: Forward | Reject) -> tuple[int, dict[str, object]]:
+    assert isinstance(decision, Reject), decision
+    return decision.status, orjson.loads(decision.body)
+
+
+def headers_of(decision: Forward | Reject) -> dict[str, str]:
+    assert isinstance(decision, Forward), decision
+    return dict(decision.set_headers)
+
+
+def test_logical_name_routes_to_provider_with_rewrites(tmp_path: Path) -> None:
+    decision = decide(make_decider(tmp_path), {"model": "fraud_detector", "max_tokens": 5, "messages": []},
+                      path="/v1/messages?beta=true", headers={"authorization": "Bearer app-key"})
+    headers = headers_of(decision)
+    assert headers[":authority"] == "api.anthropic.com"
+    assert headers[":path"] == "/v1/messages?beta=true"
+    assert headers["x-api-key"] == "sk-ant"
+    assert headers["anthropic-version"] == "2023-06-01"
+    assert headers["x-envoy-upstream-rq-timeout-ms"] == "2000"
+    assert isinstance(decision, Forward)
+    assert "authorization" in decision.remove_headers  # the app's own key never reaches the provider
+    assert decision.body is not None and orjson.loads(decision.body)["model"] == "claude-3"
+    assert headers["content-length"] == str(len(decision.body))
+    assert decision.metadata["provider"] == "claude" and decision.metadata["requested_model"] == "fraud_detector"
+
+
+def test_upstream_model_name_is_allowed_and_body_untouched(tmp_path: Path) -> None:
+    decision = decide(make_decider(tmp_path), {"model": "gpt-4", "messages": []})
+    headers = headers_of(decision)
+    assert headers["authorization"] == "Bearer sk-openai"
+    assert "content-length" not in headers
+    assert isinstance(decision, Forward) and decision.body is None
+    assert decision.metadata["route"] == "summariser"
+
+
+def test_in_mesh_provider_base_path_and_port_without_credential(tmp_path: Path) -> None:
+    decision = decide(make_decider(tmp_path), {"model": "local_llm", "messages": []})
+    headers = headers_of(decision)
+    assert headers[":authority"] == "vllm.models.svc.cluster.local:8000"
+    assert headers[":path"] == "/serving/v1/chat/completions"
+    assert "authorization" not in headers
+
+
+def test_anthropic_version_from_caller_is_kept(tmp_path: Path) -> None:
+    decision = decide(make_decider(tmp_path), {"model": "claude-3", "max_tokens": 5, "messages": []},
+                      path="/v1/messages", headers={"anthropic-version": "2024-01-01"})
+    assert "anthropic-version" not in headers_of(decision)
+
+
+def test_client_timeout_header_is_removed_without_policy_timeout(tmp_path: Path) -> None:
+    decision = decide(make_decider(tmp_path), {"model": "gpt-4", "messages": []},
+                      headers={"x-envoy-upstream-rq-timeout-ms": "999999"})
+    assert isinstance(decision, Forward) and "x-envoy-upstream-rq-timeout-ms" in decision.remove_headers
+
+
+def test_model_outside_policy_lists_allowed_models(tmp_path: Path) -> None:
+    status, body = error_of(decide(make_decider(tmp_path), {"model": "gpt-4o", "messages": []}))
+    assert status == 403
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == "model_not_allowed"
+    assert "fraud_detector, summariser, local_llm" in str(error["message"])
+
+
+def test_errors_use_the_callers_api_format(tmp_path: Path) -> None:
+    status, body = error_of(decide(make_decider(tmp_path), {"model": "nope"}, path="/v1/messages"))
+    assert status == 403
+    assert body["type"] == "error"
+    assert body["error"] == {"type": "permission_error", "message": body["error"]["message"]}  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b'{"model": ', 400, "invalid_json"),
+        (b'["model"]', 400, "invalid_json"),
+        (b'{"messages": []}', 400, "missing_model"),
+        (b'{"model": 7}', 400, "missing_model"),
+        (b'{"model": "gpt-4", "x": "\xff\xfe"}', 400, "invalid_utf8"),
+        (b'{"model": "gpt-4", "pad": "' + b"x" * 4000 + b'"}', 413, "request_too_large"),
+    ],
+)
+def test_bad_bodies(tmp_path: Path, body: bytes, status: int, code: str) -> None:
+    got_status, error = error_of(decide(make_decider(tmp_path), body))
+    assert got_status == status
+    assert error["error"]["code"] == code  # type: ignore[index]
+
+
+def test_api_mismatch_is_explained(tmp_path: Path) -> None:
+    status, body = error_of(decide(make_decider(tmp_path), {"model": "fraud_detector", "messages": []}))
+    assert status == 400
+    assert "speaks the anthropic API" in body["error"]["message"]  # type: ignore[index]
+
+
+def test_missing_credential_is_a_clear_503(tmp_path: Path) -> None:
+    status, body = error_of(decide(make_decider(tmp_path, env={}), {"model": "gpt-4", "messages": []}))
+    assert status == 503
+    assert body["error"]["code"] == "credential_unavailable"  # type: ignore[index]
+    assert "openai" in body["error"]["message"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"method": "GET"}, 405, "method"),
+        ({"headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
+        ({"service": None}, 403, "no_policy"),
+        ({"service": "billing-service"}, 403, "no_policy"),
+    ],
+)
+def test_header_time_refusals(tmp_path: Path, kwargs: dict[str, object], status: int, code: str) -> None:
+    result = make_decider(tmp_path).on_headers(request(**kwargs), end_of_stream=False)  # type: ignore[arg-type]
+    got_status, body = error_of(result)  # type: ignore[arg-type]
+    assert (got_status, body["error"]["code"]) == (status, code)  # type: ignore[index]
+
+
+def test_no_policy_names_the_caller(tmp_path: Path) -> None:
+    result = make_decider(tmp_path).on_headers(request(service="billing-service"), end_of_stream=False)
+    _, body = error_of(result)  # type: ignore[arg-type]
+    assert "shop/billing-service has no AI policy" in body["error"]["message"]  # type: ignore[index]
+
+
+def test_empty_body(tmp_path: Path) -> None:
+    result = make_decider(tmp_path).on_headers(request(), end_of_stream=True)
+    assert error_of(result)[0] == 400  # type: ignore[arg-type]
+
+
+def test_default_policy_for_unknown_callers(tmp_path: Path) -> None:
+    decider = make_decider(tmp_path, unknown_service="default")
+    assert headers_of(decide(decider, {"model": "small"}, service="billing-service"))[":authority"] == "api.openai.com"
+    # A caller with its own policy does not get the default one.
+    assert error_of(decide(decider, {"model": "small"}))[0] == 403
+
+
+def test_unknown_paths_pass_or_deny(tmp_path: Path) -> None:
+    passed = make_decider(tmp_path).on_headers(request("/v1/models", method="GET"), end_of_stream=True)
+    assert isinstance(passed, Forward) and passed.set_headers == () and not passed.clear_route_cache
+    denied = make_decider(tmp_path, unknown_paths="deny")
+    status, body = error_of(denied.on_headers(request("/v1/models", method="GET"), end_of_stream=True))
+    assert status == 404 and body["error"]["code"] == "unknown_path"  # type: ignore[index]
+    status, body = error_of(denied.on_headers(request("/v1/complete", headers={"anthropic-version": "1"}), True))
+    assert body["type"] == "error"
+
+
+def test_identity_header_is_stripped_and_ignored_unless_trusted(tmp_path: Path) -> None:
+    spoof = {"x-ai-service": "product-service"}
+    decision = decide(make_decider(tmp_path), {"model": "gpt-4", "messages": []}, headers=spoof)
+    assert isinstance(decision, Forward) and "x-ai-service" in decision.remove_headers
+    assert decision.metadata["service"] == "order-service"
+    # product-service may not use gpt-4, so the spoof cannot borrow its policy either way.
+    trusting = make_decider(tmp_path, trust="true")
+    decision = decide(trusting, {"model": "recommendation_engine", "messages": []},
+                      headers={"x-ai-service": "retail/product-service"})
+    assert isinstance(decision, Forward)
+    assert (decision.metadata["service"], decision.metadata["namespace"]) == ("product-service", "retail")
+
+
+def test_sticky_split_is_stable_and_weighted(tmp_path: Path) -> None:
+    decider = make_decider(tmp_path)
+    body = {"model": "recommendation_engine", "messages": []}
+    variants = {}
+    for user in range(2000):
+        decision = decide(decider, body, service="product-service", headers={"x-user-id": f"u{user}"})
+        assert isinstance(decision, Forward)
+        variants[user] = decision.metadata["variant"]
+        if decision.metadata["variant"] == "candidate":
+            assert decision.body is not None and orjson.loads(decision.body)["model"] == "gpt-4o"
+    again = decide(decider, body, service="product-service", headers={"x-user-id": "u7"})
+    assert isinstance(again, Forward) and again.metadata["variant"] == variants[7]
+    share = Counter(variants.values())["candidate"] / len(variants)
+    # 20% nominal; with n=2000 the standard deviation is 0.9%, so ±4% is a > 4-sigma bound.
+    assert 0.16 < share < 0.24, share
+
+
+def test_unsticky_split_draws_each_call(tmp_path: Path) -> None:
+    make_decider(tmp_path)  # writes the policy file
+    policy = load_policy([tmp_path])
+    route = policy.for_caller("product-service", None).resolve("recommendation_engine")  # type: ignore[union-attr]
+    assert route is not None
+    rng = random.Random(1)
+    picks = Counter(choose_target(route, policy.providers, {}, rng).variant for _ in range(5000))
+    assert 0.77 < picks["control"] / 5000 < 0.83
