@@ -7,6 +7,7 @@ the table shows what each service's policy did with it.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -63,7 +64,6 @@ def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str]]:
             if stream:
                 text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
                 assert text, "empty stream"
-                ms = ms  # time to headers; the stream itself is consumed above
             else:
                 raw.parse()
             rows.append(_row(service, label, model, raw.headers, raw.status_code, ms))
@@ -78,14 +78,17 @@ def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str]]:
     chat("user-service", "spoofed identity", "fraud_detector", extra_headers={"x-ai-service": "order-service"})
 
     variants: Counter[str] = Counter()
+    first_user: dict[str, str] = {}
     client = openai_client("product-service")
     for user in range(200):
         raw = client.chat.completions.with_raw_response.create(
             model="recommendation_engine", messages=[{"role": "user", "content": "recommend"}],
             extra_headers={"x-user-id": f"user-{user}"})
-        variants[raw.headers.get("x-ai-variant", "?")] += 1
-    chat("product-service", "A/B (user-7)", "recommendation_engine", extra_headers={"x-user-id": "user-7"})
-    chat("product-service", "A/B (user-8)", "recommendation_engine", extra_headers={"x-user-id": "user-8"})
+        variant = raw.headers.get("x-ai-variant", "?")
+        variants[variant] += 1
+        first_user.setdefault(variant, f"user-{user}")
+    for _variant, user in sorted(first_user.items()):
+        chat("product-service", f"A/B ({user})", "recommendation_engine", extra_headers={"x-user-id": user})
     emb, ms = _timed(lambda: client.embeddings.with_raw_response.create(model="product_embeddings",
                                                                         input=["red shoes", "blue hat"]))
     rows.append(_row("product-service", "embeddings", "product_embeddings", emb.headers, emb.status_code, ms))
@@ -125,6 +128,7 @@ def print_report(rows: list[Row], variants: Counter[str]) -> None:
 
 
 def run_demo(keep_logs: bool = False) -> int:
+    logging.getLogger().setLevel(logging.WARNING)  # the SDKs log every request at INFO
     log_dir = Path(tempfile.mkdtemp(prefix="extproc-demo-"))
     print("Starting mock providers, the processor and one Envoy sidecar per service (127.0.0.1 only)...")
     try:

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from extproc.envoy_config.filter import ext_proc_filter, response_headers_to_add
+from extproc.envoy_config.filter import ext_proc_filter, local_reply_config, response_headers_to_add
 from extproc.policy.model import Provider
 
 PROCESSOR_CLUSTER = "ai-extproc"
@@ -149,6 +149,7 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                  "HttpConnectionManager",
         "stat_prefix": "outbound_ai",
+        "local_reply_config": local_reply_config(),
         "route_config": {
             "name": "outbound_ai",
             "virtual_hosts": virtual_hosts,

@@ -74,3 +74,38 @@ def response_headers_to_add() -> list[dict[str, Any]]:
         }
         for header, key in RESPONSE_HEADERS
     ]
+
+
+# Envoy's own error replies (upstream timeout, connection failure, ...) are plain text by default;
+# these flags mark them, and the mappers below give them a JSON body in the caller's API format.
+UPSTREAM_FAILURE_FLAGS = ("UT", "UF", "UH", "UC", "URX", "UO", "NR", "UMSDR", "DF")
+
+
+def local_reply_config() -> dict[str, Any]:
+    """HCM ``local_reply_config``: Envoy-generated errors as OpenAI- or Anthropic-style JSON.
+
+    The caller's format is told by the ``anthropic-version`` header every Anthropic client sends
+    (the processor also sets it on calls it routes to an Anthropic provider). Replies that the
+    processor generates itself carry no upstream flag and keep their own body.
+    """
+    flags = {"response_flag_filter": {"flags": list(UPSTREAM_FAILURE_FLAGS)}}
+    anthropic = {"header_filter": {"header": {"name": "anthropic-version", "present_match": True}}}
+    return {
+        "mappers": [
+            {
+                "filter": {"and_filter": {"filters": [flags, anthropic]}},
+                "body_format_override": {
+                    "json_format": {"type": "error", "error": {"type": "api_error", "message": "%LOCAL_REPLY_BODY%"}},
+                    "content_type": "application/json",
+                },
+            },
+            {
+                "filter": flags,
+                "body_format_override": {
+                    "json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": "server_error", "param": None,
+                                              "code": "%RESPONSE_CODE_DETAILS%"}},
+                    "content_type": "application/json",
+                },
+            },
+        ]
+    }
