@@ -38,7 +38,8 @@ def test_openai_chat_is_routed_rewritten_and_credentialed(stack: Stack, mock: Mo
     assert headers["authorization"] == f"Bearer {OPENAI_KEY}"  # the app's own key was replaced
     assert seen["body"] == {"model": "gpt-4", "messages": [{"role": "user", "content": "reset my password"}]}
     # The body was rewritten, and content-length follows it (no chunked re-encoding).
-    assert int(headers["content-length"]) == len(b'{"model":"gpt-4","messages":[{"role":"user","content":"reset my password"}]}')
+    rewritten = b'{"model":"gpt-4","messages":[{"role":"user","content":"reset my password"}]}'
+    assert int(headers["content-length"]) == len(rewritten)
 
 
 def test_openai_stream_is_not_buffered(stack: Stack, mock: Mock) -> None:
