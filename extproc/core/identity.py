@@ -16,10 +16,11 @@ from extproc.policy.model import IdentitySettings
 ATTR_NAMESPACE = "xds.node.metadata.NAMESPACE"
 ATTR_WORKLOAD = "xds.node.metadata.WORKLOAD_NAME"
 ATTR_APP = "xds.node.metadata.LABELS.app"
-ATTR_K8S_NAME = "xds.node.metadata.LABELS['app.kubernetes.io/name']"
 ATTR_SERVICE_ACCOUNT = "xds.node.metadata['SERVICE_ACCOUNT']"
 
-REQUEST_ATTRIBUTES: tuple[str, ...] = (ATTR_NAMESPACE, ATTR_WORKLOAD, ATTR_APP, ATTR_K8S_NAME, ATTR_SERVICE_ACCOUNT)
+# (Envoy 1.40 fails to parse ``LABELS['app.kubernetes.io/name']`` and logs it on every request, so
+# the caller's name comes from the ``app`` label, else the workload name.)
+REQUEST_ATTRIBUTES: tuple[str, ...] = (ATTR_NAMESPACE, ATTR_WORKLOAD, ATTR_APP, ATTR_SERVICE_ACCOUNT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,5 +48,5 @@ def identify(attributes: Mapping[str, object], headers: Mapping[str, str], setti
         if claimed:
             ns, _, name = claimed.rpartition("/")
             return Caller(name or None, ns or namespace, account, "header")
-    service = _text(attributes, ATTR_APP) or _text(attributes, ATTR_K8S_NAME) or _text(attributes, ATTR_WORKLOAD)
+    service = _text(attributes, ATTR_APP) or _text(attributes, ATTR_WORKLOAD)
     return Caller(service, namespace, account, "node")

@@ -62,6 +62,7 @@ class SidecarSpec:
     service_account: str | None = None
     labels: tuple[tuple[str, str], ...] = field(default=())
     access_log: bool = True
+    with_processor: bool = True  # False: the same Envoy without our filter (the benchmark's baseline)
 
 
 def render_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
@@ -156,7 +157,8 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
             "response_headers_to_add": response_headers_to_add(),
         },
         "http_filters": [
-            ext_proc_filter(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_AUTHORITY),
+            *([ext_proc_filter(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_AUTHORITY)]
+              if spec.with_processor else []),
             {"name": "envoy.filters.http.router",
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],

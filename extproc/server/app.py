@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.core.credentials import CredentialStore
 from extproc.core.decision import Decider
 from extproc.server.policy_store import PolicyStore
-from extproc.server.processor import ExternalProcessor
+from extproc.server.processor import AsyncExternalProcessor
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         ]
     )
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessor(Decider(store.current, CredentialStore())), server
+        AsyncExternalProcessor(Decider(store.current, CredentialStore())), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -82,10 +82,4 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
 
 
 def run(listen: str, policy_paths: Sequence[str | Path], grace_seconds: float, watch_seconds: float) -> None:
-    try:
-        import uvloop
-    except ImportError:  # optional speed-up
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
-    runner(serve(ServeOptions(listen, tuple(policy_paths), grace_seconds, watch_seconds)))
+    asyncio.run(serve(ServeOptions(listen, tuple(policy_paths), grace_seconds, watch_seconds)))

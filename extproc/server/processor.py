@@ -5,7 +5,8 @@ The filter runs with request headers SENT, the request body STREAMED and
 without waiting, and we answer the headers only once the whole body is in. The decision, the
 routing header mutations and the body rewrite thus cost one round trip, and nothing reaches the
 upstream before it is decided. Responses are not sent to us at all (response modes SKIP/NONE),
-so streamed replies flow straight from the provider to the caller.
+so streamed replies flow straight from the provider to the caller, and we close our side of the
+stream as soon as the request is answered instead of holding it open for the whole AI call.
 """
 
 from __future__ import annotations
@@ -29,65 +30,81 @@ from extproc.server.protocol import (
 
 log = logging.getLogger(__name__)
 
+Responses = list[pb.ProcessingResponse]
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+
+class Session:
+    """The protocol state of one ext_proc stream, independent of the gRPC flavour serving it."""
+
+    __slots__ = ("_chunks", "_decider", "_exchange", "_replied", "_size", "done")
+
+    def __init__(self, decider: Decider) -> None:
+        self._decider = decider
+        self._exchange: Exchange | None = None  # set while an AI call waits for the rest of its body
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.done = False  # nothing more to answer: close the stream
+        self._replied = False  # answered with an immediate response
+
+    def on_message(self, message: pb.ProcessingRequest) -> Responses:
+        kind = message.WhichOneof("request")
+        if kind == "request_body":
+            if self._exchange is None:  # already answered (pass-through): let the body flow
+                self.done = message.request_body.end_of_stream
+                return [CONTINUE_BODY]
+            chunk = message.request_body.body
+            self._chunks.append(chunk)
+            self._size += len(chunk)
+            if self._size > self._exchange.max_body_bytes:
+                return self._finish(immediate_response(self._exchange.too_large()))
+            return self._decide() if message.request_body.end_of_stream else []
+        if kind == "request_headers":
+            result = self._decider.on_headers(request_from(message), message.request_headers.end_of_stream)
+            if isinstance(result, Exchange):
+                self._exchange = result
+                return []
+            if isinstance(result, Reject):
+                return self._finish(immediate_response(result))
+            self.done = message.request_headers.end_of_stream
+            return [headers_response(result)]
+        if kind == "request_trailers":
+            # With trailers the last body chunk is not end_of_stream: the trailers end the body.
+            responses = self._decide() if self._exchange is not None else []
+            if self._replied:  # an immediate response ends the request: no trailers answer
+                return responses
+            self.done = True
+            return [*responses, CONTINUE_TRAILERS]
+        # Response phases are off in our filter config; answer rather than stall if enabled.
+        return [_continue(kind)]
+
+    def _decide(self) -> Responses:
+        assert self._exchange is not None
+        decision = self._exchange.on_body(b"".join(self._chunks))
+        chunks = len(self._chunks)
+        self._exchange, self._chunks, self._size = None, [], 0
+        if isinstance(decision, Reject):
+            return self._finish(immediate_response(decision))
+        self.done = True  # the whole request is answered; response phases are not ours
+        return [headers_response(decision), *body_responses(decision, chunks)]
+
+    def _finish(self, immediate: pb.ProcessingResponse) -> Responses:
+        self.done = self._replied = True
+        return [immediate]
+
+
+class AsyncExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, decider: Decider) -> None:
         self._decider = decider
 
-    async def Process(
+    async def Process(  # name fixed by the gRPC service definition
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        exchange: Exchange | None = None  # set while an AI call waits for the rest of its body
-        chunks: list[bytes] = []
-        size = 0
+        session = Session(self._decider)
         async for message in request_iterator:
-            kind = message.WhichOneof("request")
-            if kind == "request_body":
-                if exchange is None:  # already answered (pass-through): let the body flow
-                    yield CONTINUE_BODY
-                    continue
-                chunk = message.request_body.body
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > exchange.max_body_bytes:
-                    yield immediate_response(exchange.too_large())
-                    return
-                if message.request_body.end_of_stream:
-                    responses, forwarded = _decide(exchange, chunks)
-                    for response in responses:
-                        yield response
-                    if not forwarded:
-                        return
-                    exchange = None
-            elif kind == "request_headers":
-                result = self._decider.on_headers(request_from(message), message.request_headers.end_of_stream)
-                if isinstance(result, Exchange):
-                    exchange = result
-                elif isinstance(result, Reject):
-                    yield immediate_response(result)
-                    return
-                else:
-                    yield headers_response(result)
-            elif kind == "request_trailers":
-                # With trailers the last body chunk is not end_of_stream: the trailers end the body.
-                if exchange is not None:
-                    responses, forwarded = _decide(exchange, chunks)
-                    for response in responses:
-                        yield response
-                    if not forwarded:
-                        return
-                    exchange = None
-                yield CONTINUE_TRAILERS
-            else:
-                # Response phases are off in our filter config; answer rather than stall if enabled.
-                yield _continue(kind)
-
-
-def _decide(exchange: Exchange, chunks: list[bytes]) -> tuple[list[pb.ProcessingResponse], bool]:
-    decision = exchange.on_body(b"".join(chunks))
-    if isinstance(decision, Reject):
-        return [immediate_response(decision)], False
-    return [headers_response(decision), *body_responses(decision, len(chunks))], True
+            for response in session.on_message(message):
+                yield response
+            if session.done:
+                return
 
 
 def _continue(kind: str | None) -> pb.ProcessingResponse:

@@ -1,0 +1,186 @@
+"""Envoy direct vs Envoy + our processor, side by side, in one run.
+
+Both paths use the same sidecar-shaped Envoy (rendered by the same code), the same client (wrk)
+and the same fast fixed upstream (a second Envoy answering with a canned chat completion), so the
+difference is our filter and processor: one ext_proc stream per call, decision on the full body,
+routing by :authority rewrite, credential injection, body rewrite (logical → upstream model name).
+
+Usage: python -m bench.run [--duration 10] [--concurrency 1 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from extproc.cli import sample_policy_dir
+from extproc.envoy_config.bootstrap import SidecarSpec, to_yaml, upstream_for
+from extproc.launch import Managed, find_envoy, free_port, start_envoy, start_processor, wait_for_port
+from extproc.policy.loader import load_policy
+from extproc.stack import ANTHROPIC_KEY, OPENAI_KEY
+
+BODY = json.dumps({"model": "auth_assistant", "messages": [{"role": "user", "content": "How do I reset my password?"}]})
+REPLY = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "gpt-4",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Use the reset link."},
+                 "finish_reason": "stop", "logprobs": None}],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+})
+LUA = """wrk.method = "POST"
+wrk.headers["content-type"] = "application/json"
+wrk.headers["Host"] = "api.openai.com"
+wrk.body = [[%s]]
+"""
+
+
+def fixed_upstream_config(port: int, admin: int) -> dict[str, object]:
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {"listeners": [{
+            "name": "fixed", "enable_reuse_port": False,
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                         "HttpConnectionManager",
+                "stat_prefix": "fixed",
+                "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
+                    "match": {"prefix": "/"},
+                    "direct_response": {"status": 200, "body": {"inline_string": REPLY}},
+                    "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+                }]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+            }}]}],
+        }]},
+    }
+
+
+@dataclass(frozen=True)
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    match = re.match(r"([\d.]+)(us|ms|s)", text)
+    assert match, text
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def run_wrk(url: str, script: Path, concurrency: int, duration: int) -> Result:
+    threads = min(concurrency, 2)
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration}s", "--latency", "-s", str(script),
+                          url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    errors += sum(int(g) for g in socket_errors.groups()) if socket_errors else 0
+    return Result(rps, p50, p99, errors)
+
+
+def ext_proc_stats(admin_port: int) -> dict[str, int]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?filter=ext_proc").read().decode()
+    stats = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().isdigit():
+            stats[name.rsplit(".", 1)[-1]] = int(value)
+    return stats
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("bench: wrk not found (Debian package `wrk`; `make bench` installs it)", file=sys.stderr)
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
+    script = work / "post.lua"
+    script.write_text(LUA % BODY)
+    policy = load_policy([sample_policy_dir()])
+    parts: list[Managed] = []
+    try:
+        upstream_port = free_port()
+        config = work / "fixed-upstream.yaml"
+        config.write_text(to_yaml(fixed_upstream_config(upstream_port, free_port())))
+        parts.append(Managed("fixed-upstream", [find_envoy(), "-c", str(config), "--log-level", "warn",
+                                                "--concurrency", "1", "--base-id", str(upstream_port)],
+                             log_dir=work).start())
+        wait_for_port(upstream_port, 20, parts[-1].process)
+        processor_port, null_port = free_port(), free_port()
+        parts.append(start_processor([sample_policy_dir()], processor_port, log_dir=work,
+                                     env={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY},
+                                     extra_args=["--watch", "0"]))
+        parts.append(Managed("null-processor", [sys.executable, "-m", "bench.null_processor",
+                                                f"127.0.0.1:{null_port}"], log_dir=work).start())
+        wait_for_port(null_port, 20, parts[-1].process)
+        upstreams = tuple(upstream_for(p, ("127.0.0.1", upstream_port)) for p in policy.providers.values())
+        sidecars = {}
+        for label, port in (("direct", None), ("null", null_port), ("processor", processor_port)):
+            spec = SidecarSpec(service="user-service", namespace="demo", listen_port=free_port(),
+                               admin_port=free_port(), processor=("127.0.0.1", port or processor_port),
+                               upstreams=upstreams, access_log=False, with_processor=port is not None)
+            parts.append(start_envoy(spec, work))
+            sidecars[label] = spec
+        results: dict[tuple[str, int], Result] = {}
+        for concurrency in args.concurrency:
+            for label, spec in sidecars.items():
+                url = f"http://127.0.0.1:{spec.listen_port}/v1/chat/completions"
+                run_wrk(url, script, concurrency, 2)  # warm-up: connections, caches, JIT-free but still
+                before = ext_proc_stats(spec.admin_port)
+                results[(label, concurrency)] = run_wrk(url, script, concurrency, args.duration)
+                after = ext_proc_stats(spec.admin_port)
+                if label == "processor":
+                    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                    calls = max(delta.get("streams_started", 0), 1)
+                    print(f"  c={concurrency}: {calls} ext_proc streams; per call "
+                          f"{delta.get('stream_msgs_sent', 0) / calls:.2f} messages to the processor, "
+                          f"{delta.get('stream_msgs_received', 0) / calls:.2f} back, pipelined as one round trip; "
+                          f"failed streams {delta.get('streams_failed', 0)}", flush=True)
+        print_table(results, args.concurrency, args.duration)
+    finally:
+        for part in reversed(parts):
+            part.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def print_table(results: dict[tuple[str, int], Result], concurrencies: list[int], duration: int) -> None:
+    print(f"\nPOST /v1/chat/completions, {len(BODY)} B body, {duration}s per cell, wrk on the same machine")
+    header = f"{'conc':>4}  {'path':<30}{'RPS':>9}{'vs direct':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+    print(header)
+    print("-" * len(header))
+    labels = {"direct": "Envoy direct", "null": "Envoy + null Python ext_proc", "processor": "Envoy + processor"}
+    for concurrency in concurrencies:
+        direct = results[("direct", concurrency)]
+        for key, label in labels.items():
+            r = results[(key, concurrency)]
+            print(f"{concurrency:>4}  {label:<30}{r.rps:>9.0f}{r.rps / direct.rps:>11.1%}{r.p50_ms:>9.3f}"
+                  f"{r.p99_ms:>9.3f}{r.errors:>8}")
+        proc, null = results[("processor", concurrency)], results[("null", concurrency)]
+        print(f"{'':>4}  added p50 over direct: {proc.p50_ms - direct.p50_ms:+.3f} ms "
+              f"(gRPC hop {null.p50_ms - direct.p50_ms:+.3f}, policy work {proc.p50_ms - null.p50_ms:+.3f})")
+    print("\nvs direct = RPS as a share of Envoy direct. The null row answers CONTINUE with the same message")
+    print("pattern: it isolates the cost of the Python gRPC hop from the cost of our policy decisions.")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
