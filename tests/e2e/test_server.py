@@ -109,3 +109,15 @@ def test_refuses_to_start_on_invalid_policy(tmp_path: Path) -> None:
                           str(tmp_path)], capture_output=True, text=True, timeout=30)
     assert run.returncode == 2
     assert "bad.yaml:4: ai_proxy.models[0].model: Field required" in run.stderr
+
+
+def test_unreachable_provider_is_a_json_error_in_the_callers_format(own_stack: tuple[Stack, Path]) -> None:
+    stack, _ = own_stack
+    stack.parts[0].stop()  # the OpenAI mock provider goes away
+    with pytest.raises(openai.InternalServerError) as caught:
+        chat(stack, "auth_assistant")
+    assert caught.value.status_code == 503
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body["type"] == "server_error" and body["message"].startswith("upstream connect error")
+    assert body["code"].startswith("upstream_reset_before_response_started")

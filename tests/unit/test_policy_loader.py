@@ -165,3 +165,47 @@ def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     err = capsys.readouterr().err
     assert "order.yaml:5: ai_proxy.models[0].provider: unknown provider 'gemini'" in err
     assert "1 problem(s) found" in err
+
+
+def test_store_follows_configmap_style_symlink_swap(tmp_path: Path) -> None:
+    """A ConfigMap volume: visible files are symlinks into ..data, which is swapped atomically."""
+    from extproc.server.policy_store import PolicyStore
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    for version, timeout in (("v1", "2000ms"), ("v2", "2500ms")):
+        (volume / version).mkdir()
+        (volume / version / "mesh.yaml").write_text(MESH)
+        (volume / version / "order.yaml").write_text(ORDER_SERVICE.replace("2000ms", timeout))
+    (volume / "..data").symlink_to("v1")
+    for name in ("mesh.yaml", "order.yaml"):
+        (volume / name).symlink_to(f"..data/{name}")
+    store = PolicyStore([volume])
+    assert store.current().for_caller("order-service", None).resolve("fraud_detector").timeout == 2000  # type: ignore[union-attr]
+    (volume / "..data_tmp").symlink_to("v2")
+    (volume / "..data_tmp").rename(volume / "..data")
+    assert store.changed()
+    assert store.reload()
+    assert store.current().for_caller("order-service", None).resolve("fraud_detector").timeout == 2500  # type: ignore[union-attr]
+
+
+def test_credentials_from_file_are_cached_and_refreshed(tmp_path: Path) -> None:
+    from extproc.core.credentials import CredentialStore
+    from extproc.policy.model import CredentialSource
+
+    key = tmp_path / "key"
+    key.write_text("sk-one\n")
+    now = [100.0]
+    store = CredentialStore(refresh_seconds=5, environ={"K": "sk-env"}, clock=lambda: now[0])
+    source = CredentialSource(file=str(key))
+    assert store.get(source) == "sk-one"
+    key.write_text("sk-two")
+    now[0] += 4.9
+    assert store.get(source) == "sk-one"  # cached: no disk access on the hot path
+    now[0] += 0.2
+    assert store.get(source) == "sk-two"  # a rotated Secret is picked up
+    key.unlink()
+    now[0] += 5
+    assert store.get(source) is None
+    assert store.get(CredentialSource(env="K")) == "sk-env"
+    assert store.get(CredentialSource(env="MISSING")) is None
