@@ -23,19 +23,28 @@ class NullProcessor(pb_grpc.ExternalProcessorServicer):
     async def Process(  # name fixed by the gRPC service definition
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        pending = 0
+        pending, size, declared = 0, 0, -1
         async for message in request_iterator:
             if message.HasField("request_headers"):
                 if message.request_headers.end_of_stream:
                     yield HEADERS
                     return
+                for header in message.request_headers.headers.headers:
+                    if header.key == "content-length":
+                        declared = int(header.raw_value)
             elif message.HasField("request_body"):
+                if pending < 0:  # already answered at content-length: the empty end-of-body chunk
+                    yield BODY
+                    return
                 pending += 1
-                if message.request_body.end_of_stream:
+                size += len(message.request_body.body)
+                if message.request_body.end_of_stream or size == declared:
                     yield HEADERS  # answered once the whole body is in, like the real processor
                     for _ in range(pending):
                         yield BODY
-                    return
+                    if message.request_body.end_of_stream:
+                        return
+                    pending = -1
 
 
 async def main(listen: str) -> None:

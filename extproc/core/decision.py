@@ -74,6 +74,12 @@ class Exchange:
     def max_body_bytes(self) -> int:
         return self.policy.mesh.max_body_bytes
 
+    @property
+    def declared_length(self) -> int | None:
+        """The request's content-length, if any: Envoy enforces it, so reaching it means the body is in."""
+        value = self.request.headers.get("content-length", "")
+        return int(value) if value.isdigit() else None
+
     def too_large(self) -> Reject:
         limit = self.max_body_bytes
         return self.reject(ApiError(ErrorKind.TOO_LARGE, f"request body exceeds the limit of {limit} bytes",

@@ -49,15 +49,20 @@ class Session:
     def on_message(self, message: pb.ProcessingRequest) -> Responses:
         kind = message.WhichOneof("request")
         if kind == "request_body":
-            if self._exchange is None:  # already answered (pass-through): let the body flow
-                self.done = message.request_body.end_of_stream
+            end = message.request_body.end_of_stream
+            if self._exchange is None:  # already answered: let the rest of the body flow
+                self.done = end
                 return [CONTINUE_BODY]
             chunk = message.request_body.body
             self._chunks.append(chunk)
             self._size += len(chunk)
             if self._size > self._exchange.max_body_bytes:
                 return self._finish(immediate_response(self._exchange.too_large()))
-            return self._decide() if message.request_body.end_of_stream else []
+            # HTTP/1.1 bodies end with a separate empty chunk; once content-length is reached we
+            # can answer without waiting for it, overlapping our reply with its arrival.
+            if end or self._size == self._exchange.declared_length:
+                return self._decide(end)
+            return []
         if kind == "request_headers":
             result = self._decider.on_headers(request_from(message), message.request_headers.end_of_stream)
             if isinstance(result, Exchange):
@@ -69,7 +74,7 @@ class Session:
             return [headers_response(result)]
         if kind == "request_trailers":
             # With trailers the last body chunk is not end_of_stream: the trailers end the body.
-            responses = self._decide() if self._exchange is not None else []
+            responses = self._decide(True) if self._exchange is not None else []
             if self._replied:  # an immediate response ends the request: no trailers answer
                 return responses
             self.done = True
@@ -77,14 +82,15 @@ class Session:
         # Response phases are off in our filter config; answer rather than stall if enabled.
         return [_continue(kind)]
 
-    def _decide(self) -> Responses:
+    def _decide(self, end_of_stream: bool) -> Responses:
         assert self._exchange is not None
         decision = self._exchange.on_body(b"".join(self._chunks))
         chunks = len(self._chunks)
         self._exchange, self._chunks, self._size = None, [], 0
         if isinstance(decision, Reject):
             return self._finish(immediate_response(decision))
-        self.done = True  # the whole request is answered; response phases are not ours
+        # Once the request is answered we close: response phases are not ours.
+        self.done = end_of_stream
         return [headers_response(decision), *body_responses(decision, chunks)]
 
     def _finish(self, immediate: pb.ProcessingResponse) -> Responses:
