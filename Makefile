@@ -7,7 +7,7 @@ ENVOY_VERSION := 1.40.0
 # Envoy binary lives in its own directory and is found by path (extproc/launch.py: find_envoy).
 ENVOY_DIR := .tools/envoy
 
-.PHONY: setup demo test lint bench render-envoy clean
+.PHONY: setup demo test lint bench render-envoy render-istio kubectl clean
 
 setup: $(VENV)/.installed $(ENVOY_DIR)/.installed
 
@@ -28,7 +28,11 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup lint
+# The Istio install tests build istio/ with `kubectl kustomize` (Debian package kubernetes-client).
+kubectl:
+	@command -v kubectl >/dev/null || (apt-get update -qq && apt-get install -y -qq kubernetes-client)
+
+test: setup lint kubectl
 	$(BIN)/python -m pytest -ra
 
 # The benchmark drives load with wrk (Debian package `wrk`).
@@ -40,6 +44,12 @@ bench: setup
 render-envoy: setup
 	$(BIN)/extproc render envoy --upstream api.openai.com=127.0.0.1:18081 \
 	  --upstream api.anthropic.com=127.0.0.1:18082 -o envoy/sidecar.yaml
+
+# Regenerate the checked-in Istio install files (CRDs, EnvoyFilter, providers, mesh settings, sample
+# AIPolicies) from the policy model, the filter definition and the sample policies (a test checks).
+render-istio: setup
+	$(BIN)/extproc render crds -o istio/crds.yaml
+	$(BIN)/extproc render istio -o istio/
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache

@@ -32,10 +32,11 @@ def _upstream(value: str) -> tuple[str, tuple[str, int]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from extproc.server.app import run
+    from extproc.server.app import ServeOptions, run
 
     try:
-        run(args.listen, args.policy or [sample_policy_dir()], args.grace, args.watch)
+        run(ServeOptions(args.listen, tuple(args.policy or [sample_policy_dir()]), args.grace, args.watch,
+                         admin=args.admin))
     except PolicyError as exc:
         print(f"extproc: refusing to start, the policy is invalid:\n{exc}", file=sys.stderr)
         return 2
@@ -105,6 +106,53 @@ def cmd_mock_provider(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quota_show(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    import urllib.request
+
+    from extproc.quota.engine import QuotaEngine
+    from extproc.quota.report import Line, format_lines, report
+
+    if args.admin:
+        query = f"?service={args.service}" if args.service else ""
+        try:
+            with urllib.request.urlopen(f"http://{args.admin[0]}:{args.admin[1]}/quota{query}", timeout=5) as reply:
+                data = json.load(reply)
+        except OSError as exc:
+            print(f"extproc: cannot reach the processor's admin port: {exc}", file=sys.stderr)
+            return 1
+        lines = [Line(**line) for line in data["limits"]]
+        backend = data["backend"]
+    else:
+        try:
+            policy = load_policy(args.policy or [sample_policy_dir()])
+        except PolicyError as exc:
+            print(f"extproc: the policy is invalid:\n{exc}", file=sys.stderr)
+            return 1
+        if policy.mesh.quota.backend != "redis":
+            print("extproc: in-memory quotas live in the processor: pass --admin HOST:PORT of its admin port",
+                  file=sys.stderr)
+            return 1
+
+        async def read() -> list[Line]:
+            engine = QuotaEngine(policy.mesh.quota)
+            try:
+                return await report(policy, engine, args.service)
+            finally:
+                await engine.close()
+
+        try:
+            lines = asyncio.run(read())
+        except Exception as exc:
+            print(f"extproc: cannot read quota counters from {policy.mesh.quota.redis_url}: {exc}", file=sys.stderr)
+            return 1
+        backend = "redis"
+    print(f"quota usage ({backend} backend; fixed UTC windows)")
+    print(format_lines(lines))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from extproc.demo import run_demo
 
@@ -122,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "default: the embedded sample policies")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight streams on SIGTERM")
     serve.add_argument("--watch", type=float, default=2.0, help="seconds between policy change checks (0: off)")
+    serve.add_argument("--admin", type=_host_port, help="HOST:PORT for /healthz, /readyz, /config, /quota")
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="validate policy files; non-zero exit on any problem")
@@ -141,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="AUTHORITY=HOST:PORT: send a provider host elsewhere (e.g. a local mock)")
     envoy.add_argument("-o", "--output")
     envoy.set_defaults(func=cmd_render)
+    from extproc.cli_mesh import add_render_parsers, add_serve_kubernetes_parser
+
+    add_render_parsers(render_sub)  # render crds, render istio
+    add_serve_kubernetes_parser(sub)
 
     mock = sub.add_parser("mock-provider", help="OpenAI/Anthropic-compatible mock provider for tests and demos")
     mock.add_argument("--listen", type=_host_port, default=("127.0.0.1", 18080))
@@ -150,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--latency-ms", type=int, default=0)
     mock.add_argument("--fault-status", type=int)
     mock.set_defaults(func=cmd_mock_provider)
+
+    quota = sub.add_parser("quota", help="quota tools")
+    quota_sub = quota.add_subparsers(dest="quota_command", required=True)
+    show = quota_sub.add_parser("show", help="live usage against every limit in the policy")
+    show.add_argument("--service", help="only this service (name or namespace/name)")
+    show.add_argument("--policy", action="append", help="policy files (Redis backend: read counters directly)")
+    show.add_argument("--admin", type=_host_port, help="HOST:PORT of a processor's admin port (memory backend)")
+    show.set_defaults(func=cmd_quota_show)
 
     demo = sub.add_parser("demo", help="run Envoy + processor + mock providers and show what policy does")
     demo.add_argument("--keep-logs", action="store_true", help="keep the component logs and print where")

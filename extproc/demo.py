@@ -45,7 +45,7 @@ def _row(service: str, call: str, asked: str, headers: Any, status: int | str, m
                headers.get("x-ai-variant") or "-", str(status), ms)
 
 
-def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str]]:
+def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str], str]:
     import anthropic
     import openai
 
@@ -76,6 +76,8 @@ def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str]]:
     chat("user-service", "chat (stream)", "auth_assistant", stream=True)
     chat("user-service", "not in policy", "gpt-4o")
     chat("user-service", "spoofed identity", "fraud_detector", extra_headers={"x-ai-service": "order-service"})
+    burst = _burst(openai_client("user-service"), 105)
+    chat("user-service", "after the burst", "auth_assistant")
 
     variants: Counter[str] = Counter()
     first_user: dict[str, str] = {}
@@ -105,10 +107,30 @@ def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str]]:
         headers = stream.response.headers
     rows.append(_row("order-service", f"messages (stream, {final.usage.output_tokens} tok)", "fraud_detector",
                      headers, 200, (time.perf_counter() - start) * 1000))
-    return rows, variants
+    return rows, variants, burst
 
 
-def print_report(rows: list[Row], variants: Counter[str]) -> None:
+def _burst(client: Any, calls: int) -> str:
+    """user-service's auth_assistant allows 100/min: send more than that and report what the quota did."""
+    import openai
+
+    admitted, refused, message, retry, remaining = 0, 0, "", "", ""
+    for _ in range(calls):
+        try:
+            raw = client.chat.completions.with_raw_response.create(
+                model="auth_assistant", messages=[{"role": "user", "content": "burst"}])
+            admitted += 1
+            remaining = raw.headers.get("x-ratelimit-remaining-requests", "?")
+        except openai.RateLimitError as exc:
+            refused += 1
+            message = exc.body.get("message", "") if isinstance(exc.body, dict) else str(exc.body)
+            retry = exc.response.headers.get("retry-after", "?")
+    return (f"user-service burst of {calls} calls to auth_assistant (rate_limit: 100/min): {admitted} admitted "
+            f"(x-ratelimit-remaining-requests fell to {remaining}), {refused} refused with 429 "
+            f"retry-after {retry}s: \"{message}\"")
+
+
+def print_report(rows: list[Row], variants: Counter[str], burst: str, quota: str) -> None:
     columns = ("service", "call", "model asked", "provider", "model served", "variant", "status", "ms")
     table = [(r.service, r.call, r.asked, r.provider, r.served, r.variant, r.status,
               f"{r.latency_ms:.1f}" if r.latency_ms else "-") for r in rows]
@@ -125,6 +147,18 @@ def print_report(rows: list[Row], variants: Counter[str]) -> None:
     total = sum(variants.values())
     split = ", ".join(f"{name} {count} ({100 * count / total:.0f}%)" for name, count in sorted(variants.items()))
     print(f"\nproduct-service A/B split over {total} users (policy 80/20, sticky on x-user-id): {split}")
+    print(f"\n{burst}")
+    print(f"\n$ extproc quota show --admin ...   (live counters, as the processor sees them)\n{quota}")
+
+
+def _quota_table(admin_port: int) -> str:
+    import json
+    import urllib.request
+
+    from extproc.quota.report import Line, format_lines
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/quota", timeout=5) as reply:
+        return format_lines([Line(**line) for line in json.load(reply)["limits"]])
 
 
 def run_demo(keep_logs: bool = False) -> int:
@@ -141,8 +175,8 @@ def run_demo(keep_logs: bool = False) -> int:
         for service in SERVICES:
             print(f"  {service:16} → Envoy on {stack.base_url(service)}")
         print()
-        rows, variants = drive_traffic(stack)
-        print_report(rows, variants)
+        rows, variants, burst = drive_traffic(stack)
+        print_report(rows, variants, burst, _quota_table(stack.admin_port))
     finally:
         stack.close()
         if keep_logs:

@@ -102,11 +102,11 @@ class Managed:
 
 def start_processor(
     policy_paths: Sequence[str | Path], port: int, env: dict[str, str] | None = None,
-    log_dir: Path | None = None, extra_args: Sequence[str] = (),
+    log_dir: Path | None = None, extra_args: Sequence[str] = (), name: str = "processor",
 ) -> Managed:
     args = [sys.executable, "-m", "extproc", "serve", "--listen", f"127.0.0.1:{port}",
             *[a for p in policy_paths for a in ("--policy", str(p))], *extra_args]
-    managed = Managed("processor", args, env={**os.environ, **(env or {})},
+    managed = Managed(name, args, env={**os.environ, **(env or {})},
                       **({"log_dir": log_dir} if log_dir else {})).start()
     try:
         wait_for_port(port, 15, managed.process)

@@ -23,28 +23,39 @@ class Stack:
     """Mock providers, the processor and one Envoy per service, all on free 127.0.0.1 ports."""
 
     def __init__(self, policy_dir: Path, log_dir: Path, services: Sequence[str] = SERVICES,
-                 processor_env: Mapping[str, str] | None = None, processor_args: Sequence[str] = ()) -> None:
+                 processor_env: Mapping[str, str] | None = None, processor_args: Sequence[str] = (),
+                 replicas: int = 1) -> None:
         self.log_dir = log_dir
         self.parts: list[Managed] = []
         self.ports: dict[str, int] = {}
         policy = load_policy([policy_dir])
         try:
-            openai_port, anthropic_port, processor_port = free_port(), free_port(), free_port()
+            openai_port, anthropic_port = free_port(), free_port()
             self.parts.append(start_mock_provider(openai_port, ["--openai-key", OPENAI_KEY], "openai", log_dir))
             self.parts.append(start_mock_provider(anthropic_port, ["--anthropic-key", ANTHROPIC_KEY], "anthropic",
                                                   log_dir))
             env = {"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY, **(processor_env or {})}
-            self.processor = start_processor([policy_dir], processor_port, log_dir=log_dir, env=env,
-                                             extra_args=processor_args)
-            self.parts.append(self.processor)
-            self.processor_port = processor_port
+            self.processors: list[Managed] = []
+            self.processor_ports: list[int] = []
+            self.admin_ports: list[int] = []
+            for replica in range(replicas):
+                port, admin = free_port(), free_port()
+                managed = start_processor([policy_dir], port, log_dir=log_dir, env=env, name=f"processor-{replica}",
+                                          extra_args=["--admin", f"127.0.0.1:{admin}", *processor_args])
+                self.parts.append(managed)
+                self.processors.append(managed)
+                self.processor_ports.append(port)
+                self.admin_ports.append(admin)
+            self.processor, self.processor_port, self.admin_port = (self.processors[0], self.processor_ports[0],
+                                                                    self.admin_ports[0])
             self.mock_ports = {"openai": openai_port, "anthropic": anthropic_port}
             mocks = {"openai": ("127.0.0.1", openai_port), "anthropic": ("127.0.0.1", anthropic_port)}
             upstreams = tuple(upstream_for(p, mocks[p.api]) for p in policy.providers.values())
             for service in services:
                 port = free_port()
                 spec = SidecarSpec(service=service, namespace=NAMESPACE, listen_port=port, admin_port=free_port(),
-                                   processor=("127.0.0.1", processor_port), upstreams=upstreams)
+                                   processor=("127.0.0.1", self.processor_port), upstreams=upstreams,
+                                   more_processors=tuple(("127.0.0.1", p) for p in self.processor_ports[1:]))
                 self.parts.append(start_envoy(spec, log_dir))
                 self.ports[service] = port
         except BaseException:

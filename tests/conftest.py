@@ -7,8 +7,15 @@ When a real dependency is missing, tests skip with the reason; with EXTPROC_REQU
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 
 import pytest
+
+from extproc.launch import free_port
 
 REQUIRE = os.environ.get("EXTPROC_REQUIRE_SERVICES") == "1"
 
@@ -17,3 +24,36 @@ def missing(reason: str) -> None:
     if REQUIRE:
         pytest.fail(f"{reason} (EXTPROC_REQUIRE_SERVICES=1 turns this skip into a failure)")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The machine's Redis on 127.0.0.1:6379, else a private redis-server on a free port, else skip."""
+    if _redis_answers(6379):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        missing("no Redis on 127.0.0.1:6379 and no redis-server binary to start one")
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not _redis_answers(port):
+            if time.monotonic() > deadline:
+                missing("a private redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False

@@ -72,9 +72,11 @@ class ApiError:
     message: str
     code: str
     param: str | None = None
+    openai_type: str | None = None  # e.g. "requests" or "tokens" on a 429, as OpenAI says
 
     def render(self, api: Api) -> bytes:
         _, openai_type, anthropic_type = self.kind.value
+        openai_type = self.openai_type or openai_type
         if api == Api.ANTHROPIC:
             return orjson.dumps({"type": "error", "error": {"type": anthropic_type, "message": self.message}})
         return orjson.dumps(

@@ -17,10 +17,19 @@ from extproc.core.apis import Api, ApiError, Endpoint, ErrorKind, api_of_caller,
 from extproc.core.credentials import CredentialStore
 from extproc.core.identity import Caller, identify
 from extproc.core.routing import Target, choose_target
+from extproc.core.usage import estimate_request_tokens
 from extproc.policy.compiled import PolicySet, ServiceModels
 from extproc.policy.model import ModelRoute
+from extproc.quota.engine import QuotaEngine, Refused, Reservation, Unavailable
+from extproc.quota.plan import METRIC_REQUESTS, Estimate, plan_counters
 
 METADATA_NAMESPACE = "ai.extproc"
+# Set on calls whose response must be read for token settlement; Envoy's usage filter keys on it
+# ("observe": read without touching; "strip": also remove the usage chunk we asked for on the caller's behalf).
+USAGE_HEADER = "x-ai-usage"
+USAGE_OBSERVE = "observe"
+USAGE_STRIP = "strip"
+SETTLE_KEY = "settle"
 TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
 _JSON_TYPES = ("application/json",)
 
@@ -58,6 +67,19 @@ class Reject:
 Decision = Forward | Reject
 
 
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What quota admission reserved for a call, and what the caller is told about its limits."""
+
+    reservation: Reservation | None
+    headers: dict[str, str]
+    input_tokens: int
+
+    @property
+    def settles_tokens(self) -> bool:
+        return self.reservation is not None and any(m != METRIC_REQUESTS for m in self.reservation.metrics)
+
+
 @dataclass(slots=True)
 class Exchange:
     """One AI call between its headers and its body; holds the policy snapshot it started with."""
@@ -88,7 +110,7 @@ class Exchange:
     def reject(self, error: ApiError) -> Reject:
         return _reject(self.endpoint.api, error)
 
-    def on_body(self, body: bytes) -> Decision:
+    async def on_body(self, body: bytes) -> Decision:
         if len(body) > self.max_body_bytes:
             return self.too_large()
         data = _parse_json(body)
@@ -106,52 +128,80 @@ class Exchange:
                 f"model {requested!r} is not allowed for {self.caller.describe()}; allowed models: {allowed}",
                 "model_not_allowed", "model"))
         target = choose_target(route, self.policy.providers, self.request.headers)
-        problem = self._check_target(target)
-        if problem is not None:
-            return self.reject(problem)
-        return self._forward(data, body, requested, route, target)
-
-    def _check_target(self, target: Target) -> ApiError | None:
-        provider = target.provider
-        if provider.api != self.endpoint.api:
-            return ApiError(
+        if target.provider.api != self.endpoint.api:
+            return self.reject(ApiError(
                 ErrorKind.INVALID_REQUEST,
-                f"model is served by provider {provider.name!r}, which speaks the {provider.api} API; "
-                f"this call uses the {self.endpoint.api} API", "api_mismatch", "model")
-        return None
+                f"model is served by provider {target.provider.name!r}, which speaks the {target.provider.api} "
+                f"API; this call uses the {self.endpoint.api} API", "api_mismatch", "model"))
+        credential = self._credential_headers(target)
+        if isinstance(credential, ApiError):
+            return self.reject(credential)
+        # Quota last: a call refused for any other reason must not consume it.
+        charge = await self._charge(data, route, target)
+        if isinstance(charge, Reject):
+            return charge
+        return self._forward(data, requested, route, target, credential, charge)
 
-    def _forward(self, data: dict[str, object], body: bytes, requested: str, route: ModelRoute,
-                 target: Target) -> Decision:
+    def _credential_headers(self, target: Target) -> list[tuple[str, str]] | ApiError:
+        provider = target.provider
+        headers: list[tuple[str, str]] = []
+        if provider.credential is not None:
+            key = self.decider.credentials.get(provider.credential)
+            if key is None:
+                return ApiError(
+                    ErrorKind.UNAVAILABLE,
+                    f"the credential for provider {provider.name!r} is not available; the platform team must "
+                    "provide it", "credential_unavailable")
+            headers.append(("x-api-key", key) if provider.api == Api.ANTHROPIC else ("authorization", f"Bearer {key}"))
+        if provider.api == Api.ANTHROPIC and "anthropic-version" not in self.request.headers:
+            headers.append(("anthropic-version", provider.anthropic_version))
+        return headers
+
+    async def _charge(self, data: dict[str, object], route: ModelRoute, target: Target) -> Charge | Reject | None:
+        quota = self.decider.quota
+        proxy = self.service.proxy
+        namespace, service = self.service.scope or (self.caller.namespace, self.caller.service or "unknown")
+        counters = plan_counters(
+            prefix=self.policy.mesh.quota.key_prefix, namespace=namespace, service=service, proxy=proxy,
+            mesh=self.policy.mesh, route=route, provider=target.provider.name, now=quota.now())
+        if not counters:
+            return None
+        input_tokens = estimate_request_tokens(data, self.endpoint.api)
+        output_tokens = _max_output_tokens(data, self.endpoint, self.policy.mesh.quota.default_max_output_tokens)
+        price = self.policy.prices.lookup(target.provider.name, target.model)
+        estimate = Estimate(input_tokens, output_tokens,
+                            price.micro_usd(input_tokens, output_tokens) if price is not None else 0)
+        fail_mode = proxy.on_quota_backend_failure or self.policy.mesh.quota.on_backend_failure
+        admission = await quota.admit(counters, estimate, fail_mode)
+        if isinstance(admission, Refused):
+            counter = admission.counter
+            kind = "requests" if counter.metric == METRIC_REQUESTS else "tokens"
+            reject = self.reject(ApiError(
+                ErrorKind.RATE_LIMIT,
+                f"rate limit exceeded: {counter.label}; retry after {admission.retry_after_s}s",
+                "rate_limit_exceeded", openai_type=kind))
+            return Reject(reject.status, reject.body, reject.details,
+                          (*reject.headers, ("retry-after", str(admission.retry_after_s))))
+        if isinstance(admission, Unavailable):
+            return self.reject(ApiError(ErrorKind.UNAVAILABLE, f"quota cannot be checked: {admission.reason}",
+                                        "quota_backend_unavailable"))
+        return Charge(admission.reservation, admission.headers, input_tokens)
+
+    def _forward(self, data: dict[str, object], requested: str, route: ModelRoute, target: Target,
+                 credential: list[tuple[str, str]], charge: Charge | None) -> Decision:
         provider = target.provider
         headers: list[tuple[str, str]] = [
             (":authority", provider.authority),
             (":path", provider.base_path + self.endpoint.suffix + split_path(self.request.path)[1]),
+            *credential,
         ]
         remove = list(self._strip)
         if provider.credential is not None:
-            key = self.decider.credentials.get(provider.credential)
-            if key is None:
-                return self.reject(ApiError(
-                    ErrorKind.UNAVAILABLE,
-                    f"the credential for provider {provider.name!r} is not available; the platform team must "
-                    "provide it", "credential_unavailable"))
-            if provider.api == Api.ANTHROPIC:
-                headers.append(("x-api-key", key))
-                remove.append("authorization")
-            else:
-                headers.append(("authorization", f"Bearer {key}"))
-                remove.append("x-api-key")
-        if provider.api == Api.ANTHROPIC and "anthropic-version" not in self.request.headers:
-            headers.append(("anthropic-version", provider.anthropic_version))
+            remove.append("authorization" if provider.api == Api.ANTHROPIC else "x-api-key")
         if route.timeout is not None:
             headers.append((TIMEOUT_HEADER, str(route.timeout)))
         elif TIMEOUT_HEADER in self.request.headers:
             remove.append(TIMEOUT_HEADER)  # only policy sets upstream timeouts
-        new_body: bytes | None = None
-        if target.model != requested:
-            data["model"] = target.model
-            new_body = orjson.dumps(data)
-            headers.append(("content-length", str(len(new_body))))
         metadata = {
             "service": self.caller.service or "",
             "namespace": self.caller.namespace or "",
@@ -162,21 +212,48 @@ class Exchange:
             "variant": target.variant or "",
             "policy_version": self.policy.version,
         }
+        rewrite = target.model != requested
+        if rewrite:
+            data["model"] = target.model
+        usage_mode = None
+        if charge is not None:
+            metadata.update(charge.headers)
+            if charge.reservation is not None and charge.settles_tokens:
+                usage_mode = USAGE_OBSERVE
+                if _inject_stream_usage(data, self.endpoint):
+                    usage_mode, rewrite = USAGE_STRIP, True
+                metadata[SETTLE_KEY] = orjson.dumps({
+                    "r": charge.reservation.encode(), "api": str(self.endpoint.api), "in": charge.input_tokens,
+                    "stream": data.get("stream") is True, "p": provider.name, "m": target.model}).decode()
+        if usage_mode is not None:
+            headers.append((USAGE_HEADER, usage_mode))
+        elif USAGE_HEADER in self.request.headers:
+            remove.append(USAGE_HEADER)
+        new_body: bytes | None = None
+        if rewrite:
+            new_body = orjson.dumps(data)
+            headers.append(("content-length", str(len(new_body))))
         return Forward(tuple(headers), tuple(remove), new_body, metadata)
 
 
 class Decider:
     """Stateless apart from the current policy snapshot and the credential cache."""
 
-    def __init__(self, policies: Callable[[], PolicySet], credentials: CredentialStore) -> None:
+    def __init__(self, policies: Callable[[], PolicySet], credentials: CredentialStore,
+                 quota: QuotaEngine) -> None:
         self._policies = policies
         self.credentials = credentials
+        self.quota = quota
+
+    def policy(self) -> PolicySet:
+        return self._policies()
 
     def on_headers(self, request: HttpRequest, end_of_stream: bool) -> Decision | Exchange:
         """Decide on headers alone, or return the :class:`Exchange` that waits for the body."""
         policy = self._policies()
         mesh = policy.mesh
-        strip = () if mesh.identity.trust_header else (mesh.identity.header,)
+        # Headers only we may set: the identity header (unless trusted) and the usage-filter switch.
+        strip = (USAGE_HEADER,) if mesh.identity.trust_header else (mesh.identity.header, USAGE_HEADER)
         strip = tuple(h for h in strip if h in request.headers)
         endpoint = classify(request.path)
         if endpoint is None:
@@ -202,6 +279,27 @@ class Decider:
             return _reject(endpoint.api, ApiError(
                 ErrorKind.PERMISSION, f"{caller.describe()} has no AI policy in this mesh", "no_policy"))
         return Exchange(self, request, endpoint, caller, policy, service, strip)
+
+
+def _max_output_tokens(data: dict[str, object], endpoint: Endpoint, default: int) -> int:
+    if endpoint.operation == "embeddings":
+        return 0
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = data.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+def _inject_stream_usage(data: dict[str, object], endpoint: Endpoint) -> bool:
+    """Ask an OpenAI stream for its usage chunk when the caller did not; True if we had to."""
+    if endpoint.operation != "chat_completions" or data.get("stream") is not True:
+        return False
+    options = data.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return False
+    data["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return True
 
 
 def _reject(api: Api, error: ApiError) -> Reject:

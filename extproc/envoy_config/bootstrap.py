@@ -15,7 +15,13 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from extproc.envoy_config.filter import ext_proc_filter, local_reply_config, response_headers_to_add
+from extproc.envoy_config.filter import (
+    INTERNAL_REQUEST_HEADERS,
+    ext_proc_filter,
+    local_reply_config,
+    response_headers_to_add,
+    usage_filter,
+)
 from extproc.policy.model import Provider
 
 PROCESSOR_CLUSTER = "ai-extproc"
@@ -40,6 +46,11 @@ class Upstream:
     def cluster_name(self) -> str:
         return f"outbound|{self.service_port}||{self.authority.split(':', 1)[0]}"
 
+    @property
+    def vhost_name(self) -> str:
+        """Istio's name for this host's virtual host (``HOST:PORT``), which EnvoyFilter patches match."""
+        return f"{self.authority.split(':', 1)[0]}:{self.service_port}"
+
 
 def upstream_for(provider: Provider, override: tuple[str, int] | None = None) -> Upstream:
     """The provider's own host, or ``override`` (e.g. a local mock) when given."""
@@ -63,6 +74,7 @@ class SidecarSpec:
     labels: tuple[tuple[str, str], ...] = field(default=())
     access_log: bool = True
     with_processor: bool = True  # False: the same Envoy without our filter (the benchmark's baseline)
+    more_processors: tuple[tuple[str, int], ...] = ()  # further replicas, load-balanced per stream
 
 
 def render_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
@@ -71,7 +83,8 @@ def render_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
         "admin": {"address": _address("127.0.0.1", spec.admin_port)},
         "static_resources": {
             "listeners": [_listener(spec)],
-            "clusters": [_processor_cluster(spec.processor), *(_upstream_cluster(u) for u in _unique(spec))],
+            "clusters": [_processor_cluster((spec.processor, *spec.more_processors)),
+                         *(_upstream_cluster(u) for u in _unique(spec))],
         },
         # Bound the number of downstream connections, as a sidecar should.
         "overload_manager": {
@@ -123,7 +136,7 @@ def _address(host: str, port: int) -> dict[str, Any]:
 def _listener(spec: SidecarSpec) -> dict[str, Any]:
     virtual_hosts = [
         {
-            "name": upstream.authority,
+            "name": upstream.vhost_name,
             "domains": [upstream.authority, f"{upstream.authority}:*"] if ":" not in upstream.authority
             else [upstream.authority],
             "routes": [{
@@ -155,9 +168,11 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
             "name": "outbound_ai",
             "virtual_hosts": virtual_hosts,
             "response_headers_to_add": response_headers_to_add(),
+            "request_headers_to_remove": list(INTERNAL_REQUEST_HEADERS),
         },
         "http_filters": [
-            *([ext_proc_filter(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_AUTHORITY)]
+            *([ext_proc_filter(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_AUTHORITY),
+               usage_filter(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_AUTHORITY)]
               if spec.with_processor else []),
             {"name": "envoy.filters.http.router",
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
@@ -201,13 +216,17 @@ def _http2_options() -> dict[str, Any]:
     }
 
 
-def _processor_cluster(processor: tuple[str, int]) -> dict[str, Any]:
+def _processor_cluster(replicas: tuple[tuple[str, int], ...]) -> dict[str, Any]:
     return {
         "name": PROCESSOR_CLUSTER,
-        "type": "STATIC" if _is_ip(processor[0]) else "STRICT_DNS",
+        "type": "STATIC" if all(_is_ip(host) for host, _ in replicas) else "STRICT_DNS",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": _http2_options(),
-        "load_assignment": _endpoints(PROCESSOR_CLUSTER, processor[0], processor[1]),
+        "load_assignment": {
+            "cluster_name": PROCESSOR_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}
+                                            for host, port in replicas]}],
+        },
     }
 
 

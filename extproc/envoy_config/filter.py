@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.core.decision import METADATA_NAMESPACE
+from extproc.core.decision import METADATA_NAMESPACE, USAGE_HEADER, USAGE_OBSERVE, USAGE_STRIP
 from extproc.core.identity import REQUEST_ATTRIBUTES
 
 FILTER_NAME = "envoy.filters.http.ext_proc"
@@ -18,7 +18,14 @@ RESPONSE_HEADERS: tuple[tuple[str, str], ...] = (
     ("x-ai-route", "route"),
     ("x-ai-variant", "variant"),
     ("x-ai-policy-version", "policy_version"),
+    ("x-ratelimit-limit-requests", "limit_requests"),
+    ("x-ratelimit-remaining-requests", "remaining_requests"),
+    ("x-ratelimit-reset-requests", "reset_requests"),
+    ("x-ratelimit-limit-tokens", "limit_tokens"),
+    ("x-ratelimit-remaining-tokens", "remaining_tokens"),
+    ("x-ratelimit-reset-tokens", "reset_tokens"),
 )
+USAGE_FILTER_NAME = "ai.usage"
 
 
 def ext_proc_filter(
@@ -63,6 +70,71 @@ def ext_proc_filter(
             "stat_prefix": "ai_extproc",
         },
     }
+
+
+def _usage_ext_proc(cluster_name: str, authority: str, *, observe: bool) -> dict[str, Any]:
+    mode: dict[str, str] = {
+        "request_header_mode": "SKIP",
+        "request_body_mode": "NONE",
+        "request_trailer_mode": "SKIP",
+        "response_header_mode": "SEND",
+        "response_body_mode": "STREAMED" if observe else "FULL_DUPLEX_STREAMED",
+        "response_trailer_mode": "SKIP" if observe else "SEND",  # full duplex requires trailers SENT
+    }
+    config: dict[str, Any] = {
+        "@type": EXT_PROC_TYPE,
+        "grpc_service": {"envoy_grpc": {"cluster_name": cluster_name, "authority": authority}},
+        "processing_mode": mode,
+        # The decision's reservation and call facts reach the settling replica this way.
+        "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+        "stat_prefix": "ai_usage_observe" if observe else "ai_usage_strip",
+    }
+    if observe:
+        # Send-and-go: Envoy never waits for us, so reading usage adds no latency to the response.
+        config["observability_mode"] = True
+        config["deferred_close_timeout"] = "2s"
+    else:
+        config["failure_mode_allow"] = True  # a settlement problem must not break the caller's stream
+        config["message_timeout"] = "5s"
+    return config
+
+
+def usage_filter(*, cluster_name: str, authority: str) -> dict[str, Any]:
+    """The response-side filter, attached per call by the processor through the ``x-ai-usage`` header.
+
+    A composite filter matches that header after the decision filter has set it: ``observe`` runs
+    an observability-mode ext_proc (no latency), ``strip`` a full-duplex one that also removes the
+    usage chunk we requested on the caller's behalf; calls with nothing to settle get neither.
+    """
+    def action(name: str, observe: bool) -> dict[str, Any]:
+        return {"action": {"name": name, "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
+            "typed_config": {"name": f"{USAGE_FILTER_NAME}.{name}",
+                             "typed_config": _usage_ext_proc(cluster_name, authority, observe=observe)},
+        }}}
+
+    return {
+        "name": USAGE_FILTER_NAME,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {
+                "name": "composite",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"},
+            },
+            "xds_matcher": {"matcher_tree": {
+                "input": {"name": "usage-mode", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                    "header_name": USAGE_HEADER,
+                }},
+                "exact_match_map": {"map": {USAGE_OBSERVE: action("observe", True),
+                                            USAGE_STRIP: action("strip", False)}},
+            }},
+        },
+    }
+
+
+# The usage switch is for Envoy only: never sent to providers (route_config.request_headers_to_remove).
+INTERNAL_REQUEST_HEADERS: tuple[str, ...] = (USAGE_HEADER,)
 
 
 def response_headers_to_add() -> list[dict[str, Any]]:

@@ -6,7 +6,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from extproc.policy.model import AIProxy, MeshSettings, ModelRoute, Provider, ServicePolicy
+from extproc.policy.model import AIProxy, MeshSettings, ModelRoute, Price, Provider, ServicePolicy
+from extproc.quota.prices import PriceTable
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,16 +17,19 @@ class ServiceModels:
     source: str
     proxy: AIProxy
     _by_name: Mapping[str, ModelRoute] = field(repr=False)
+    # (namespace or None, service) of the policy: what its quota counters are kept under. None for the
+    # mesh default policy, whose counters are kept per calling service.
+    scope: tuple[str | None, str] | None = None
 
     @classmethod
-    def build(cls, source: str, proxy: AIProxy) -> ServiceModels:
+    def build(cls, source: str, proxy: AIProxy, scope: tuple[str | None, str] | None = None) -> ServiceModels:
         by_name: dict[str, ModelRoute] = {}
         # Logical names win over upstream model names; among upstream names the first entry wins.
         for model in proxy.models:
             by_name[model.name] = model
         for model in proxy.models:
             by_name.setdefault(model.model, model)
-        return cls(source, proxy, MappingProxyType(by_name))
+        return cls(source, proxy, MappingProxyType(by_name), scope)
 
     def resolve(self, requested: str) -> ModelRoute | None:
         return self._by_name.get(requested)
@@ -42,6 +46,7 @@ class PolicySet:
     services: Mapping[tuple[str | None, str], ServiceModels]
     default: ServiceModels | None
     version: str
+    prices: PriceTable
 
     def for_caller(self, service: str | None, namespace: str | None) -> ServiceModels | None:
         """The caller's own policy (namespace-specific first), else the mesh default if enabled."""
@@ -62,13 +67,17 @@ def compile_policy_set(
     providers: Iterable[Provider],
     services: Iterable[tuple[str, ServicePolicy]],
     version: str,
+    prices: Iterable[Price] = (),
 ) -> PolicySet:
+    by_name = MappingProxyType({p.name: p for p in providers})
     return PolicySet(
         mesh=mesh,
-        providers=MappingProxyType({p.name: p for p in providers}),
+        providers=by_name,
         services=MappingProxyType(
-            {(p.namespace, p.service): ServiceModels.build(source, p.ai_proxy) for source, p in services}
+            {(p.namespace, p.service): ServiceModels.build(source, p.ai_proxy, (p.namespace, p.service))
+             for source, p in services}
         ),
         default=ServiceModels.build("mesh.default_policy", mesh.default_policy) if mesh.default_policy else None,
         version=version,
+        prices=PriceTable(prices, by_name),
     )

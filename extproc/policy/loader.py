@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from extproc.policy.compiled import PolicySet, compile_policy_set
-from extproc.policy.model import MeshConfig, MeshSettings, Provider, ServicePolicy
+from extproc.policy.model import MeshConfig, MeshSettings, Price, Provider, ServicePolicy
+from extproc.quota.prices import PriceTable
 
 YAML_SUFFIXES = (".yaml", ".yml")
 M = TypeVar("M", bound=BaseModel)
@@ -48,6 +49,15 @@ class Document:
     index: int
     node: yaml.Node
     data: Any
+
+    @classmethod
+    def from_data(cls, label: str, data: Any) -> Document:
+        """A document that did not come from a file (e.g. a Kubernetes object's spec).
+
+        It is dumped and re-read so that problems are located exactly as for files.
+        """
+        text = yaml.safe_dump(data, sort_keys=False)
+        return cls(label, 0, yaml.compose(text, Loader=yaml.SafeLoader), data)
 
     @property
     def label(self) -> str:
@@ -96,14 +106,33 @@ def read_documents(files: Iterable[Path]) -> tuple[list[Document], list[Problem]
     return documents, problems
 
 
-def load_policy(paths: Iterable[str | Path]) -> PolicySet:
-    """Load and validate everything under ``paths``; raise :class:`PolicyError` on any problem."""
+def load_policy(paths: Iterable[str | Path], extra: Sequence[Document] = ()) -> PolicySet:
+    """Load and validate everything under ``paths`` plus ``extra`` documents (e.g. from the Kubernetes
+    API); raise :class:`PolicyError` on any problem. With ``extra`` given, no files at all is fine."""
+    paths = list(paths)
     files = expand_paths(paths)
-    if not files:
+    if not files and not extra:
         raise PolicyError([Problem(", ".join(map(str, paths)) or "(none)", None, "", "no policy files found")])
     documents, problems = read_documents(files)
+    documents.extend(extra)
+    return build_policy(documents, problems)
+
+
+def check_documents(documents: Sequence[Document]) -> list[Problem]:
+    """Every problem of these documents taken together, without raising."""
+    try:
+        build_policy(documents, [])
+    except PolicyError as exc:
+        return list(exc.problems)
+    return []
+
+
+def build_policy(documents: Sequence[Document], problems: list[Problem]) -> PolicySet:
+    """Validate and cross-check ``documents`` (already read) into one policy set."""
+    problems = list(problems)
     services: list[tuple[Document, ServicePolicy]] = []
     providers: list[tuple[Document, int, Provider]] = []
+    prices: list[Price] = []
     mesh: tuple[Document, MeshSettings] | None = None
     for doc in documents:
         if not isinstance(doc.data, dict):
@@ -118,6 +147,7 @@ def load_policy(paths: Iterable[str | Path]) -> PolicySet:
             if config is None:
                 continue
             providers.extend((doc, i, p) for i, p in enumerate(config.providers))
+            prices.extend(config.prices)
             if "mesh" in doc.data:
                 if mesh is not None:
                     problems.append(Problem(doc.label, _line(doc.node, ("mesh",)), "mesh",
@@ -130,6 +160,8 @@ def load_policy(paths: Iterable[str | Path]) -> PolicySet:
                                     f"unrecognised document (has {keys}); expected 'service:' with "
                                     "'ai_proxy:', or 'providers:'/'mesh:'"))
     problems.extend(_cross_check(services, providers, mesh))
+    if not problems:
+        problems.extend(_check_prices(services, providers, prices, mesh))
     if problems:
         raise PolicyError(problems)
     digest = hashlib.sha256()
@@ -140,6 +172,7 @@ def load_policy(paths: Iterable[str | Path]) -> PolicySet:
         providers=[p for _, _, p in providers],
         services=[(doc.label, policy) for doc, policy in services],
         version=digest.hexdigest()[:12],
+        prices=prices,
     )
 
 
@@ -182,8 +215,40 @@ def _cross_check(
                           f"service {policy.service!r} already has a policy in {owners[key].label}")
         owners.setdefault(key, doc)
         yield from _check_providers(doc, ("ai_proxy",), policy.ai_proxy.models, known)
+        names = ", ".join(sorted(known)) or "none defined"
+        for name in policy.ai_proxy.provider_limits:
+            if name not in known:
+                loc = ("ai_proxy", "provider_limits", name)
+                yield Problem(doc.label, _line(doc.node, loc), _dotted(loc),
+                              f"unknown provider {name!r} (known: {names})")
     if mesh is not None and mesh[1].default_policy is not None:
         yield from _check_providers(mesh[0], ("mesh", "default_policy"), mesh[1].default_policy.models, known)
+
+
+def _check_prices(
+    services: list[tuple[Document, ServicePolicy]],
+    providers: list[tuple[Document, int, Provider]],
+    prices: list[Price],
+    mesh: tuple[Document, MeshSettings] | None,
+) -> Iterator[Problem]:
+    """A cost limit needs a price for every model it may be charged for, or it cannot be enforced."""
+    table = PriceTable(prices, {p.name: p for _, _, p in providers})
+    default_cost = bool(mesh and mesh[1].default_limits and mesh[1].default_limits.cost)
+    for doc, policy in services:
+        proxy = policy.ai_proxy
+        service_cost = bool(proxy.limits.cost) if proxy.limits is not None else default_cost
+        for i, model in enumerate(proxy.models):
+            targets = [(model.provider, model.model)] + [
+                (v.provider or model.provider, v.model or model.model) for v in model.variants]
+            for provider, upstream in targets:
+                narrowed = proxy.provider_limits.get(provider)
+                if not (service_cost or (model.limits and model.limits.cost) or (narrowed and narrowed.cost)):
+                    continue
+                if table.lookup(provider, upstream) is None:
+                    loc = ("ai_proxy", "models", i, "model")
+                    yield Problem(doc.label, _line(doc.node, loc), _dotted(loc),
+                                  f"a cost limit applies but there is no price for {provider}/{upstream}; "
+                                  "add it under 'prices:' in the mesh document")
 
 
 def _check_providers(doc: Document, prefix: tuple[Any, ...], models: Iterable[Any], known: dict[str, Document]

@@ -100,6 +100,46 @@ class Variant(_Frozen):
     model: str | None = Field(default=None, min_length=1)
 
 
+def _listify(value: object) -> object:
+    return [value] if isinstance(value, str | dict) else value
+
+
+def _token_limit(value: object) -> object:
+    return {"rate": value} if isinstance(value, str) else value
+
+
+class TokenLimit(_Frozen):
+    """Tokens per window, e.g. ``{rate: 20000/min, type: total}`` or just ``20000/min``."""
+
+    rate: RateSpec
+    type: Literal["input", "output", "total"] = "total"
+
+
+class CostLimit(_Frozen):
+    """Spend per calendar day or month (UTC), in USD, from the price table."""
+
+    usd: float = Field(gt=0)
+    per: Literal["day", "month"]
+
+
+class Limits(_Frozen):
+    """Quotas for one scope (a service, one of its models, or its use of one provider).
+
+    Windows are fixed and aligned in UTC: ``/min`` windows start on the minute, ``/hour`` on the hour,
+    ``/day`` at midnight UTC, ``30/5m`` on multiples of five minutes since the epoch, cost months on
+    the first of the month. A call is admitted only if every applicable counter stays within its limit.
+    """
+
+    requests: Annotated[tuple[RateSpec, ...], BeforeValidator(_listify)] = ()
+    tokens: Annotated[tuple[Annotated[TokenLimit, BeforeValidator(_token_limit)], ...],
+                      BeforeValidator(_listify)] = ()
+    cost: Annotated[tuple[CostLimit, ...], BeforeValidator(_listify)] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.requests or self.tokens or self.cost)
+
+
 class ModelRoute(_Frozen):
     """One model a service may call, under a logical ``name``."""
 
@@ -114,6 +154,7 @@ class ModelRoute(_Frozen):
     sticky_header: str | None = Field(
         default=None, description="Request header whose value pins a caller to one variant (e.g. x-user-id)."
     )
+    limits: Limits | None = Field(default=None, description="Quotas narrowed to this model.")
 
     @field_validator("timeout")
     @classmethod
@@ -145,6 +186,14 @@ class ModelRoute(_Frozen):
 
 class AIProxy(_Frozen):
     models: tuple[ModelRoute, ...] = Field(min_length=1)
+    limits: Limits | None = Field(default=None, description="Quotas for the whole service.")
+    provider_limits: dict[Name, Limits] = Field(
+        default_factory=dict, description="Quotas narrowed to the service's use of one provider."
+    )
+    on_quota_backend_failure: Literal["open", "closed"] | None = Field(
+        default=None, description="When the shared quota store is down: admit against a local backstop "
+        "limiter (open) or refuse with 503 (closed). Default: the mesh setting.",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> AIProxy:
@@ -183,6 +232,29 @@ class IdentitySettings(_Frozen):
         return value.lower()
 
 
+class QuotaSettings(_Frozen):
+    backend: Literal["memory", "redis"] = Field(
+        default="memory", description="memory: per replica; redis: shared by all replicas, exact."
+    )
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field(default="aiq", pattern=r"^[A-Za-z0-9_.:-]+$")
+    timeout_ms: int = Field(default=500, ge=1, le=10_000, description="Per Redis operation.")
+    on_backend_failure: Literal["open", "closed"] = "open"
+    default_max_output_tokens: int = Field(
+        default=4096, ge=1, description="Output reservation for calls that set no max_tokens."
+    )
+
+
+class Price(_Frozen):
+    """USD per million tokens for one provider's model (overrides the shipped table)."""
+
+    provider: Name
+    model: str = Field(min_length=1)
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cached_input_per_mtok: float | None = Field(default=None, ge=0)
+
+
 class MeshSettings(_Frozen):
     """Mesh-wide behaviour, set by the platform team."""
 
@@ -195,6 +267,10 @@ class MeshSettings(_Frozen):
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     identity: IdentitySettings = IdentitySettings()
+    default_limits: Limits | None = Field(
+        default=None, description="Service-wide quotas for services whose policy sets no limits."
+    )
+    quota: QuotaSettings = QuotaSettings()
 
     @model_validator(mode="after")
     def _default_present(self) -> MeshSettings:
@@ -208,3 +284,4 @@ class MeshConfig(_Frozen):
 
     mesh: MeshSettings = MeshSettings()
     providers: tuple[Provider, ...] = ()
+    prices: tuple[Price, ...] = ()

@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -16,8 +16,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.core.credentials import CredentialStore
 from extproc.core.decision import Decider
+from extproc.quota.engine import QuotaEngine
+from extproc.server.admin import AdminServer
 from extproc.server.policy_store import PolicyStore
 from extproc.server.processor import AsyncExternalProcessor
+
+if TYPE_CHECKING:
+    from extproc.server.kube_source import KubeOptions
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +36,29 @@ class ServeOptions:
     policy_paths: tuple[str | Path, ...]
     grace_seconds: float = 10.0
     watch_seconds: float = 2.0  # 0 disables polling; SIGHUP always reloads
+    kubernetes: KubeOptions | None = None  # also take AIPolicy/AIProvider objects from the Kubernetes API
+    kube_api: str | None = None  # explicit API server URL; default: in-cluster, else ~/.kube/config
+    admin: tuple[str, int] | None = None  # HOST, PORT of the admin HTTP endpoint (off when None)
 
 
 async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> None:
-    store = PolicyStore(options.policy_paths)
+    source = None
+    if options.kubernetes is not None:
+        from extproc.server.kube_source import KubePolicySource, api_client
+
+        source = KubePolicySource(api_client(options.kube_api), options.kubernetes)
+        source.start()
+        # Not listening (so not ready) until both kinds are listed: serving an empty policy would deny all.
+        log.info("waiting for the first list of AIPolicy and AIProvider objects")
+        await asyncio.to_thread(source.wait_synced)
+    store = PolicyStore(options.policy_paths, source)
+    if source is not None:
+        source.attach(store.reload)
+    # The quota store is chosen at startup; a policy reload changes limits, not where counters live.
+    quota = QuotaEngine(store.current().mesh.quota)
+    admin = AdminServer(store.current, quota)
+    if options.admin is not None:
+        await admin.start(*options.admin)
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),  # fail loudly if the port is taken instead of sharing it
@@ -43,7 +67,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         ]
     )
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        AsyncExternalProcessor(Decider(store.current, CredentialStore())), server
+        AsyncExternalProcessor(Decider(store.current, CredentialStore(), quota)), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -62,6 +86,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, store.reload)
     watcher = asyncio.create_task(store.watch(options.watch_seconds)) if options.watch_seconds > 0 else None
+    admin.ready = True
     if ready is not None:
         ready.set()
     try:
@@ -70,16 +95,21 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         log.info("shutting down: refusing new streams, draining in-flight ones for up to %.1fs",
                  options.grace_seconds)
         # Health first, so load balancers and probes stop sending new work before the port closes.
+        admin.ready = False
         await health_servicer.enter_graceful_shutdown()
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         await server.stop(options.grace_seconds)
+        await quota.close()
+        await admin.stop()
+        if source is not None:
+            source.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped")
 
 
-def run(listen: str, policy_paths: Sequence[str | Path], grace_seconds: float, watch_seconds: float) -> None:
-    asyncio.run(serve(ServeOptions(listen, tuple(policy_paths), grace_seconds, watch_seconds)))
+def run(options: ServeOptions) -> None:
+    asyncio.run(serve(options))

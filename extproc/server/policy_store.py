@@ -5,19 +5,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from extproc.policy.compiled import PolicySet
-from extproc.policy.loader import PolicyError, expand_paths, load_policy
+from extproc.policy.loader import Document, PolicyError, build_policy, expand_paths, load_policy, read_documents
 
 log = logging.getLogger(__name__)
 
 
+class DocumentSource(Protocol):
+    """Policy documents from elsewhere (the Kubernetes API), judged next to the files' documents."""
+
+    def documents(self, base: Sequence[Document]) -> list[Document]: ...
+
+
 class PolicyStore:
-    def __init__(self, paths: Sequence[str | Path]) -> None:
+    def __init__(self, paths: Sequence[str | Path], source: DocumentSource | None = None) -> None:
         self._paths = list(paths)
-        self._current = load_policy(self._paths)  # a bad policy at startup is fatal: nothing good to keep
+        self._source = source
+        # Reloads come from the file watcher (event loop) and from Kubernetes informer threads.
+        self._lock = threading.Lock()
+        self._current = self._load()  # a bad policy at startup is fatal: nothing good to keep
         self._fingerprint = self._stat()
         self.last_error: PolicyError | None = None
 
@@ -26,9 +37,13 @@ class PolicyStore:
 
     def reload(self) -> bool:
         """Load again; on any problem log it, keep serving the last good set and return False."""
+        with self._lock:
+            return self._reload()
+
+    def _reload(self) -> bool:
         self._fingerprint = self._stat()
         try:
-            fresh = load_policy(self._paths)
+            fresh = self._load()
         except PolicyError as exc:
             self.last_error = exc
             log.error("policy update rejected, still serving version %s:\n%s", self._current.version, exc)
@@ -39,6 +54,13 @@ class PolicyStore:
                      len(fresh.services))
         self._current = fresh
         return True
+
+    def _load(self) -> PolicySet:
+        if self._source is None:
+            return load_policy(self._paths)
+        # With a Kubernetes source the files are optional (the mesh settings), and so are objects.
+        documents, problems = read_documents(expand_paths(self._paths))
+        return build_policy([*documents, *self._source.documents(documents)], problems)
 
     def changed(self) -> bool:
         return self._stat() != self._fingerprint

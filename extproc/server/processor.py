@@ -19,6 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.core.decision import Decider, Exchange, Reject
+from extproc.core.settlement import Settlement
 from extproc.server.protocol import (
     CONTINUE_BODY,
     CONTINUE_TRAILERS,
@@ -26,6 +27,8 @@ from extproc.server.protocol import (
     headers_response,
     immediate_response,
     request_from,
+    settle_info,
+    streamed_body,
 )
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ class Session:
         self.done = False  # nothing more to answer: close the stream
         self._replied = False  # answered with an immediate response
 
-    def on_message(self, message: pb.ProcessingRequest) -> Responses:
+    async def on_message(self, message: pb.ProcessingRequest) -> Responses:
         kind = message.WhichOneof("request")
         if kind == "request_body":
             end = message.request_body.end_of_stream
@@ -61,7 +64,7 @@ class Session:
             # HTTP/1.1 bodies end with a separate empty chunk; once content-length is reached we
             # can answer without waiting for it, overlapping our reply with its arrival.
             if end or self._size == self._exchange.declared_length:
-                return self._decide(end)
+                return await self._decide(end)
             return []
         if kind == "request_headers":
             result = self._decider.on_headers(request_from(message), message.request_headers.end_of_stream)
@@ -74,7 +77,7 @@ class Session:
             return [headers_response(result)]
         if kind == "request_trailers":
             # With trailers the last body chunk is not end_of_stream: the trailers end the body.
-            responses = self._decide(True) if self._exchange is not None else []
+            responses = await self._decide(True) if self._exchange is not None else []
             if self._replied:  # an immediate response ends the request: no trailers answer
                 return responses
             self.done = True
@@ -82,9 +85,9 @@ class Session:
         # Response phases are off in our filter config; answer rather than stall if enabled.
         return [_continue(kind)]
 
-    def _decide(self, end_of_stream: bool) -> Responses:
+    async def _decide(self, end_of_stream: bool) -> Responses:
         assert self._exchange is not None
-        decision = self._exchange.on_body(b"".join(self._chunks))
+        decision = await self._exchange.on_body(b"".join(self._chunks))
         chunks = len(self._chunks)
         self._exchange, self._chunks, self._size = None, [], 0
         if isinstance(decision, Reject):
@@ -98,6 +101,61 @@ class Session:
         return [immediate]
 
 
+class UsageSession:
+    """A response stream from Envoy's usage filter: read the provider's usage, settle the quota.
+
+    In observability mode (the common case) Envoy expects no answers and the caller's response is
+    never held up. For OpenAI streams where we injected ``include_usage`` the filter runs full
+    duplex instead and we pass every chunk back, minus what the injection added.
+    """
+
+    __slots__ = ("_settlement", "done")
+
+    def __init__(self, settlement: Settlement | None) -> None:
+        self._settlement = settlement
+        self.done = False
+
+    async def on_message(self, message: pb.ProcessingRequest) -> Responses:
+        kind = message.WhichOneof("request")
+        observing = message.observability_mode
+        settlement = self._settlement
+        if kind == "response_headers":
+            headers = {h.key: (h.raw_value or h.value.encode()).decode("latin-1")
+                       for h in message.response_headers.headers.headers}
+            if settlement is not None:
+                settlement.on_headers(int(headers.get(":status", "0") or 0), headers.get("content-type", ""))
+            if message.response_headers.end_of_stream:
+                await self._finish(True)
+            return [] if observing else [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
+        if kind == "response_body":
+            body = message.response_body
+            forward = settlement.feed(body.body) if settlement is not None else body.body
+            if body.end_of_stream:
+                forward += settlement.flush() if settlement is not None else b""
+                await self._finish(True)
+            if observing or (not forward and not body.end_of_stream):
+                return []
+            return [streamed_body(forward, body.end_of_stream)]
+        if kind == "response_trailers":
+            tail = settlement.flush() if settlement is not None else b""
+            await self._finish(True)
+            if observing:
+                return []
+            return [*([streamed_body(tail, False)] if tail else []),
+                    pb.ProcessingResponse(response_trailers=pb.TrailersResponse())]
+        return [] if observing else [_continue(kind)]
+
+    async def _finish(self, complete: bool) -> None:
+        if self._settlement is not None:
+            await self._settlement.settle(complete)
+        self.done = True
+
+    async def close(self) -> None:
+        """The stream ended: a response cut before its end still settles (on an estimate)."""
+        if not self.done:
+            await self._finish(False)
+
+
 class AsyncExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, decider: Decider) -> None:
         self._decider = decider
@@ -105,12 +163,28 @@ class AsyncExternalProcessor(pb_grpc.ExternalProcessorServicer):
     async def Process(  # name fixed by the gRPC service definition
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        session = Session(self._decider)
-        async for message in request_iterator:
-            for response in session.on_message(message):
-                yield response
-            if session.done:
-                return
+        session: Session | UsageSession | None = None
+        try:
+            async for message in request_iterator:
+                if session is None:
+                    session = self._open(message)
+                for response in await session.on_message(message):
+                    yield response
+                if session.done:
+                    return
+        finally:
+            if isinstance(session, UsageSession):
+                await session.close()
+
+    def _open(self, message: pb.ProcessingRequest) -> Session | UsageSession:
+        if message.HasField("request_headers"):
+            return Session(self._decider)
+        info = settle_info(message)
+        settlement = None
+        if info is not None:
+            strip = not message.observability_mode
+            settlement = Settlement(info, self._decider.policy(), self._decider.quota, strip)
+        return UsageSession(settlement)
 
 
 def _continue(kind: str | None) -> pb.ProcessingResponse:

@@ -9,7 +9,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from extproc.core.decision import METADATA_NAMESPACE, Forward, HttpRequest, Reject
+from extproc.core.decision import METADATA_NAMESPACE, SETTLE_KEY, Forward, HttpRequest, Reject
+from extproc.core.settlement import SettleInfo
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -101,3 +102,20 @@ def immediate_response(decision: Reject) -> pb.ProcessingResponse:
             details=decision.details,
         )
     )
+
+
+def settle_info(message: pb.ProcessingRequest) -> SettleInfo | None:
+    """The settlement data the decision left in the forwarded dynamic metadata, if any."""
+    namespace = message.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+    if namespace is None or SETTLE_KEY not in namespace.fields:
+        return None
+    try:
+        return SettleInfo.decode(namespace.fields[SETTLE_KEY].string_value)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def streamed_body(body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse(
+        body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(body=body,
+                                                                                end_of_stream=end_of_stream)))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from pathlib import Path
@@ -14,6 +15,8 @@ from extproc.core.decision import Decider, Exchange, Forward, HttpRequest, Rejec
 from extproc.core.identity import ATTR_APP, ATTR_NAMESPACE, ATTR_WORKLOAD
 from extproc.core.routing import choose_target
 from extproc.policy.loader import load_policy
+from extproc.policy.model import QuotaSettings
+from extproc.quota.engine import QuotaEngine
 
 POLICY = """\
 mesh:
@@ -56,7 +59,7 @@ def make_decider(tmp_path: Path, *, unknown_paths: str = "pass", unknown_service
     (tmp_path / "policy.yaml").write_text(
         POLICY.format(unknown_paths=unknown_paths, unknown_service=unknown_service, trust=trust))
     policy = load_policy([tmp_path])
-    return Decider(lambda: policy, CredentialStore(environ=ENV if env is None else env))
+    return Decider(lambda: policy, CredentialStore(environ=ENV if env is None else env), QuotaEngine(QuotaSettings()))
 
 
 def request(path: str = "/v1/chat/completions", *, service: str | None = "order-service", method: str = "POST",
@@ -72,7 +75,7 @@ def decide(decider: Decider, body: object, **kwargs: object) -> Forward | Reject
     result = decider.on_headers(request(**kwargs), end_of_stream=False)  # type: ignore[arg-type]
     if not isinstance(result, Exchange):
         return result
-    return result.on_body(body if isinstance(body, bytes) else orjson.dumps(body))
+    return asyncio.run(result.on_body(body if isinstance(body, bytes) else orjson.dumps(body)))
 
 
 def error_of(decision: Forward | Reject) -> tuple[int, dict[str, object]]:

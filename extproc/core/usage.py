@@ -1,0 +1,459 @@
+"""Token usage read from AI provider responses as they stream past, and removal of an injected usage chunk.
+
+Responses arrive in arbitrary chunks (an SSE event, or even a JSON token, may straddle two), so SSE is
+split on blank lines and only complete events are parsed; an incomplete trailing event is the only
+thing ever held back. JSON bodies are buffered (bounded) and parsed once at the end.
+
+When we asked an OpenAI stream for ``stream_options.include_usage`` on the caller's behalf, the caller
+must see exactly the stream it would have got without it: the usage-only final chunk is dropped and the
+``"usage":null`` member added to every other chunk is cut out byte for byte, so the provider's own
+formatting survives untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+__all__ = ["Usage", "UsageTracker", "estimate_request_tokens"]
+
+_CHARS_PER_TOKEN = 4
+_DONE = b"[DONE]"
+_USAGE_NULL_AFTER = b',"usage":null'
+_USAGE_NULL_LAST = b',"usage":null}'  # where OpenAI puts it: the last member of the chunk
+_USAGE_NULL_BEFORE = b'"usage":null,'
+# What an Anthropic event must contain to be worth parsing: the message_start usage, or a
+# *_delta (content_block_delta text, message_delta usage). ping/stop/block-start events are skipped.
+_ANTHROPIC_DELTA = b"_delta"
+_ANTHROPIC_START = b"message_start"
+# Output that the model generated and is billed for, whichever kind of content block it streams into.
+_ANTHROPIC_DELTA_KEYS = ("text", "thinking", "partial_json")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int  # including cached/cache-read input
+    output_tokens: int  # including reasoning
+    cached_input_tokens: int = 0  # OpenAI prompt_tokens_details.cached_tokens / Anthropic cache_read_input_tokens
+    cache_creation_input_tokens: int = 0
+    reasoning_tokens: int = 0
+    reported: bool = True  # False when estimated (usage never arrived)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+def _int(value: Any) -> int:
+    # Providers send null for absent counters; a bool is an int to Python but never a count.
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _openai_usage(raw: dict[str, Any]) -> Usage:
+    prompt = raw.get("prompt_tokens")
+    details = raw.get("prompt_tokens_details")
+    completion_details = raw.get("completion_tokens_details")
+    return Usage(
+        input_tokens=_int(prompt),
+        # Embeddings report only prompt_tokens and total_tokens.
+        output_tokens=_int(raw.get("completion_tokens")),
+        cached_input_tokens=_int(details.get("cached_tokens")) if isinstance(details, dict) else 0,
+        reasoning_tokens=(
+            _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
+        ),
+    )
+
+
+def _anthropic_usage(raw: dict[str, Any], base: Usage | None = None) -> Usage:
+    """Anthropic's counters; ``base`` supplies those a message_delta leaves out."""
+    if base is None:
+        uncached, created, read, output = 0, 0, 0, 0
+    else:
+        created, read, output = base.cache_creation_input_tokens, base.cached_input_tokens, base.output_tokens
+        uncached = base.input_tokens - created - read
+    # Anthropic's input_tokens excludes both cache reads and cache writes; ours is everything read in.
+    if "input_tokens" in raw:
+        uncached = _int(raw["input_tokens"])
+    if "cache_creation_input_tokens" in raw:
+        created = _int(raw["cache_creation_input_tokens"])
+    if "cache_read_input_tokens" in raw:
+        read = _int(raw["cache_read_input_tokens"])
+    if "output_tokens" in raw:
+        output = _int(raw["output_tokens"])
+    return Usage(uncached + created + read, output, cached_input_tokens=read, cache_creation_input_tokens=created)
+
+
+def _sse_data(event: bytes) -> bytes | None:
+    """The data of one complete SSE event (its data lines joined), or None if it has none."""
+    if event.startswith(b"data: "):  # the usual single-line event: no copy but the data itself
+        line_end = event.find(b"\n", 6)
+        if line_end == len(event) - 2:
+            return event[6:line_end]
+        if line_end == len(event) - 3 and event[line_end - 1] == 13:  # \r\n\r\n
+            return event[6 : line_end - 1]
+    body = event.strip(b"\r\n")
+    parts: list[bytes] = []
+    for line in body.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:].rstrip(b"\r")
+            parts.append(value[1:] if value[:1] == b" " else value)
+    return b"\n".join(parts) if parts else None
+
+
+def _event_end(data: bytes, pos: int) -> int:
+    """End (exclusive) of the first event whose blank line (``\n\n`` or ``\n\r\n``) starts at ``pos`` or later.
+
+    -1 if none is complete yet. Steps over newlines with memchr-speed single-byte finds, which beats
+    a two-byte substring search: compact JSON has no raw newlines, so events have one or two lines.
+    """
+    size = len(data)
+    at = data.find(b"\n", pos)
+    while 0 <= at < size - 1:
+        following = data[at + 1]
+        if following == 10:  # \n
+            return at + 2
+        if following == 13 and at + 2 < size and data[at + 2] == 10:  # \r\n
+            return at + 3
+        at = data.find(b"\n", at + 1)
+    return -1
+
+
+def _without_usage_null(event: bytes) -> bytes:
+    """Cut the one ``"usage":null`` member out of an event, or return it untouched if that is not exact."""
+    # Fast path: right before the brace that ends the data it can only be the top-level member, and a
+    # search from the end finds it at once instead of scanning the whole event.
+    at = event.rfind(_USAGE_NULL_LAST)
+    if at >= 0 and not event[at + len(_USAGE_NULL_LAST) :].strip(b"\r\n"):
+        return event[:at] + event[at + len(_USAGE_NULL_AFTER) :]
+    for needle in (_USAGE_NULL_AFTER, _USAGE_NULL_BEFORE):
+        parts = event.split(needle)
+        if len(parts) == 2:
+            return parts[0] + parts[1]
+        if len(parts) > 2:
+            return event  # ambiguous: some nested object also has a null usage
+    return event
+
+
+def _openai_choice_chars(choices: list[Any], key: str) -> int:
+    """Characters generated in ``choices[].{key}`` (``delta`` for chunks, ``message`` for a full body)."""
+    chars = 0
+    for choice in choices:
+        part = choice.get(key) if isinstance(choice, dict) else None
+        if not isinstance(part, dict):
+            continue
+        for field in ("content", "refusal", "reasoning_content"):
+            text = part.get(field)
+            if isinstance(text, str):
+                chars += len(text)
+        calls = part.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    for field in ("name", "arguments"):
+                        text = function.get(field)
+                        if isinstance(text, str):
+                            chars += len(text)
+    return chars
+
+
+def _anthropic_block_chars(block: Any) -> int:
+    if not isinstance(block, dict):
+        return 0
+    chars = 0
+    for key in (*_ANTHROPIC_DELTA_KEYS, "name"):
+        text = block.get(key)
+        if isinstance(text, str):
+            chars += len(text)
+    if "input" in block:
+        chars += _json_len(block["input"])
+    return chars
+
+
+def _json_len(value: Any) -> int:
+    try:
+        return len(orjson.dumps(value))
+    except (TypeError, orjson.JSONEncodeError):  # e.g. integers wider than 64 bits
+        return len(str(value))
+
+
+class UsageTracker:
+    """Follows one response body; see the module docstring for what it reads and what it strips."""
+
+    __slots__ = (
+        "_anthropic",
+        "_buffer",
+        "_buffered",
+        "_chars",
+        "_complete",
+        "_finished",
+        "_gave_up",
+        "_max",
+        "_pending",
+        "_streaming",
+        "_strip",
+        "_usage",
+    )
+
+    def __init__(
+        self,
+        api: str,
+        *,
+        streaming: bool,
+        strip_injected_usage: bool = False,
+        max_buffered_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        self._anthropic = api == "anthropic"
+        self._streaming = streaming
+        self._strip = strip_injected_usage and streaming and not self._anthropic
+        self._max = max_buffered_bytes
+        self._pending = b""  # streaming: the incomplete trailing event
+        self._buffer: list[bytes] = []  # JSON: the body so far
+        self._buffered = 0
+        self._gave_up = False  # too much to hold: pass the rest through unread
+        self._finished = False
+        self._chars = 0
+        self._usage: Usage | None = None
+        self._complete = False
+
+    @property
+    def usage(self) -> Usage | None:
+        """What the provider reported so far (for Anthropic possibly only message_start's counts)."""
+        return self._usage
+
+    @property
+    def complete(self) -> bool:
+        """The provider's final usage arrived (OpenAI usage object, Anthropic message_delta, JSON usage)."""
+        return self._complete
+
+    @property
+    def output_text_chars(self) -> int:
+        return self._chars
+
+    def estimate(self, input_estimate: int) -> Usage:
+        """The reported usage if complete, else the best guess from what was seen (``reported=False``)."""
+        usage = self._usage
+        if self._complete and usage is not None:
+            return usage
+        output = math.ceil(self._chars / _CHARS_PER_TOKEN)
+        if usage is None:
+            return Usage(input_estimate, output, reported=False)
+        return Usage(
+            usage.input_tokens,
+            max(output, usage.output_tokens),
+            cached_input_tokens=usage.cached_input_tokens,
+            cache_creation_input_tokens=usage.cache_creation_input_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            reported=False,
+        )
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Bytes to forward now: ``chunk`` itself unless stripping, when complete events go out at once."""
+        if self._gave_up or self._finished or not chunk:
+            return chunk
+        if not self._streaming:
+            self._buffered += len(chunk)
+            if self._buffered > self._max:
+                self._gave_up = True
+                self._buffer.clear()
+            else:
+                self._buffer.append(chunk)
+            return chunk
+
+        pending = self._pending
+        if pending:
+            # Zero-copy in the usual case where chunks end on event boundaries; a long event split into
+            # many small chunks costs a re-concatenation per chunk, bounded by max_buffered_bytes.
+            data = pending + chunk
+            scan = max(len(pending) - 2, 0)  # a separator may straddle the two: pending holds none whole
+        else:
+            data, scan = chunk, 0
+
+        strip = self._strip
+        out: list[bytes] = []
+        start = 0
+        while (end := _event_end(data, scan)) >= 0:
+            event = data[start:end]
+            kept = self._openai_event(event) if not self._anthropic else self._anthropic_event(event)
+            if strip:
+                out.append(kept)
+            start = scan = end
+
+        rest = data[start:] if start else data
+        if len(rest) > self._max:
+            # Not SSE after all, or an absurd event: stop reading rather than hold the caller's bytes.
+            self._gave_up = True
+            self._pending = b""
+            if strip:
+                out.append(rest)
+                return b"".join(out)
+            return chunk
+        self._pending = rest
+        if not strip:
+            return chunk
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """End of the response: the held bytes (forwarded as sent) and, for JSON, the usage."""
+        if self._finished:
+            return b""
+        self._finished = True
+        if not self._streaming:
+            if not self._gave_up and self._buffer:
+                self._read_json(b"".join(self._buffer))
+            self._buffer.clear()
+            return b""
+        rest, self._pending = self._pending, b""
+        if rest and not self._gave_up:
+            # A client drops an unterminated event, so it goes out as sent; it may still hold usage
+            # (a provider that ends without the final blank line) and parses only if it is whole.
+            if self._anthropic:
+                self._anthropic_event(rest)
+            else:
+                self._openai_event(rest)
+        return rest if self._strip else b""
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _openai_event(self, event: bytes) -> bytes:
+        """Account one OpenAI event; return what the caller should receive of it."""
+        data = _sse_data(event)
+        if data is None or data == _DONE:
+            return event
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(chunk, dict):
+            return event
+        choices = chunk.get("choices")
+        if choices and isinstance(choices, list):
+            self._chars += _openai_choice_chars(choices, "delta")
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self._usage = _openai_usage(usage)
+            self._complete = True
+            if self._strip and choices == []:
+                return b""
+            return event
+        if self._strip and usage is None and "usage" in chunk:
+            return _without_usage_null(event)
+        return event
+
+    def _anthropic_event(self, event: bytes) -> bytes:
+        if _ANTHROPIC_DELTA not in event and _ANTHROPIC_START not in event:
+            return event
+        data = _sse_data(event)
+        if data is None:
+            return event
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(payload, dict):
+            return event
+        kind = payload.get("type")
+        if kind == "content_block_delta":
+            delta = payload.get("delta")
+            if isinstance(delta, dict):
+                for key in _ANTHROPIC_DELTA_KEYS:
+                    text = delta.get(key)
+                    if isinstance(text, str):
+                        self._chars += len(text)
+        elif kind == "message_start":
+            message = payload.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                self._usage = _anthropic_usage(usage)
+        elif kind == "message_delta":
+            usage = payload.get("usage")
+            if isinstance(usage, dict):
+                # Counts here are cumulative, so the last message_delta wins.
+                self._usage = _anthropic_usage(usage, self._usage)
+                self._complete = True
+        return event
+
+    def _read_json(self, body: bytes) -> None:
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(payload, dict):
+            return
+        if self._anthropic:
+            content = payload.get("content")
+            if isinstance(content, list):
+                self._chars = sum(_anthropic_block_chars(block) for block in content)
+        else:
+            choices = payload.get("choices")
+            if isinstance(choices, list):
+                self._chars = _openai_choice_chars(choices, "message")
+        usage = payload.get("usage")
+        if isinstance(usage, dict):
+            self._usage = _anthropic_usage(usage) if self._anthropic else _openai_usage(usage)
+            self._complete = True
+
+
+# -- request-side estimate -------------------------------------------------------------------------
+
+
+def _text_chars(content: Any) -> int:
+    """Characters of a content value: a string, or a list of parts/blocks (tool blocks by JSON size)."""
+    if isinstance(content, str):
+        return len(content)
+    if not isinstance(content, list):
+        return 0
+    chars = 0
+    for part in content:
+        if isinstance(part, str):
+            chars += len(part)
+        elif isinstance(part, dict):
+            text = part.get("text")
+            if isinstance(text, str):
+                chars += len(text)
+            elif part.get("type") in ("tool_use", "tool_result"):
+                chars += _json_len(part)
+    return chars
+
+
+def _request_counts(body: dict[str, Any], api: str) -> tuple[int, int]:
+    """(characters of prompt text, tokens given directly as token ids)."""
+    chars = 0
+    token_ids = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            chars += _text_chars(message.get("content"))
+            calls = message.get("tool_calls")
+            if calls:  # an OpenAI assistant turn's tool calls are input again, like Anthropic tool_use
+                chars += _json_len(calls)
+    if api == "anthropic":
+        chars += _text_chars(body.get("system"))
+        return chars, token_ids
+    value = body.get("input")  # embeddings
+    if isinstance(value, str):
+        chars += len(value)
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, str):
+                chars += len(item)
+            elif isinstance(item, int):
+                token_ids += 1  # a single token-id list
+            elif isinstance(item, list):
+                token_ids += len(item)
+    return chars, token_ids
+
+
+def estimate_request_tokens(body: dict[str, Any], api: str) -> int:
+    """A cheap input-token estimate for a parsed request body: about 4 characters a token, at least 1."""
+    if not isinstance(body, dict):
+        return 1
+    chars, token_ids = _request_counts(body, api)
+    return max(1, math.ceil(chars / _CHARS_PER_TOKEN) + token_ids)

@@ -1,0 +1,193 @@
+"""Istio objects that put our filter into sidecars, rendered from the same definition as ``envoy/``.
+
+* ``EnvoyFilter``: on SIDECAR_OUTBOUND, for every port an AI provider is called on, the processor's
+  HTTP filters are inserted before the router *disabled*, and enabled again only on the provider
+  virtual hosts (Istio names them ``host:port``), which also get the response headers. Other
+  traffic through the same listener never reaches the processor. The processor is reached through
+  Istio's own outbound cluster for its Service (``outbound|PORT||HOST``: EDS, auto-mTLS), with an
+  explicit ``authority`` because a ``|`` is not valid in ``:authority``.
+* ``ServiceEntry`` + ``DestinationRule`` per external provider: the application calls plain
+  ``http://api.openai.com`` (port 80, so the sidecar sees and can rewrite the request) and the
+  sidecar originates TLS to 443.
+* ``AIProvider`` objects for the same providers (credential from a Secret) and ``AIPolicy`` objects
+  from policy files.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from extproc.envoy_config.filter import (
+    INTERNAL_REQUEST_HEADERS,
+    ext_proc_filter,
+    local_reply_config,
+    response_headers_to_add,
+    usage_filter,
+)
+from extproc.policy.crd import API_VERSION
+from extproc.policy.model import Provider
+
+HCM = "envoy.filters.network.http_connection_manager"
+ROUTER = "envoy.filters.http.router"
+FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+SECRET_KEY = "api-key"
+
+
+@dataclass(frozen=True, slots=True)
+class IstioSpec:
+    providers: tuple[Provider, ...]
+    processor_host: str = "ai-extproc.ai-system.svc.cluster.local"
+    processor_port: int = 50051
+    filter_namespace: str = "istio-system"  # the root namespace: the selector below applies in every namespace
+    selector: tuple[tuple[str, str], ...] = (("ai.extproc.io/enabled", "true"),)  # () = every workload
+    provider_namespace: str = "ai-system"  # AIProviders, ServiceEntries and DestinationRules live here
+    name: str = "ai-extproc"
+    labels: Mapping[str, str] = field(default_factory=lambda: {"app.kubernetes.io/part-of": "ai-mesh-extproc"})
+
+    @property
+    def processor_cluster(self) -> str:
+        return f"outbound|{self.processor_port}||{self.processor_host}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderHost:
+    host: str
+    port: int
+
+    @property
+    def vhost(self) -> str:
+        return f"{self.host}:{self.port}"  # Istio's virtual host name in route configuration PORT
+
+    @property
+    def external(self) -> bool:
+        return not self.host.endswith((".svc", ".svc.cluster.local", ".local"))
+
+
+def provider_host(provider: Provider) -> ProviderHost:
+    parts = urlsplit(provider.base_url)
+    if parts.scheme != "http":
+        raise ValueError(f"provider {provider.name!r}: base_url must be http:// (the sidecar originates TLS); "
+                         f"an https:// call is opaque to the sidecar and cannot be governed")
+    return ProviderHost(parts.hostname or "", parts.port or 80)
+
+
+def processor_filters(spec: IstioSpec) -> list[dict[str, Any]]:
+    """The HTTP filters our processor needs, in order, pointed at the processor's Istio cluster."""
+    # The same filters, in the same order, as the standalone bootstrap (a test compares them).
+    return [ext_proc_filter(cluster_name=spec.processor_cluster, authority=spec.processor_host),
+            usage_filter(cluster_name=spec.processor_cluster, authority=spec.processor_host)]
+
+
+def _hosts(spec: IstioSpec) -> list[ProviderHost]:
+    seen: dict[str, ProviderHost] = {}
+    for provider in spec.providers:
+        host = provider_host(provider)
+        seen.setdefault(host.vhost, host)
+    return list(seen.values())
+
+
+def envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
+    hosts = _hosts(spec)
+    patches: list[dict[str, Any]] = []
+    for port in sorted({h.port for h in hosts}):
+        listener_match = {"portNumber": port, "filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}
+        for http_filter in processor_filters(spec):
+            # Disabled in the chain, enabled per provider vhost below: nothing else pays for it.
+            patches.append({
+                "applyTo": "HTTP_FILTER",
+                "match": {"context": "SIDECAR_OUTBOUND", "listener": copy.deepcopy(listener_match)},
+                "patch": {"operation": "INSERT_BEFORE", "value": {**http_filter, "disabled": True}},
+            })
+        # Envoy's own errors (upstream timeout, unreachable) in the caller's API format. This is an
+        # HCM-wide setting; its mappers only match upstream-failure flags.
+        patches.append({
+            "applyTo": "NETWORK_FILTER",
+            "match": {"context": "SIDECAR_OUTBOUND", "listener": {"portNumber": port, "filterChain": {
+                "filter": {"name": HCM}}}},
+            "patch": {"operation": "MERGE", "value": {"name": HCM, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                         "HttpConnectionManager",
+                "local_reply_config": local_reply_config(),
+            }}}},
+        )
+    for host in hosts:
+        vhost: dict[str, Any] = {
+            "typed_per_filter_config": {f["name"]: {"@type": FILTER_CONFIG, "config": {}}
+                                        for f in processor_filters(spec)},
+            "response_headers_to_add": response_headers_to_add(),
+            "request_headers_to_remove": list(INTERNAL_REQUEST_HEADERS),
+        }
+        patches.append({
+            "applyTo": "VIRTUAL_HOST",
+            "match": {"context": "SIDECAR_OUTBOUND", "routeConfiguration": {
+                "portNumber": host.port, "vhost": {"name": host.vhost}}},
+            "patch": {"operation": "MERGE", "value": vhost},
+        })
+    envoy_filter_spec: dict[str, Any] = {"configPatches": patches}
+    if spec.selector:
+        envoy_filter_spec = {"workloadSelector": {"labels": dict(spec.selector)}, **envoy_filter_spec}
+    return {
+        "apiVersion": "networking.istio.io/v1alpha3",
+        "kind": "EnvoyFilter",
+        "metadata": {"name": spec.name, "namespace": spec.filter_namespace, "labels": dict(spec.labels)},
+        "spec": envoy_filter_spec,
+    }
+
+
+def provider_objects(spec: IstioSpec) -> list[dict[str, Any]]:
+    """Per provider: its AIProvider and, for hosts outside the mesh, ServiceEntry + DestinationRule."""
+    objects: list[dict[str, Any]] = []
+    for provider in spec.providers:
+        host = provider_host(provider)
+        meta = {"name": provider.name, "namespace": spec.provider_namespace, "labels": dict(spec.labels)}
+        provider_spec: dict[str, Any] = {"api": provider.api, "base_url": provider.base_url}
+        if provider.credential is not None:
+            provider_spec["credential"] = {"secretRef": {"name": f"{provider.name}-api-key", "key": SECRET_KEY}}
+        if provider.api == "anthropic":
+            provider_spec["anthropic_version"] = provider.anthropic_version
+        objects.append({"apiVersion": API_VERSION, "kind": "AIProvider", "metadata": meta, "spec": provider_spec})
+        if not host.external:
+            continue  # an in-mesh model server is already a Service: Istio knows its host and port
+        objects.append({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "ServiceEntry",
+            "metadata": copy.deepcopy(meta),
+            "spec": {
+                "hosts": [host.host],
+                "exportTo": ["*"],
+                "location": "MESH_EXTERNAL",
+                "resolution": "DNS",
+                "ports": [
+                    # The application speaks plain HTTP to port 80; the sidecar sends it to 443.
+                    {"number": host.port, "name": f"http-{provider.name}", "protocol": "HTTP", "targetPort": 443},
+                    {"number": 443, "name": f"https-{provider.name}", "protocol": "HTTPS"},
+                ],
+            },
+        })
+        objects.append({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": copy.deepcopy(meta),
+            "spec": {
+                "host": host.host,
+                "exportTo": ["*"],
+                "trafficPolicy": {"portLevelSettings": [
+                    {"port": {"number": host.port}, "tls": {"mode": "SIMPLE", "sni": host.host}},
+                ]},
+            },
+        })
+    return objects
+
+
+def policy_objects(policies: Iterable[tuple[str, Mapping[str, Any]]], namespace: str) -> list[dict[str, Any]]:
+    """AIPolicy objects whose spec is each policy file's content, unchanged."""
+    objects = []
+    for service, data in policies:
+        spec = {k: v for k, v in data.items() if k != "namespace"}
+        objects.append({"apiVersion": API_VERSION, "kind": "AIPolicy",
+                        "metadata": {"name": service, "namespace": namespace}, "spec": spec})
+    return objects

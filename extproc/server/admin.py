@@ -1,0 +1,55 @@
+"""The admin HTTP port: liveness, readiness, the active policy and live quota usage (no secrets)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from extproc.policy.compiled import PolicySet
+from extproc.quota.engine import QuotaEngine
+from extproc.quota.report import report
+
+
+class AdminServer:
+    def __init__(self, policy: Callable[[], PolicySet], quota: QuotaEngine) -> None:
+        self._policy = policy
+        self._quota = quota
+        self.ready = False
+        self._runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/config", self._config)
+        app.router.add_get("/quota", self._quota_usage)
+        self._app = app
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self._app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port, reuse_port=False).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ready": self.ready}, status=200 if self.ready else 503)
+
+    async def _config(self, request: web.Request) -> web.Response:
+        policy = self._policy()
+        return web.json_response({
+            "policy_version": policy.version,
+            "quota_backend": self._quota.backend_name,
+            "providers": {name: {"api": p.api, "authority": p.authority} for name, p in policy.providers.items()},
+            "services": {f"{ns}/{name}" if ns else name: [m.name for m in models.proxy.models]
+                         for (ns, name), models in policy.services.items()},
+        })
+
+    async def _quota_usage(self, request: web.Request) -> web.Response:
+        lines = await report(self._policy(), self._quota, request.query.get("service"))
+        return web.json_response({"backend": self._quota.backend_name, "stats": vars(self._quota.stats),
+                                  "limits": [line.as_dict() for line in lines]})
