@@ -14,16 +14,28 @@ import argparse
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from extproc.cli import sample_policy_dir
+import httpx
+
 from extproc.envoy_config.bootstrap import SidecarSpec, to_yaml, upstream_for
-from extproc.launch import Managed, find_envoy, free_port, start_envoy, start_processor, wait_for_port
+from extproc.launch import (
+    Managed,
+    find_envoy,
+    free_port,
+    start_envoy,
+    start_mock_provider,
+    start_processor,
+    wait_for_port,
+)
 from extproc.policy.loader import load_policy
 from extproc.stack import ANTHROPIC_KEY, OPENAI_KEY
 
@@ -95,7 +107,8 @@ def run_wrk(url: str, script: Path, concurrency: int, duration: int) -> Result:
 
 
 def ext_proc_stats(admin_port: int) -> dict[str, int]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?filter=ext_proc").read().decode()
+    """The decision filter's counters (stat prefix ai_extproc), not the usage filter's."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?filter=ai_extproc").read().decode()
     stats = {}
     for line in text.splitlines():
         name, _, value = line.partition(": ")
@@ -104,10 +117,54 @@ def ext_proc_stats(admin_port: int) -> dict[str, int]:
     return stats
 
 
+BENCH_SERVICE = "bench-service"
+MESH = """\
+mesh:
+  quota: {{backend: {backend}, redis_url: '{redis_url}', key_prefix: bench-{run}}}
+providers:
+- {{name: openai, api: openai, base_url: http://api.openai.com/v1, credential: {{env: OPENAI_API_KEY}}}}
+"""
+ROUTING_ONLY = f"""\
+service: {BENCH_SERVICE}
+ai_proxy:
+  models: [{{name: auth_assistant, provider: openai, model: gpt-4}}]
+"""
+# Limits high enough never to trip: the point is what checking and settling them costs.
+WITH_QUOTA = f"""\
+service: {BENCH_SERVICE}
+ai_proxy:
+  limits: {{requests: 100000000/min, tokens: 10000000000/min}}
+  models: [{{name: auth_assistant, provider: openai, model: gpt-4}}]
+"""
+# label, policy, quota backend
+VARIANTS: tuple[tuple[str, str, str], ...] = (
+    ("processor", ROUTING_ONLY, "memory"),
+    ("quota-memory", WITH_QUOTA, "memory"),
+    ("quota-redis", WITH_QUOTA, "redis"),
+)
+LABELS = {
+    "direct": "Envoy direct",
+    "null": "Envoy + null Python ext_proc",
+    "processor": "Envoy + processor (routing)",
+    "quota-memory": "  + quota, memory store",
+    "quota-redis": "  + quota, Redis store",
+}
+
+
+def policy_dir(work: Path, label: str, service_policy: str, backend: str, redis_url: str) -> Path:
+    directory = work / f"policy-{label}"
+    directory.mkdir()
+    (directory / "mesh.yaml").write_text(MESH.format(backend=backend, redis_url=redis_url, run=uuid.uuid4().hex[:8]))
+    (directory / "service.yaml").write_text(service_policy)
+    return directory
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--stream-calls", type=int, default=200, help="sequential streamed calls per variant")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("bench: wrk not found (Debian package `wrk`; `make bench` installs it)", file=sys.stderr)
@@ -115,8 +172,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
     script = work / "post.lua"
     script.write_text(LUA % BODY)
-    policy = load_policy([sample_policy_dir()])
     parts: list[Managed] = []
+    env = {"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY}
     try:
         upstream_port = free_port()
         config = work / "fixed-upstream.yaml"
@@ -125,21 +182,29 @@ def main() -> int:
                                                 "--concurrency", "1", "--base-id", str(upstream_port)],
                              log_dir=work).start())
         wait_for_port(upstream_port, 20, parts[-1].process)
-        processor_port, null_port = free_port(), free_port()
-        parts.append(start_processor([sample_policy_dir()], processor_port, log_dir=work,
-                                     env={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY},
-                                     extra_args=["--watch", "0"]))
+        mock_port = free_port()
+        parts.append(start_mock_provider(mock_port, ["--openai-key", OPENAI_KEY], "openai", work))
+        null_port = free_port()
         parts.append(Managed("null-processor", [sys.executable, "-m", "bench.null_processor",
                                                 f"127.0.0.1:{null_port}"], log_dir=work).start())
         wait_for_port(null_port, 20, parts[-1].process)
-        upstreams = tuple(upstream_for(p, ("127.0.0.1", upstream_port)) for p in policy.providers.values())
-        sidecars = {}
-        for label, port in (("direct", None), ("null", null_port), ("processor", processor_port)):
-            spec = SidecarSpec(service="user-service", namespace="demo", listen_port=free_port(),
-                               admin_port=free_port(), processor=("127.0.0.1", port or processor_port),
-                               upstreams=upstreams, access_log=False, with_processor=port is not None)
-            parts.append(start_envoy(spec, work))
-            sidecars[label] = spec
+        processors: dict[str, int] = {"direct": 0, "null": null_port}
+        for label, service_policy, backend in VARIANTS:
+            port = free_port()
+            parts.append(start_processor([policy_dir(work, label, service_policy, backend, args.redis_url)], port,
+                                         log_dir=work, env=env, extra_args=["--watch", "0"], name=label))
+            processors[label] = port
+        openai_provider = load_policy([work / "policy-processor"]).providers["openai"]
+        sidecars: dict[str, SidecarSpec] = {}
+        streaming: dict[str, SidecarSpec] = {}
+        for label, port in processors.items():
+            for table, upstream in ((sidecars, upstream_port), (streaming, mock_port)):
+                spec = SidecarSpec(service=BENCH_SERVICE, namespace="bench", listen_port=free_port(),
+                                   admin_port=free_port(), processor=("127.0.0.1", port or null_port),
+                                   upstreams=(upstream_for(openai_provider, ("127.0.0.1", upstream)),),
+                                   access_log=False, with_processor=label != "direct")
+                parts.append(start_envoy(spec, work))
+                table[label] = spec
         results: dict[tuple[str, int], Result] = {}
         for concurrency in args.concurrency:
             for label, spec in sidecars.items():
@@ -156,6 +221,7 @@ def main() -> int:
                           f"{delta.get('stream_msgs_received', 0) / calls:.2f} back, pipelined as one round trip; "
                           f"failed streams {delta.get('streams_failed', 0)}", flush=True)
         print_table(results, args.concurrency, args.duration)
+        print_streaming(streaming, args.stream_calls)
     finally:
         for part in reversed(parts):
             part.stop()
@@ -163,21 +229,63 @@ def main() -> int:
     return 0
 
 
+def measure_stream(url: str, calls: int, include_usage: bool) -> tuple[float, float]:
+    """p50 time to the first SSE event and to the end of the stream, over sequential calls."""
+    body = {"model": "auth_assistant", "stream": True, "max_tokens": 64,
+            "messages": [{"role": "user", "content": "one two three four five six seven eight"}]}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    first: list[float] = []
+    total: list[float] = []
+    with httpx.Client(timeout=10) as client:
+        for i in range(calls + 10):
+            start = time.perf_counter()
+            with client.stream("POST", url, json=body, headers={"host": "api.openai.com"}) as response:
+                chunks = response.iter_raw()
+                next(chunks)
+                ttfb = time.perf_counter() - start
+                for _ in chunks:
+                    pass
+            if i >= 10:  # warm-up
+                first.append(ttfb)
+                total.append(time.perf_counter() - start)
+    return statistics.median(first) * 1000, statistics.median(total) * 1000
+
+
+def print_streaming(sidecars: dict[str, SidecarSpec], calls: int) -> None:
+    """Streamed replies: does reading usage on the response side cost the caller anything?"""
+    cases = (
+        ("direct", False, "Envoy direct"),
+        ("processor", False, "processor, routing only (no response filter)"),
+        ("quota-memory", True, "quota, client asked include_usage (observed)"),
+        ("quota-memory", False, "quota, usage injected and stripped (full duplex)"),
+    )
+    print(f"\nStreamed chat completion from the mock provider (~12 SSE events), {calls} sequential calls each")
+    header = f"{'path':<52}{'first event p50 ms':>20}{'complete p50 ms':>18}"
+    print(header)
+    print("-" * len(header))
+    for label, include_usage, text in cases:
+        url = f"http://127.0.0.1:{sidecars[label].listen_port}/v1/chat/completions"
+        ttfb, whole = measure_stream(url, calls, include_usage)
+        print(f"{text:<52}{ttfb:>20.3f}{whole:>18.3f}")
+
+
 def print_table(results: dict[tuple[str, int], Result], concurrencies: list[int], duration: int) -> None:
     print(f"\nPOST /v1/chat/completions, {len(BODY)} B body, {duration}s per cell, wrk on the same machine")
     header = f"{'conc':>4}  {'path':<30}{'RPS':>9}{'vs direct':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
     print(header)
     print("-" * len(header))
-    labels = {"direct": "Envoy direct", "null": "Envoy + null Python ext_proc", "processor": "Envoy + processor"}
     for concurrency in concurrencies:
         direct = results[("direct", concurrency)]
-        for key, label in labels.items():
+        for key, label in LABELS.items():
             r = results[(key, concurrency)]
             print(f"{concurrency:>4}  {label:<30}{r.rps:>9.0f}{r.rps / direct.rps:>11.1%}{r.p50_ms:>9.3f}"
                   f"{r.p99_ms:>9.3f}{r.errors:>8}")
         proc, null = results[("processor", concurrency)], results[("null", concurrency)]
         print(f"{'':>4}  added p50 over direct: {proc.p50_ms - direct.p50_ms:+.3f} ms "
-              f"(gRPC hop {null.p50_ms - direct.p50_ms:+.3f}, policy work {proc.p50_ms - null.p50_ms:+.3f})")
+              f"(gRPC hop {null.p50_ms - direct.p50_ms:+.3f}, policy work {proc.p50_ms - null.p50_ms:+.3f}); "
+              f"quota adds {results[('quota-memory', concurrency)].p50_ms - proc.p50_ms:+.3f} (memory), "
+              f"{results[('quota-redis', concurrency)].p50_ms - proc.p50_ms:+.3f} (Redis)")
     print("\nvs direct = RPS as a share of Envoy direct. The null row answers CONTINUE with the same message")
     print("pattern: it isolates the cost of the Python gRPC hop from the cost of our policy decisions.")
 

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 # One round trip per decision: check every counter, then increment all of them, or none.
@@ -109,10 +111,12 @@ class RedisBackend:
     def __init__(self, url: str, timeout_s: float, max_connections: int = 32) -> None:
         # A bounded pool: a burst of calls queues for a connection instead of opening one socket each
         # (connection storms time out and would read as an outage).
+        # No client-side retries: one failed round trip is an answer (fail open or closed), not a reason
+        # to spend several timeouts on the caller's request.
         pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=max(timeout_s, 1.0), socket_timeout=timeout_s,
-            socket_connect_timeout=max(timeout_s, 1.0))
-        self._client = redis.Redis(connection_pool=pool, retry_on_timeout=False)
+            socket_connect_timeout=max(timeout_s, 1.0), retry=Retry(NoBackoff(), 0))
+        self._client = redis.Redis(connection_pool=pool)
         self._admit = self._client.register_script(_ADMIT)
         self._adjust = self._client.register_script(_ADJUST)
 

@@ -310,3 +310,24 @@ ai_proxy:
         assert "quota store unreachable" in log and "quota store reachable again" in log
     finally:
         stack.close()
+
+
+def test_quota_show_reads_live_counters(quota_stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    from extproc.cli import main
+
+    policy_dir = str(next(p for p in quota_stack.processor.args if "quota-policies" in str(p)))
+    start = used(quota_stack, "budget", "total_tokens")
+    reply = httpx.post(quota_stack.base_url("budget") + "/v1/chat/completions", timeout=10,
+                       json={"model": "chat", "max_tokens": 20, "messages": [{"role": "user", "content": "show me"}]})
+    expected = start + reply.json()["usage"]["total_tokens"]
+    assert wait_for(lambda: used(quota_stack, "budget", "total_tokens"), expected) == expected
+    assert main(["quota", "show", "--admin", f"127.0.0.1:{quota_stack.admin_port}", "--service", "budget"]) == 0
+    via_admin = capsys.readouterr().out
+    # Straight from Redis, with the same policy files the processors use.
+    assert main(["quota", "show", "--policy", policy_dir, "--service", "budget"]) == 0
+    via_redis = capsys.readouterr().out
+    for out in (via_admin, via_redis):
+        assert "quota usage (redis backend" in out
+        line = next(row for row in out.splitlines() if row.startswith("budget"))
+        assert line.split()[1:7] == ["total", "tokens", "per", "minute", "(2000)", str(expected)]
+        assert "limited" not in out

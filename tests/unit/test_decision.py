@@ -260,3 +260,66 @@ def test_unsticky_split_draws_each_call(tmp_path: Path) -> None:
     rng = random.Random(1)
     picks = Counter(choose_target(route, policy.providers, {}, rng).variant for _ in range(5000))
     assert 0.77 < picks["control"] / 5000 < 0.83
+
+
+QUOTA_POLICY = """\
+providers:
+- {name: openai, api: openai, base_url: http://api.openai.com/v1, credential: {env: OPENAI_KEY}}
+- {name: claude, api: anthropic, base_url: http://api.anthropic.com/v1, credential: {env: ANTHROPIC_KEY}}
+---
+service: order-service
+ai_proxy:
+  limits: {tokens: 1000/min}
+  models:
+  - {name: fraud_detector, provider: claude, model: claude-3, rate_limit: 2/min}
+  - {name: chat, provider: openai, model: gpt-4}
+"""
+
+
+def quota_decider(tmp_path: Path) -> Decider:
+    (tmp_path / "policy.yaml").write_text(QUOTA_POLICY)
+    policy = load_policy([tmp_path])
+    return Decider(lambda: policy, CredentialStore(environ=ENV), QuotaEngine(QuotaSettings()))
+
+
+def test_rate_limit_refusal_in_the_callers_format(tmp_path: Path) -> None:
+    decider = quota_decider(tmp_path)
+    body = {"model": "fraud_detector", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
+    for _ in range(2):
+        admitted = decide(decider, body, path="/v1/messages")
+        assert isinstance(admitted, Forward)
+    assert admitted.metadata["limit_requests"] == "2" and admitted.metadata["remaining_requests"] == "0"
+    refused = decide(decider, body, path="/v1/messages")
+    assert isinstance(refused, Reject) and refused.status == 429
+    assert dict(refused.headers)["retry-after"].isdigit()
+    error = orjson.loads(refused.body)
+    assert error["type"] == "error" and error["error"]["type"] == "rate_limit_error"
+    assert "requests per minute (2) for order-service model fraud_detector" in error["error"]["message"]
+
+
+def test_token_reservation_and_openai_429_type(tmp_path: Path) -> None:
+    decider = quota_decider(tmp_path)
+    big = {"model": "chat", "max_tokens": 900, "messages": [{"role": "user", "content": "x"}]}
+    first = decide(decider, big)
+    assert isinstance(first, Forward) and first.metadata["limit_tokens"] == "1000"
+    # The reservation (prompt estimate + max_tokens) is held: a second such call would exceed 1000.
+    refused = decide(decider, big)
+    assert isinstance(refused, Reject) and refused.status == 429
+    error = orjson.loads(refused.body)["error"]
+    assert (error["type"], error["code"]) == ("tokens", "rate_limit_exceeded")
+
+
+def test_stream_usage_is_injected_only_when_needed(tmp_path: Path) -> None:
+    decider = quota_decider(tmp_path)
+    plain = decide(decider, {"model": "chat", "max_tokens": 5, "stream": True, "messages": []})
+    assert isinstance(plain, Forward) and plain.body is not None
+    assert orjson.loads(plain.body)["stream_options"] == {"include_usage": True}
+    assert dict(plain.set_headers)["x-ai-usage"] == "strip"
+    asked = decide(decider, {"model": "gpt-4", "max_tokens": 5, "stream": True, "messages": [],
+                             "stream_options": {"include_usage": True}})
+    assert isinstance(asked, Forward) and asked.body is None  # untouched: the caller asked for usage itself
+    assert dict(asked.set_headers)["x-ai-usage"] == "observe"
+    # No token or cost limit: nothing to settle, so no response-side filter at all.
+    (tmp_path / "plain").mkdir()
+    unlimited = decide(make_decider(tmp_path / "plain"), {"model": "gpt-4", "stream": True, "messages": []})
+    assert isinstance(unlimited, Forward) and "x-ai-usage" not in dict(unlimited.set_headers)
