@@ -1,4 +1,4 @@
-"""The request's journey: identify caller → resolve policy → decide (route) → mutations.
+"""The request's journey: identify caller → resolve policy → decide (route, quota) → mutations.
 
 Two entry points mirror what Envoy tells us and when: :meth:`Decider.on_headers` may answer on
 headers alone (a pass-through path, an unknown caller, a bad content type); otherwise
@@ -17,6 +17,7 @@ from extproc.core.apis import Api, ApiError, Endpoint, ErrorKind, api_of_caller,
 from extproc.core.credentials import CredentialStore
 from extproc.core.identity import Caller, identify
 from extproc.core.routing import Target, choose_target
+from extproc.core.settlement import SettleInfo
 from extproc.core.usage import estimate_request_tokens
 from extproc.policy.compiled import PolicySet, ServiceModels
 from extproc.policy.model import ModelRoute
@@ -222,9 +223,8 @@ class Exchange:
                 usage_mode = USAGE_OBSERVE
                 if _inject_stream_usage(data, self.endpoint):
                     usage_mode, rewrite = USAGE_STRIP, True
-                metadata[SETTLE_KEY] = orjson.dumps({
-                    "r": charge.reservation.encode(), "api": str(self.endpoint.api), "in": charge.input_tokens,
-                    "stream": data.get("stream") is True, "p": provider.name, "m": target.model}).decode()
+                metadata[SETTLE_KEY] = SettleInfo(charge.reservation, str(self.endpoint.api), charge.input_tokens,
+                                                  provider.name, target.model).encode()
         if usage_mode is not None:
             headers.append((USAGE_HEADER, usage_mode))
         elif USAGE_HEADER in self.request.headers:

@@ -24,14 +24,17 @@ class SettleInfo:
     reservation: Reservation
     api: str
     input_estimate: int
-    stream: bool
     provider: str
     model: str
+
+    def encode(self) -> str:
+        return orjson.dumps({"r": self.reservation.encode(), "api": self.api, "in": self.input_estimate,
+                             "p": self.provider, "m": self.model}).decode()
 
     @classmethod
     def decode(cls, text: str) -> SettleInfo:
         raw = orjson.loads(text)
-        return cls(Reservation.decode(raw["r"]), raw["api"], int(raw["in"]), bool(raw["stream"]), raw["p"], raw["m"])
+        return cls(Reservation.decode(raw["r"]), raw["api"], int(raw["in"]), raw["p"], raw["m"])
 
 
 class Settlement:
