@@ -65,8 +65,8 @@ class Settlement:
         tracker = self._tracker
         if not 200 <= self._status < 300 or tracker is None:
             usage = Usage(0, 0, reported=False)  # the provider refused or never answered: refund
-        elif complete and tracker.usage is not None:
-            usage = tracker.usage
+        elif complete and tracker.complete and tracker.usage is not None:
+            usage = tracker.usage  # the provider's final count (an Anthropic message_start alone is not)
         else:
             usage = tracker.estimate(self.info.input_estimate)
         self.settled = usage

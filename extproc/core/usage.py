@@ -25,8 +25,8 @@ _DONE = b"[DONE]"
 _USAGE_NULL_AFTER = b',"usage":null'
 _USAGE_NULL_LAST = b',"usage":null}'  # where OpenAI puts it: the last member of the chunk
 _USAGE_NULL_BEFORE = b'"usage":null,'
-# What an Anthropic event must contain to be worth parsing: the message_start usage, or a
-# *_delta (content_block_delta text, message_delta usage). ping/stop/block-start events are skipped.
+# The Anthropic events worth parsing (usage, generated text); ping/stop/block-start are skipped unparsed.
+_ANTHROPIC_WANTED = frozenset((b"message_start", b"content_block_delta", b"message_delta"))
 _ANTHROPIC_DELTA = b"_delta"
 _ANTHROPIC_START = b"message_start"
 # Output that the model generated and is billed for, whichever kind of content block it streams into.
@@ -53,11 +53,10 @@ def _int(value: Any) -> int:
 
 
 def _openai_usage(raw: dict[str, Any]) -> Usage:
-    prompt = raw.get("prompt_tokens")
     details = raw.get("prompt_tokens_details")
     completion_details = raw.get("completion_tokens_details")
     return Usage(
-        input_tokens=_int(prompt),
+        input_tokens=_int(raw.get("prompt_tokens")),
         # Embeddings report only prompt_tokens and total_tokens.
         output_tokens=_int(raw.get("completion_tokens")),
         cached_input_tokens=_int(details.get("cached_tokens")) if isinstance(details, dict) else 0,
@@ -88,12 +87,18 @@ def _anthropic_usage(raw: dict[str, Any], base: Usage | None = None) -> Usage:
 
 def _sse_data(event: bytes) -> bytes | None:
     """The data of one complete SSE event (its data lines joined), or None if it has none."""
-    if event.startswith(b"data: "):  # the usual single-line event: no copy but the data itself
-        line_end = event.find(b"\n", 6)
-        if line_end == len(event) - 2:
-            return event[6:line_end]
-        if line_end == len(event) - 3 and event[line_end - 1] == 13:  # \r\n\r\n
-            return event[6 : line_end - 1]
+    if event.startswith(b"data:"):
+        start = 5
+    else:
+        start = event.find(b"\ndata:") + 6  # after an `event:` line, as Anthropic sends
+        if start == 5:
+            return None
+    if event[start : start + 1] == b" ":
+        start += 1
+    line_end = event.find(b"\n", start)
+    if line_end >= 0 and len(event) - line_end <= 3:
+        # The usual case, and no copy but the data: one data line, then only the event's blank line.
+        return event[start : line_end - 1] if event[line_end - 1] == 13 else event[start:line_end]
     body = event.strip(b"\r\n")
     parts: list[bytes] = []
     for line in body.split(b"\n"):
@@ -104,7 +109,7 @@ def _sse_data(event: bytes) -> bytes | None:
 
 
 def _event_end(data: bytes, pos: int) -> int:
-    """End (exclusive) of the first event whose blank line (``\n\n`` or ``\n\r\n``) starts at ``pos`` or later.
+    """End (exclusive) of the first event whose blank line (LF LF or LF CR LF) starts at ``pos`` or later.
 
     -1 if none is complete yet. Steps over newlines with memchr-speed single-byte finds, which beats
     a two-byte substring search: compact JSON has no raw newlines, so events have one or two lines.
@@ -346,8 +351,12 @@ class UsageTracker:
         return event
 
     def _anthropic_event(self, event: bytes) -> bytes:
-        if _ANTHROPIC_DELTA not in event and _ANTHROPIC_START not in event:
-            return event
+        if event.startswith(b"event:"):
+            name_end = event.find(b"\n")
+            if event[6:name_end].strip() not in _ANTHROPIC_WANTED:
+                return event
+        elif _ANTHROPIC_DELTA not in event and _ANTHROPIC_START not in event:
+            return event  # no name line: judge by content
         data = _sse_data(event)
         if data is None:
             return event
@@ -434,6 +443,9 @@ def _request_counts(body: dict[str, Any], api: str) -> tuple[int, int]:
             calls = message.get("tool_calls")
             if calls:  # an OpenAI assistant turn's tool calls are input again, like Anthropic tool_use
                 chars += _json_len(calls)
+    tools = body.get("tools")
+    if tools:  # tool schemas are billed as input by both providers, and can dwarf the prompt
+        chars += _json_len(tools)
     if api == "anthropic":
         chars += _text_chars(body.get("system"))
         return chars, token_ids

@@ -296,11 +296,14 @@ def test_strip_leaves_events_without_an_exact_usage_null_alone() -> None:
     only_member = b'data: {"usage":null}\n\n'
     first_member = b'data: {"usage":null,"choices":[{"delta":{"content":"ab"}}]}\n\n'
     nested_too = b'data: {"choices":[{"delta":{"content":"c"},"usage":null}],"usage":null}\n\n'
+    ambiguous = b'data: {"choices":[{"delta":{},"usage":null}],"usage":null,"id":"x"}\n\n'
     tracker = UsageTracker("openai", streaming=True, strip_injected_usage=True)
     assert tracker.feed(pretty) == pretty
     assert tracker.feed(only_member) == only_member
     assert tracker.feed(first_member) == b'data: {"choices":[{"delta":{"content":"ab"}}]}\n\n'
-    assert tracker.feed(nested_too) == nested_too  # which one is ours is ambiguous: keep both
+    # Right before the closing brace it can only be the top-level member, whatever is nested.
+    assert tracker.feed(nested_too) == b'data: {"choices":[{"delta":{"content":"c"},"usage":null}]}\n\n'
+    assert tracker.feed(ambiguous) == ambiguous  # which one is ours is ambiguous: keep both
     assert tracker.output_text_chars == len("hi") + len("ab") + len("c")
 
 
@@ -466,6 +469,16 @@ def test_anthropic_crlf_and_cache_counters() -> None:
     assert tracker.usage == Usage(ANTHROPIC_PROMPT + 500, COMPLETION, cached_input_tokens=500)
 
 
+def test_anthropic_events_without_name_lines() -> None:
+    # Event names are optional in SSE; the data's own `type` still says what each event is.
+    stream = b"".join(event.split(b"\n", 1)[1] for event in sse_events(anthropic_stream()))
+    assert not stream.startswith(b"event:")
+    tracker = UsageTracker("anthropic", streaming=True)
+    assert run(tracker, split(stream, "seed-3")) == stream
+    assert tracker.usage == ANTHROPIC_USAGE
+    assert tracker.output_text_chars == len(ANTHROPIC_REPLY)
+
+
 def test_anthropic_last_message_delta_wins() -> None:
     stream = anthropic_stream()
     delta = next(e for e in sse_events(stream) if e.startswith(b"event: message_delta"))
@@ -567,3 +580,10 @@ def test_request_estimate_shapes() -> None:
 def test_request_estimate_tolerates_odd_shapes(body: Any) -> None:
     for api in ("openai", "anthropic"):
         assert estimate_request_tokens(body, api) >= 1
+
+
+def test_tool_schemas_count_as_input() -> None:
+    tools = [{"type": "function", "function": {"name": "lookup_order", "description": "Find an order " * 20,
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert estimate_request_tokens({**plain, "tools": tools}, "openai") > estimate_request_tokens(plain, "openai") + 60
