@@ -1,4 +1,4 @@
-"""The request's journey: identify caller → resolve policy → decide (route, quota) → mutations.
+"""The request's journey: identify caller → resolve policy → decide (route, cache, quota) → mutations.
 
 Two entry points mirror what Envoy tells us and when: :meth:`Decider.on_headers` may answer on
 headers alone (a pass-through path, an unknown caller, a bad content type); otherwise
@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from extproc.cache.entry import CacheEntry
+from extproc.cache.key import CachePlan, plan_cache
+from extproc.cache.store import ResponseCache
 from extproc.core.apis import Api, ApiError, Endpoint, ErrorKind, api_of_caller, classify, split_path
 from extproc.core.credentials import CredentialStore
 from extproc.core.identity import Caller, identify
@@ -56,7 +59,7 @@ class Forward:
 
 
 @dataclass(frozen=True, slots=True)
-class Reject:
+class LocalReply:
     """Answer the caller directly; the request never leaves the mesh."""
 
     status: int
@@ -65,7 +68,7 @@ class Reject:
     headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
 
 
-Decision = Forward | Reject
+Decision = Forward | LocalReply
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +106,12 @@ class Exchange:
         value = self.request.headers.get("content-length", "")
         return int(value) if value.isdigit() else None
 
-    def too_large(self) -> Reject:
+    def too_large(self) -> LocalReply:
         limit = self.max_body_bytes
         return self.reject(ApiError(ErrorKind.TOO_LARGE, f"request body exceeds the limit of {limit} bytes",
                                     "request_too_large"))
 
-    def reject(self, error: ApiError) -> Reject:
+    def reject(self, error: ApiError) -> LocalReply:
         return _reject(self.endpoint.api, error)
 
     async def on_body(self, body: bytes) -> Decision:
@@ -137,11 +140,42 @@ class Exchange:
         credential = self._credential_headers(target)
         if isinstance(credential, ApiError):
             return self.reject(credential)
+        cache = self._cache_plan(data, route, target)
+        if cache is not None and cache.read:
+            entry = await self.decider.cache.get(cache.key)
+            if entry is not None:
+                return await self._cache_hit(entry, data, requested, route, target)
         # Quota last: a call refused for any other reason must not consume it.
         charge = await self._charge(data, route, target)
-        if isinstance(charge, Reject):
+        if isinstance(charge, LocalReply):
             return charge
-        return self._forward(data, requested, route, target, credential, charge)
+        return self._forward(data, requested, route, target, credential, charge, cache)
+
+    def _cache_plan(self, data: dict[str, object], route: ModelRoute, target: Target) -> CachePlan | None:
+        namespace, service = self.service.scope or (self.caller.namespace, self.caller.service or "unknown")
+        return plan_cache(
+            prefix=self.policy.mesh.cache.key_prefix, scope=f"{namespace or '*'}/{service}",
+            provider=target.provider.name, operation=self.endpoint.operation, route=route,
+            body={**data, "model": target.model}, headers=self.request.headers)
+
+    async def _cache_hit(self, entry: CacheEntry, data: dict[str, object], requested: str, route: ModelRoute,
+                         target: Target) -> Decision:
+        """Answer from the cache, in the caller's format (a stored stream is replayed whole)."""
+        if self.policy.mesh.cache.charge_hits:
+            charge = await self._charge(data, route, target)
+            if isinstance(charge, LocalReply):
+                return charge
+            if charge is not None and charge.reservation is not None:
+                price = self.policy.prices.lookup(target.provider.name, target.model)
+                cost = price.micro_usd(entry.input_tokens, entry.output_tokens) if price is not None else 0
+                await self.decider.quota.settle(charge.reservation,
+                                                Estimate(entry.input_tokens, entry.output_tokens, cost))
+        headers = [("content-type", entry.content_type), ("x-ai-cache", "hit"), ("age", str(entry.age_s())),
+                   ("x-ai-provider", target.provider.name), ("x-ai-model", target.model), ("x-ai-route", route.name),
+                   ("x-ai-policy-version", self.policy.version)]
+        if target.variant:
+            headers.append(("x-ai-variant", target.variant))
+        return LocalReply(entry.status, entry.body, "ai_cache_hit", tuple(headers))
 
     def _credential_headers(self, target: Target) -> list[tuple[str, str]] | ApiError:
         provider = target.provider
@@ -158,7 +192,7 @@ class Exchange:
             headers.append(("anthropic-version", provider.anthropic_version))
         return headers
 
-    async def _charge(self, data: dict[str, object], route: ModelRoute, target: Target) -> Charge | Reject | None:
+    async def _charge(self, data: dict[str, object], route: ModelRoute, target: Target) -> Charge | LocalReply | None:
         quota = self.decider.quota
         proxy = self.service.proxy
         namespace, service = self.service.scope or (self.caller.namespace, self.caller.service or "unknown")
@@ -181,7 +215,7 @@ class Exchange:
                 ErrorKind.RATE_LIMIT,
                 f"rate limit exceeded: {counter.label}; retry after {admission.retry_after_s}s",
                 "rate_limit_exceeded", openai_type=kind))
-            return Reject(reject.status, reject.body, reject.details,
+            return LocalReply(reject.status, reject.body, reject.details,
                           (*reject.headers, ("retry-after", str(admission.retry_after_s))))
         if isinstance(admission, Unavailable):
             return self.reject(ApiError(ErrorKind.UNAVAILABLE, f"quota cannot be checked: {admission.reason}",
@@ -189,7 +223,7 @@ class Exchange:
         return Charge(admission.reservation, admission.headers, input_tokens)
 
     def _forward(self, data: dict[str, object], requested: str, route: ModelRoute, target: Target,
-                 credential: list[tuple[str, str]], charge: Charge | None) -> Decision:
+                 credential: list[tuple[str, str]], charge: Charge | None, cache: CachePlan | None) -> Decision:
         provider = target.provider
         headers: list[tuple[str, str]] = [
             (":authority", provider.authority),
@@ -216,15 +250,21 @@ class Exchange:
         rewrite = target.model != requested
         if rewrite:
             data["model"] = target.model
-        usage_mode = None
+        reservation = charge.reservation if charge is not None and charge.settles_tokens else None
+        store = cache if cache is not None and cache.write else None
         if charge is not None:
             metadata.update(charge.headers)
-            if charge.reservation is not None and charge.settles_tokens:
-                usage_mode = USAGE_OBSERVE
-                if _inject_stream_usage(data, self.endpoint):
-                    usage_mode, rewrite = USAGE_STRIP, True
-                metadata[SETTLE_KEY] = SettleInfo(charge.reservation, str(self.endpoint.api), charge.input_tokens,
-                                                  provider.name, target.model).encode()
+        if cache is not None:
+            metadata["cache"] = "miss"
+        usage_mode = None
+        if reservation is not None or store is not None:
+            # The response must be read: to settle tokens, to store it in the cache, or both.
+            usage_mode = USAGE_OBSERVE
+            if reservation is not None and _inject_stream_usage(data, self.endpoint):
+                usage_mode, rewrite = USAGE_STRIP, True
+            metadata[SETTLE_KEY] = SettleInfo(
+                reservation, str(self.endpoint.api), charge.input_tokens if charge else 0, provider.name,
+                target.model, store.key if store else None, store.ttl_s if store else 0).encode()
         if usage_mode is not None:
             headers.append((USAGE_HEADER, usage_mode))
         elif USAGE_HEADER in self.request.headers:
@@ -239,11 +279,12 @@ class Exchange:
 class Decider:
     """Stateless apart from the current policy snapshot and the credential cache."""
 
-    def __init__(self, policies: Callable[[], PolicySet], credentials: CredentialStore,
-                 quota: QuotaEngine) -> None:
+    def __init__(self, policies: Callable[[], PolicySet], credentials: CredentialStore, quota: QuotaEngine,
+                 cache: ResponseCache) -> None:
         self._policies = policies
         self.credentials = credentials
         self.quota = quota
+        self.cache = cache
 
     def policy(self) -> PolicySet:
         return self._policies()
@@ -302,8 +343,8 @@ def _inject_stream_usage(data: dict[str, object], endpoint: Endpoint) -> bool:
     return True
 
 
-def _reject(api: Api, error: ApiError) -> Reject:
-    return Reject(error.kind.status, error.render(api), f"ai_{error.code}")
+def _reject(api: Api, error: ApiError) -> LocalReply:
+    return LocalReply(error.kind.status, error.render(api), f"ai_{error.code}")
 
 
 def _parse_json(body: bytes) -> dict[str, object] | ApiError:

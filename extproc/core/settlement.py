@@ -7,10 +7,13 @@ decision: everything it needs travels in the decision's dynamic metadata, nothin
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import orjson
 
+from extproc.cache.entry import CacheEntry
+from extproc.cache.store import ResponseCache
 from extproc.core.usage import Usage, UsageTracker
 from extproc.policy.compiled import PolicySet
 from extproc.quota.engine import QuotaEngine, Reservation
@@ -21,42 +24,62 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class SettleInfo:
-    reservation: Reservation
+    """What the response side needs to know about a call, carried in its dynamic metadata."""
+
+    reservation: Reservation | None  # quota to settle
     api: str
     input_estimate: int
     provider: str
     model: str
+    cache_key: str | None = None  # store a complete, successful response here
+    cache_ttl_s: int = 0
 
     def encode(self) -> str:
-        return orjson.dumps({"r": self.reservation.encode(), "api": self.api, "in": self.input_estimate,
-                             "p": self.provider, "m": self.model}).decode()
+        return orjson.dumps({"r": self.reservation.encode() if self.reservation else None, "api": self.api,
+                             "in": self.input_estimate, "p": self.provider, "m": self.model,
+                             "ck": self.cache_key, "ct": self.cache_ttl_s}).decode()
 
     @classmethod
     def decode(cls, text: str) -> SettleInfo:
         raw = orjson.loads(text)
-        return cls(Reservation.decode(raw["r"]), raw["api"], int(raw["in"]), raw["p"], raw["m"])
+        reservation = Reservation.decode(raw["r"]) if raw.get("r") else None
+        return cls(reservation, raw["api"], int(raw["in"]), raw["p"], raw["m"], raw.get("ck"), int(raw.get("ct", 0)))
 
 
 class Settlement:
-    def __init__(self, info: SettleInfo, policy: PolicySet, quota: QuotaEngine, strip: bool) -> None:
+    def __init__(self, info: SettleInfo, policy: PolicySet, quota: QuotaEngine, cache: ResponseCache,
+                 strip: bool) -> None:
         self.info = info
         self._policy = policy
         self._quota = quota
+        self._cache = cache
         self._strip = strip
         self._status = 0
+        self._content_type = ""
         self._tracker: UsageTracker | None = None
+        # What the caller received, kept only while it may still be cached.
+        self._body: bytearray | None = bytearray() if info.cache_key else None
         self.settled: Usage | None = None
 
     def on_headers(self, status: int, content_type: str) -> None:
         self._status = status
+        self._content_type = content_type
         streaming = content_type.startswith("text/event-stream")
         self._tracker = UsageTracker(self.info.api, streaming=streaming, strip_injected_usage=self._strip and streaming)
 
     def feed(self, chunk: bytes) -> bytes:
-        return self._tracker.feed(chunk) if self._tracker is not None else chunk
+        return self._keep(self._tracker.feed(chunk) if self._tracker is not None else chunk)
 
     def flush(self) -> bytes:
-        return self._tracker.finish() if self._tracker is not None else b""
+        return self._keep(self._tracker.finish() if self._tracker is not None else b"")
+
+    def _keep(self, forwarded: bytes) -> bytes:
+        if self._body is not None:
+            if len(self._body) + len(forwarded) > self._cache.settings.max_entry_bytes:
+                self._body = None  # too large to cache: stop holding it
+            else:
+                self._body += forwarded
+        return forwarded
 
     async def settle(self, complete: bool) -> Usage:
         """Settle once: real usage if the provider reported it, else an estimate; nothing for errors."""
@@ -70,10 +93,17 @@ class Settlement:
         else:
             usage = tracker.estimate(self.info.input_estimate)
         self.settled = usage
-        price = self._policy.prices.lookup(self.info.provider, self.info.model)
-        cost = price.micro_usd(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens) if price else 0
-        try:
-            await self._quota.settle(self.info.reservation, Estimate(usage.input_tokens, usage.output_tokens, cost))
-        except Exception:  # settlement must never break a response
-            log.exception("settlement failed")
+        if self.info.reservation is not None:
+            price = self._policy.prices.lookup(self.info.provider, self.info.model)
+            cost = price.micro_usd(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens) if price else 0
+            try:
+                await self._quota.settle(self.info.reservation,
+                                         Estimate(usage.input_tokens, usage.output_tokens, cost))
+            except Exception:  # settlement must never break a response
+                log.exception("settlement failed")
+        if complete and self._body is not None and self._status == 200 and self.info.cache_key:
+            # Only whole successful answers: never an error, never a cut stream (no end of stream).
+            entry = CacheEntry(self._status, self._content_type, bytes(self._body), usage.input_tokens,
+                               usage.output_tokens, time.time())
+            await self._cache.put(self.info.cache_key, entry, self.info.cache_ttl_s)
         return usage

@@ -18,6 +18,7 @@ RESPONSE_HEADERS: tuple[tuple[str, str], ...] = (
     ("x-ai-route", "route"),
     ("x-ai-variant", "variant"),
     ("x-ai-policy-version", "policy_version"),
+    ("x-ai-cache", "cache"),
     ("x-ratelimit-limit-requests", "limit_requests"),
     ("x-ratelimit-remaining-requests", "remaining_requests"),
     ("x-ratelimit-reset-requests", "reset_requests"),

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from extproc.core.decision import METADATA_NAMESPACE
 from extproc.envoy_config.filter import (
     INTERNAL_REQUEST_HEADERS,
+    RESPONSE_HEADERS,
     ext_proc_filter,
     local_reply_config,
     response_headers_to_add,
@@ -90,6 +92,19 @@ def _hosts(spec: IstioSpec) -> list[ProviderHost]:
     return list(seen.values())
 
 
+def routed_calls_only(config: dict[str, Any]) -> dict[str, Any]:
+    """``local_reply_config`` whose mappers also require our decision's metadata (its provider key)."""
+    provider_key = dict(RESPONSE_HEADERS)["x-ai-provider"]
+    routed = {"metadata_filter": {
+        "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": provider_key}], "value": {"present_match": True}},
+        "match_if_key_not_found": False,
+    }}
+    scoped = copy.deepcopy(config)
+    for mapper in scoped["mappers"]:
+        mapper["filter"] = {"and_filter": {"filters": [routed, mapper["filter"]]}}
+    return scoped
+
+
 def envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
     hosts = _hosts(spec)
     patches: list[dict[str, Any]] = []
@@ -102,8 +117,9 @@ def envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
                 "match": {"context": "SIDECAR_OUTBOUND", "listener": copy.deepcopy(listener_match)},
                 "patch": {"operation": "INSERT_BEFORE", "value": {**http_filter, "disabled": True}},
             })
-        # Envoy's own errors (upstream timeout, unreachable) in the caller's API format. This is an
-        # HCM-wide setting; its mappers only match upstream-failure flags.
+        # Envoy's own errors (upstream timeout, unreachable) in the caller's API format. The setting
+        # is HCM-wide, so it is narrowed to calls the processor routed: other services on this port
+        # keep Envoy's usual replies.
         patches.append({
             "applyTo": "NETWORK_FILTER",
             "match": {"context": "SIDECAR_OUTBOUND", "listener": {"portNumber": port, "filterChain": {
@@ -111,7 +127,7 @@ def envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
             "patch": {"operation": "MERGE", "value": {"name": HCM, "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                          "HttpConnectionManager",
-                "local_reply_config": local_reply_config(),
+                "local_reply_config": routed_calls_only(local_reply_config()),
             }}}},
         )
     for host in hosts:

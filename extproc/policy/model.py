@@ -140,6 +140,16 @@ class Limits(_Frozen):
         return not (self.requests or self.tokens or self.cost)
 
 
+class CacheOptions(_Frozen):
+    """How a model's responses may be cached (the TTL is ``cache_ttl``)."""
+
+    share_as: Name | None = Field(
+        default=None, description="Share entries with every service that names the same pool; default: this "
+        "service only.")
+    nondeterministic: bool = Field(
+        default=False, description="Also cache calls that are not deterministic (temperature absent or > 0).")
+
+
 class ModelRoute(_Frozen):
     """One model a service may call, under a logical ``name``."""
 
@@ -148,7 +158,9 @@ class ModelRoute(_Frozen):
     model: str = Field(min_length=1, description="Model name sent to the provider.")
     purpose: str | None = None
     rate_limit: RateSpec | None = Field(default=None, description="e.g. 100/min (enforced by the quota engine).")
-    cache_ttl: DurationMs | None = Field(default=None, description="e.g. 3600 (seconds) or 1h.")
+    cache_ttl: DurationMs | None = Field(default=None, description="Cache identical calls this long, e.g. 3600 "
+                                         "(seconds) or 1h; omit to never cache.")
+    cache: CacheOptions = CacheOptions()
     timeout: DurationMs | None = Field(default=None, description="Upstream timeout, e.g. 2000ms.")
     variants: tuple[Variant, ...] = Field(default=(), description="Weighted A/B split; empty = no split.")
     sticky_header: str | None = Field(
@@ -245,6 +257,20 @@ class QuotaSettings(_Frozen):
     )
 
 
+class CacheSettings(_Frozen):
+    backend: Literal["memory", "redis"] = Field(
+        default="memory", description="memory: per replica; redis: entries shared by all replicas."
+    )
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field(default="aic", pattern=r"^[A-Za-z0-9_.:-]+$")
+    timeout_ms: int = Field(default=500, ge=1, le=10_000)
+    max_entries: int = Field(default=10_000, ge=1, description="Memory store: least recently used go first.")
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="Memory store: total size bound.")
+    max_entry_bytes: int = Field(default=1024 * 1024, ge=256, description="Larger responses are not cached.")
+    charge_hits: bool = Field(
+        default=False, description="Count hits against request/token/cost quotas as if the provider answered.")
+
+
 class Price(_Frozen):
     """USD per million tokens for one provider's model (overrides the shipped table)."""
 
@@ -271,6 +297,7 @@ class MeshSettings(_Frozen):
         default=None, description="Service-wide quotas for services whose policy sets no limits."
     )
     quota: QuotaSettings = QuotaSettings()
+    cache: CacheSettings = CacheSettings()
 
     @model_validator(mode="after")
     def _default_present(self) -> MeshSettings:

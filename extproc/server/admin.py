@@ -6,15 +6,17 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from extproc.cache.store import ResponseCache
 from extproc.policy.compiled import PolicySet
 from extproc.quota.engine import QuotaEngine
 from extproc.quota.report import report
 
 
 class AdminServer:
-    def __init__(self, policy: Callable[[], PolicySet], quota: QuotaEngine) -> None:
+    def __init__(self, policy: Callable[[], PolicySet], quota: QuotaEngine, cache: ResponseCache) -> None:
         self._policy = policy
         self._quota = quota
+        self._cache = cache
         self.ready = False
         self._runner: web.AppRunner | None = None
         app = web.Application()
@@ -22,6 +24,7 @@ class AdminServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/config", self._config)
         app.router.add_get("/quota", self._quota_usage)
+        app.router.add_get("/cache", self._cache_stats)
         self._app = app
 
     async def start(self, host: str, port: int) -> None:
@@ -48,6 +51,9 @@ class AdminServer:
             "services": {f"{ns}/{name}" if ns else name: [m.name for m in models.proxy.models]
                          for (ns, name), models in policy.services.items()},
         })
+
+    async def _cache_stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"backend": self._cache.backend_name, "stats": vars(self._cache.stats)})
 
     async def _quota_usage(self, request: web.Request) -> web.Response:
         lines = await report(self._policy(), self._quota, request.query.get("service"))

@@ -14,6 +14,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc.cache.store import ResponseCache
 from extproc.core.credentials import CredentialStore
 from extproc.core.decision import Decider
 from extproc.quota.engine import QuotaEngine
@@ -56,7 +57,8 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         source.attach(store.reload)
     # The quota store is chosen at startup; a policy reload changes limits, not where counters live.
     quota = QuotaEngine(store.current().mesh.quota)
-    admin = AdminServer(store.current, quota)
+    cache = ResponseCache(store.current().mesh.cache)
+    admin = AdminServer(store.current, quota, cache)
     if options.admin is not None:
         await admin.start(*options.admin)
     server = grpc.aio.server(
@@ -67,7 +69,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         ]
     )
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        AsyncExternalProcessor(Decider(store.current, CredentialStore(), quota)), server
+        AsyncExternalProcessor(Decider(store.current, CredentialStore(), quota, cache)), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -103,6 +105,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
                 await watcher
         await server.stop(options.grace_seconds)
         await quota.close()
+        await cache.close()
         await admin.stop()
         if source is not None:
             source.stop()

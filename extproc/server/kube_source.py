@@ -113,6 +113,7 @@ class KubePolicySource:
         self._synced = {POLICY: threading.Event(), PROVIDER: threading.Event()}
         self._threads: list[threading.Thread] = []
         self._watches: dict[str, watch.Watch] = {}
+        self._status_due = threading.Event()
 
     # ---- evaluation ---------------------------------------------------------------------------
 
@@ -170,7 +171,9 @@ class KubePolicySource:
             for key, good in new_good.items():
                 if key in self._objects:  # deleted meanwhile: forget it
                     self._last_good[key] = good
-            self._statuses = statuses
+            if statuses != self._statuses:
+                self._statuses = statuses
+                self._status_due.set()  # written by the status thread, never on the caller's (event loop) thread
         return accepted
 
     def _document(self, key: ObjectKey, obj: Mapping[str, Any]) -> Document:
@@ -189,6 +192,9 @@ class KubePolicySource:
             thread = threading.Thread(target=self._informer, args=(kind,), name=f"watch-{kind}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        writer = threading.Thread(target=self._status_writer, name="status-writer", daemon=True)
+        writer.start()
+        self._threads.append(writer)
 
     def wait_synced(self, timeout: float | None = None) -> bool:
         """True once both kinds have been listed (the processor serves only after that)."""
@@ -201,6 +207,7 @@ class KubePolicySource:
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
+        self._status_due.set()
         for stream in list(self._watches.values()):
             stream.stop()  # shuts the socket down, so a thread blocked reading the stream wakes up
         for thread in self._threads:
@@ -286,7 +293,15 @@ class KubePolicySource:
             self._on_change()
         except Exception:
             log.exception("policy reload after a Kubernetes change failed")
-        self.write_statuses()
+        # An event also re-checks statuses: one may have been overwritten by someone else.
+        self._status_due.set()
+
+    def _status_writer(self) -> None:
+        while not self._stop.is_set():
+            self._status_due.wait()
+            self._status_due.clear()
+            if not self._stop.is_set():
+                self.write_statuses()
 
     def write_statuses(self) -> None:
         """Patch each object's status subresource where it differs from what we decided."""

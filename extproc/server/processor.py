@@ -18,7 +18,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from extproc.core.decision import Decider, Exchange, Reject
+from extproc.core.decision import Decider, Exchange, LocalReply
 from extproc.core.settlement import Settlement
 from extproc.server.protocol import (
     CONTINUE_BODY,
@@ -71,7 +71,7 @@ class Session:
             if isinstance(result, Exchange):
                 self._exchange = result
                 return []
-            if isinstance(result, Reject):
+            if isinstance(result, LocalReply):
                 return self._finish(immediate_response(result))
             self.done = message.request_headers.end_of_stream
             return [headers_response(result)]
@@ -90,7 +90,7 @@ class Session:
         decision = await self._exchange.on_body(b"".join(self._chunks))
         chunks = len(self._chunks)
         self._exchange, self._chunks, self._size = None, [], 0
-        if isinstance(decision, Reject):
+        if isinstance(decision, LocalReply):
             return self._finish(immediate_response(decision))
         # Once the request is answered we close: response phases are not ours.
         self.done = end_of_stream
@@ -183,7 +183,7 @@ class AsyncExternalProcessor(pb_grpc.ExternalProcessorServicer):
         settlement = None
         if info is not None:
             strip = not message.observability_mode
-            settlement = Settlement(info, self._decider.policy(), self._decider.quota, strip)
+            settlement = Settlement(info, self._decider.policy(), self._decider.quota, self._decider.cache, strip)
         return UsageSession(settlement)
 
 

@@ -9,7 +9,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from extproc.core.decision import METADATA_NAMESPACE, SETTLE_KEY, Forward, HttpRequest, Reject
+from extproc.core.decision import METADATA_NAMESPACE, SETTLE_KEY, Forward, HttpRequest, LocalReply
 from extproc.core.settlement import SettleInfo
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
@@ -93,7 +93,7 @@ def body_responses(decision: Forward, chunks: int) -> list[pb.ProcessingResponse
     return responses
 
 
-def immediate_response(decision: Reject) -> pb.ProcessingResponse:
+def immediate_response(decision: LocalReply) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=decision.status),  # type: ignore[arg-type]

@@ -10,12 +10,13 @@ from pathlib import Path
 import orjson
 import pytest
 
+from extproc.cache.store import ResponseCache
 from extproc.core.credentials import CredentialStore
-from extproc.core.decision import Decider, Exchange, Forward, HttpRequest, Reject
+from extproc.core.decision import Decider, Exchange, Forward, HttpRequest, LocalReply
 from extproc.core.identity import ATTR_APP, ATTR_NAMESPACE, ATTR_WORKLOAD
 from extproc.core.routing import choose_target
 from extproc.policy.loader import load_policy
-from extproc.policy.model import QuotaSettings
+from extproc.policy.model import CacheSettings, QuotaSettings
 from extproc.quota.engine import QuotaEngine
 
 POLICY = """\
@@ -59,7 +60,8 @@ def make_decider(tmp_path: Path, *, unknown_paths: str = "pass", unknown_service
     (tmp_path / "policy.yaml").write_text(
         POLICY.format(unknown_paths=unknown_paths, unknown_service=unknown_service, trust=trust))
     policy = load_policy([tmp_path])
-    return Decider(lambda: policy, CredentialStore(environ=ENV if env is None else env), QuotaEngine(QuotaSettings()))
+    return Decider(lambda: policy, CredentialStore(environ=ENV if env is None else env), QuotaEngine(QuotaSettings()),
+                   ResponseCache(CacheSettings()))
 
 
 def request(path: str = "/v1/chat/completions", *, service: str | None = "order-service", method: str = "POST",
@@ -71,19 +73,19 @@ def request(path: str = "/v1/chat/completions", *, service: str | None = "order-
                        {"content-type": "application/json", **(headers or {})}, attributes)
 
 
-def decide(decider: Decider, body: object, **kwargs: object) -> Forward | Reject:
+def decide(decider: Decider, body: object, **kwargs: object) -> Forward | LocalReply:
     result = decider.on_headers(request(**kwargs), end_of_stream=False)  # type: ignore[arg-type]
     if not isinstance(result, Exchange):
         return result
     return asyncio.run(result.on_body(body if isinstance(body, bytes) else orjson.dumps(body)))
 
 
-def error_of(decision: Forward | Reject) -> tuple[int, dict[str, object]]:
-    assert isinstance(decision, Reject), decision
+def error_of(decision: Forward | LocalReply) -> tuple[int, dict[str, object]]:
+    assert isinstance(decision, LocalReply), decision
     return decision.status, orjson.loads(decision.body)
 
 
-def headers_of(decision: Forward | Reject) -> dict[str, str]:
+def headers_of(decision: Forward | LocalReply) -> dict[str, str]:
     assert isinstance(decision, Forward), decision
     return dict(decision.set_headers)
 
@@ -279,7 +281,8 @@ ai_proxy:
 def quota_decider(tmp_path: Path) -> Decider:
     (tmp_path / "policy.yaml").write_text(QUOTA_POLICY)
     policy = load_policy([tmp_path])
-    return Decider(lambda: policy, CredentialStore(environ=ENV), QuotaEngine(QuotaSettings()))
+    return Decider(lambda: policy, CredentialStore(environ=ENV), QuotaEngine(QuotaSettings()),
+                   ResponseCache(CacheSettings()))
 
 
 def test_rate_limit_refusal_in_the_callers_format(tmp_path: Path) -> None:
@@ -290,7 +293,7 @@ def test_rate_limit_refusal_in_the_callers_format(tmp_path: Path) -> None:
         assert isinstance(admitted, Forward)
     assert admitted.metadata["limit_requests"] == "2" and admitted.metadata["remaining_requests"] == "0"
     refused = decide(decider, body, path="/v1/messages")
-    assert isinstance(refused, Reject) and refused.status == 429
+    assert isinstance(refused, LocalReply) and refused.status == 429
     assert dict(refused.headers)["retry-after"].isdigit()
     error = orjson.loads(refused.body)
     assert error["type"] == "error" and error["error"]["type"] == "rate_limit_error"
@@ -304,7 +307,7 @@ def test_token_reservation_and_openai_429_type(tmp_path: Path) -> None:
     assert isinstance(first, Forward) and first.metadata["limit_tokens"] == "1000"
     # The reservation (prompt estimate + max_tokens) is held: a second such call would exceed 1000.
     refused = decide(decider, big)
-    assert isinstance(refused, Reject) and refused.status == 429
+    assert isinstance(refused, LocalReply) and refused.status == 429
     error = orjson.loads(refused.body)["error"]
     assert (error["type"], error["code"]) == ("tokens", "rate_limit_exceeded")
 
