@@ -136,11 +136,17 @@ ai_proxy:
   limits: {{requests: 100000000/min, tokens: 10000000000/min}}
   models: [{{name: auth_assistant, provider: openai, model: gpt-4}}]
 """
+WITH_CACHE = f"""\
+service: {BENCH_SERVICE}
+ai_proxy:
+  models: [{{name: auth_assistant, provider: openai, model: gpt-4, cache_ttl: 600}}]
+"""
 # label, policy, quota backend
 VARIANTS: tuple[tuple[str, str, str], ...] = (
     ("processor", ROUTING_ONLY, "memory"),
     ("quota-memory", WITH_QUOTA, "memory"),
     ("quota-redis", WITH_QUOTA, "redis"),
+    ("cache", WITH_CACHE, "memory"),
 )
 LABELS = {
     "direct": "Envoy direct",
@@ -207,7 +213,8 @@ def main() -> int:
                 table[label] = spec
         results: dict[tuple[str, int], Result] = {}
         for concurrency in args.concurrency:
-            for label, spec in sidecars.items():
+            for label in LABELS:
+                spec = sidecars[label]
                 url = f"http://127.0.0.1:{spec.listen_port}/v1/chat/completions"
                 run_wrk(url, script, concurrency, 2)  # warm-up: connections, caches, JIT-free but still
                 before = ext_proc_stats(spec.admin_port)
@@ -222,6 +229,7 @@ def main() -> int:
                           f"failed streams {delta.get('streams_failed', 0)}", flush=True)
         print_table(results, args.concurrency, args.duration)
         print_streaming(streaming, args.stream_calls)
+        print_cache(streaming["cache"], args.stream_calls)
     finally:
         for part in reversed(parts):
             part.stop()
@@ -288,6 +296,30 @@ def print_table(results: dict[tuple[str, int], Result], concurrencies: list[int]
               f"{results[('quota-redis', concurrency)].p50_ms - proc.p50_ms:+.3f} (Redis)")
     print("\nvs direct = RPS as a share of Envoy direct. The null row answers CONTINUE with the same message")
     print("pattern: it isolates the cost of the Python gRPC hop from the cost of our policy decisions.")
+
+
+def print_cache(sidecar: SidecarSpec, calls: int) -> None:
+    """A cache hit against the same call answered by the provider (the mock, through Envoy)."""
+    url = f"http://127.0.0.1:{sidecar.listen_port}/v1/chat/completions"
+    body = {"model": "auth_assistant", "temperature": 0, "messages": [{"role": "user", "content": "cached?"}]}
+    cases = (("provider path (x-ai-cache: bypass)", {"x-ai-cache": "bypass"}), ("cache hit", {}))
+    print(f"\nCacheable JSON chat completion, {calls} sequential calls each")
+    header = f"{'path':<52}{'p50 ms':>10}{'p99 ms':>10}"
+    print(header)
+    print("-" * len(header))
+    with httpx.Client(timeout=10) as client:
+        client.post(url, json=body, headers={"host": "api.openai.com"})  # the miss that stores the entry
+        time.sleep(0.5)
+        for text, extra in cases:
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                response = client.post(url, json=body, headers={"host": "api.openai.com", **extra})
+                times.append((time.perf_counter() - start) * 1000)
+                expected = "hit" if not extra else None
+                assert response.headers.get("x-ai-cache") == expected, response.headers
+            times.sort()
+            print(f"{text:<52}{statistics.median(times):>10.3f}{times[int(len(times) * 0.99) - 1]:>10.3f}")
 
 
 if __name__ == "__main__":
