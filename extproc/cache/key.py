@@ -41,12 +41,22 @@ def plan_cache(
         return None
     if not route.cache.nondeterministic and not _deterministic(body, operation):
         return None
-    # Key order and whitespace never matter: the key is a hash of canonical JSON.
-    canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    # Key order, whitespace and 0 vs 0.0 never matter: the key is a hash of canonical JSON.
+    canonical = orjson.dumps(_canonical(body), option=orjson.OPT_SORT_KEYS)
     pool = f"pool={route.cache.share_as}" if route.cache.share_as else f"svc={scope}"
     digest = hashlib.sha256(b"%s\x00%s\x00%s" % (provider.encode(), operation.encode(), canonical)).hexdigest()
     ttl_s = max(1, route.cache_ttl // 1000)
     return CachePlan(f"{prefix}:{{{pool}}}:{digest}", ttl_s, read="no-cache" not in directives, write=True)
+
+
+def _canonical(value: object) -> object:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
 
 
 def _deterministic(body: Mapping[str, object], operation: str) -> bool:
