@@ -34,7 +34,6 @@ from extproc.launch import (
     start_envoy,
     start_mock_provider,
     start_processor,
-    wait_for_port,
 )
 from extproc.policy.loader import load_policy
 from extproc.stack import ANTHROPIC_KEY, OPENAI_KEY
@@ -186,14 +185,12 @@ def main() -> int:
         config.write_text(to_yaml(fixed_upstream_config(upstream_port, free_port())))
         parts.append(Managed("fixed-upstream", [find_envoy(), "-c", str(config), "--log-level", "warn",
                                                 "--concurrency", "1", "--base-id", str(upstream_port)],
-                             log_dir=work).start())
-        wait_for_port(upstream_port, 20, parts[-1].process)
+                             log_dir=work).start_listening(upstream_port, 20))
         mock_port = free_port()
         parts.append(start_mock_provider(mock_port, ["--openai-key", OPENAI_KEY], "openai", work))
         null_port = free_port()
         parts.append(Managed("null-processor", [sys.executable, "-m", "bench.null_processor",
-                                                f"127.0.0.1:{null_port}"], log_dir=work).start())
-        wait_for_port(null_port, 20, parts[-1].process)
+                                                f"127.0.0.1:{null_port}"], log_dir=work).start_listening(null_port))
         processors: dict[str, int] = {"direct": 0, "null": null_port}
         for label, service_policy, backend in VARIANTS:
             port = free_port()

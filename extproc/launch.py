@@ -83,6 +83,16 @@ class Managed:
         )
         return self
 
+    def start_listening(self, port: int, timeout: float = 15.0) -> Managed:
+        """Start, and return once the process accepts connections on ``port`` (else stop it and say why)."""
+        self.start()
+        try:
+            wait_for_port(port, timeout, self.process)
+        except LaunchError as exc:
+            self.stop()
+            raise LaunchError(f"{exc}\n{self.log_text()}") from exc
+        return self
+
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
@@ -106,45 +116,27 @@ def start_processor(
 ) -> Managed:
     args = [sys.executable, "-m", "extproc", "serve", "--listen", f"127.0.0.1:{port}",
             *[a for p in policy_paths for a in ("--policy", str(p))], *extra_args]
-    managed = Managed(name, args, env={**os.environ, **(env or {})},
-                      **({"log_dir": log_dir} if log_dir else {})).start()
-    try:
-        wait_for_port(port, 15, managed.process)
-    except LaunchError as exc:
-        managed.stop()
-        raise LaunchError(f"{exc}\n{managed.log_text()}") from exc
-    return managed
+    return Managed(name, args, env={**os.environ, **(env or {})},
+                   **({"log_dir": log_dir} if log_dir else {})).start_listening(port)
 
 
 def start_mock_provider(port: int, args: Sequence[str] = (), name: str = "mock",
                         log_dir: Path | None = None) -> Managed:
-    managed = Managed(f"mock-{name}", [sys.executable, "-m", "extproc", "mock-provider", "--listen",
-                                       f"127.0.0.1:{port}", "--name", name, *args],
-                      **({"log_dir": log_dir} if log_dir else {})).start()
-    try:
-        wait_for_port(port, 15, managed.process)
-    except LaunchError as exc:
-        managed.stop()
-        raise LaunchError(f"{exc}\n{managed.log_text()}") from exc
-    return managed
+    return Managed(f"mock-{name}", [sys.executable, "-m", "extproc", "mock-provider", "--listen",
+                                    f"127.0.0.1:{port}", "--name", name, *args],
+                   **({"log_dir": log_dir} if log_dir else {})).start_listening(port)
 
 
 def start_envoy(spec: SidecarSpec, log_dir: Path | None = None, concurrency: int = 1) -> Managed:
     directory = log_dir or Path(tempfile.mkdtemp(prefix="extproc-"))
     config = directory / f"envoy-{spec.service}.yaml"
     config.write_text(to_yaml(render_bootstrap(spec)))
-    managed = Managed(
+    return Managed(
         f"envoy-{spec.service}",
         [find_envoy(), "-c", str(config), "--log-level", "warn", "--concurrency", str(concurrency),
          "--base-id", str(spec.admin_port)],  # distinct shared-memory ids let several Envoys coexist
         log_dir=directory,
-    ).start()
-    try:
-        wait_for_port(spec.listen_port, 20, managed.process)
-    except LaunchError as exc:
-        managed.stop()
-        raise LaunchError(f"{exc}\n{managed.log_text()}") from exc
-    return managed
+    ).start_listening(spec.listen_port, 20)
 
 
 @contextlib.contextmanager
