@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import datetime
 import json
 import threading
 import time
@@ -53,8 +54,9 @@ class FakeKube:
             key = (plural, namespace, name)
             old = self.objects.get(key)
             self.revision += 1
-            meta = {"name": name, "namespace": namespace, "resourceVersion": str(self.revision),
-                    "generation": 1, "uid": f"uid-{name}", "creationTimestamp": f"2026-01-01T00:00:{self.revision % 60:02d}Z"}
+            created = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(seconds=self.revision)
+            meta = {"name": name, "namespace": namespace, "resourceVersion": str(self.revision), "generation": 1,
+                    "uid": f"uid-{name}", "creationTimestamp": created.strftime("%Y-%m-%dT%H:%M:%SZ")}
             obj: dict[str, Any] = {"apiVersion": "ai.extproc.io/v1alpha1", "kind": KINDS[plural], "metadata": meta,
                                    "spec": copy.deepcopy(spec)}
             if old is not None:
@@ -107,6 +109,7 @@ class FakeKube:
         namespace = request.match_info.get("namespace")
         watching = request.query.get("watch") in ("true", "True", "1")
         version = request.query.get("resourceVersion")
+        drops = self.drops  # read before the request is visible to a test, so a drop after that reaches it
         self.requests.append(Request("GET", plural, namespace, watching, version))
         if plural not in KINDS:
             return web.json_response({"kind": "Status", "code": 404}, status=404)
@@ -118,10 +121,10 @@ class FakeKube:
             return web.json_response({"apiVersion": "ai.extproc.io/v1alpha1", "kind": KINDS[plural] + "List",
                                       "metadata": {"resourceVersion": str(revision)}, "items": items})
         return await self._watch(request, plural, namespace, int(version or 0),
-                                 float(request.query.get("timeoutSeconds", "30")))
+                                 float(request.query.get("timeoutSeconds", "30")), drops)
 
     async def _watch(self, request: web.Request, plural: str, namespace: str | None, since: int,
-                     timeout: float) -> web.StreamResponse:
+                     timeout: float, drops: int) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         await response.prepare(request)
@@ -132,13 +135,12 @@ class FakeKube:
             await response.write(json.dumps(gone).encode() + b"\n")
             await response.write_eof()
             return response
-        drops = self.drops
         deadline = time.monotonic() + timeout
         sent = since
         while time.monotonic() < deadline:
             if self.drops != drops:
-                assert request.transport is not None
-                request.transport.abort()  # no terminating chunk: the client sees a broken stream
+                if request.transport is not None:
+                    request.transport.abort()  # no terminating chunk: the client sees a broken stream
                 return response
             with self.lock:
                 pending = [(rv, t, o) for rv, p, t, o in self.events

@@ -73,10 +73,12 @@ def istio_outbound_bootstrap(*, service: str, namespace: str, labels: Mapping[st
     vhosts = [
         {"name": f"{host}:80", "domains": [host, f"{host}:80"],
          "routes": [{"name": "default", "match": {"prefix": "/"}, "route": {
-             "cluster": f"outbound|80||{host}", "timeout": "0s", "max_grpc_timeout": "0s",
+             "cluster": f"outbound|80||{host}", "timeout": "0s",
              "retry_policy": {"retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
-                              "num_retries": 2, "retry_host_predicate": [{"name": "envoy.retry_host_predicates."
-                                                                                    "previous_hosts"}],
+                              "num_retries": 2, "retry_host_predicate": [{
+                                  "name": "envoy.retry_host_predicates.previous_hosts",
+                                  "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host."
+                                                            "previous_hosts.v3.PreviousHostsPredicate"}}],
                               "host_selection_retry_max_attempts": "5"}}}],
          "include_request_attempt_count": True}
         for host in hosts

@@ -60,10 +60,12 @@ class Cluster:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     kube = FakeKube()
+    openai_key = {"secretRef": {"name": "openai-api-key", "key": "api-key"}}
+    anthropic_key = {"secretRef": {"name": "anthropic-api-key", "key": "api-key"}}
     kube.put(PROV, "ai-system", "openai", {"api": "openai", "base_url": "http://api.openai.com/v1",
-                                           "credential": {"secretRef": {"name": "openai-api-key", "key": "api-key"}}})
+                                           "credential": openai_key})
     kube.put(PROV, "ai-system", "claude", {"api": "anthropic", "base_url": "http://api.anthropic.com/v1",
-                                           "credential": {"secretRef": {"name": "anthropic-api-key", "key": "api-key"}}})
+                                           "credential": anthropic_key})
     kube.put(PROV, "elsewhere", "rogue", {"api": "openai", "base_url": "http://evil.example/v1"})
     for service in ("user-service", "product-service", "order-service"):
         kube.put(POL, "demo", service, sample_spec(service))
@@ -215,3 +217,16 @@ def test_backoff_grows_to_its_ceiling_and_resets() -> None:
     backoff.reset()
     assert backoff.next() == 0.5
     assert Backoff(0.5, 4.0, rand=lambda: 0.0).next() == 0.25  # jitter: half to all of the ceiling
+
+
+def test_a_mesh_file_change_re_judges_objects_and_updates_their_status(cluster: Cluster, tmp_path: Path) -> None:
+    """Files (the mesh ConfigMap) and objects are validated together: a provider added to the file
+    makes a policy that referred to it acceptable, with no Kubernetes event involved."""
+    cluster.kube.put(POL, "demo", "search", {"service": "search", "ai_proxy": {"models": [
+        {"name": "ranker", "provider": "vllm", "model": "llama-3"}]}})
+    eventually(lambda: cluster.status(POL, "demo", "search").get("state") == "Rejected")
+    (tmp_path / "mesh.yaml").write_text("mesh: {unknown_service: deny}\nproviders:\n- name: vllm\n  api: openai\n"
+                                        "  base_url: http://vllm.models.svc.cluster.local:8000/v1\n")
+    assert cluster.store.reload()  # what the file watcher does when the ConfigMap changes
+    assert cluster.models("search") == {"ranker": "llama-3"}
+    assert eventually(lambda: cluster.status(POL, "demo", "search").get("state") == "Accepted")
