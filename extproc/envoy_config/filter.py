@@ -54,6 +54,8 @@ def ext_proc_filter(
                 "envoy_grpc": {"cluster_name": cluster_name, "authority": authority},
             },
             "failure_mode_allow": failure_mode_allow,
+            # Fail closed with 503 (the mapper in local_reply_config gives it a JSON body), not Envoy's 500.
+            "status_on_error": {"code": "ServiceUnavailable"},
             "message_timeout": f"{message_timeout_ms / 1000:g}s",
             "processing_mode": {
                 "request_header_mode": "SEND",
@@ -154,31 +156,53 @@ def response_headers_to_add() -> list[dict[str, Any]]:
 UPSTREAM_FAILURE_FLAGS = ("UT", "UF", "UH", "UC", "URX", "UO", "NR", "UMSDR", "DF")
 
 
+def _json_bodies(condition: dict[str, Any], message: str, code: str) -> list[dict[str, Any]]:
+    """Two mappers for one condition: Anthropic-style JSON for Anthropic callers, else OpenAI-style."""
+    anthropic = {"header_filter": {"header": {"name": "anthropic-version", "present_match": True}}}
+    return [
+        {
+            "filter": {"and_filter": {"filters": [condition, anthropic]}},
+            "body_format_override": {
+                "json_format": {"type": "error", "error": {"type": "api_error", "message": message}},
+                "content_type": "application/json",
+            },
+        },
+        {
+            "filter": condition,
+            "body_format_override": {
+                "json_format": {"error": {"message": message, "type": "server_error", "param": None, "code": code}},
+                "content_type": "application/json",
+            },
+        },
+    ]
+
+
 def local_reply_config() -> dict[str, Any]:
     """HCM ``local_reply_config``: Envoy-generated errors as OpenAI- or Anthropic-style JSON.
 
     The caller's format is told by the ``anthropic-version`` header every Anthropic client sends
     (the processor also sets it on calls it routes to an Anthropic provider). Replies that the
-    processor generates itself carry no upstream flag and keep their own body.
+    processor generates itself carry ``ai.extproc.replied`` metadata and keep their own body.
     """
+    return {"mappers": [*upstream_failure_mappers(), *processor_failure_mappers()]}
+
+
+def upstream_failure_mappers() -> list[dict[str, Any]]:
+    """Upstream timeout, connection failure, overflow...: Envoy's reply body, as JSON."""
     flags = {"response_flag_filter": {"flags": list(UPSTREAM_FAILURE_FLAGS)}}
-    anthropic = {"header_filter": {"header": {"name": "anthropic-version", "present_match": True}}}
-    return {
-        "mappers": [
-            {
-                "filter": {"and_filter": {"filters": [flags, anthropic]}},
-                "body_format_override": {
-                    "json_format": {"type": "error", "error": {"type": "api_error", "message": "%LOCAL_REPLY_BODY%"}},
-                    "content_type": "application/json",
-                },
-            },
-            {
-                "filter": flags,
-                "body_format_override": {
-                    "json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": "server_error", "param": None,
-                                              "code": "%RESPONSE_CODE_DETAILS%"}},
-                    "content_type": "application/json",
-                },
-            },
-        ]
-    }
+    return _json_bodies(flags, "%LOCAL_REPLY_BODY%", "%RESPONSE_CODE_DETAILS%")
+
+
+def processor_failure_mappers() -> list[dict[str, Any]]:
+    """The processor unreachable, failing or too slow (fail closed): a clear 503/504 instead of an empty 500."""
+    failed = {"and_filter": {"filters": [
+        {"status_code_filter": {"comparison": {
+            "op": "GE", "value": {"default_value": 500, "runtime_key": "ai_extproc.local_reply.min_status"}}}},
+        {"metadata_filter": {
+            "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "replied"}], "value": {"present_match": True},
+                        "invert": True},
+            "match_if_key_not_found": True,
+        }},
+    ]}}
+    return _json_bodies(failed, "the AI policy processor could not be reached; the call was not sent to any "
+                        "provider", "%RESPONSE_CODE_DETAILS%")

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import grpc
 import httpx
 import openai
@@ -121,3 +122,21 @@ def test_unreachable_provider_is_a_json_error_in_the_callers_format(own_stack: t
     assert isinstance(body, dict)
     assert body["type"] == "server_error" and body["message"].startswith("upstream connect error")
     assert body["code"].startswith("upstream_reset_before_response_started")
+
+
+def test_processor_down_is_a_clear_503_in_the_callers_format(own_stack: tuple[Stack, Path]) -> None:
+    """Fail closed: with no processor the call is not sent anywhere, and the caller is told so."""
+    stack, _ = own_stack
+    stack.processor.stop()
+    with pytest.raises(openai.APIStatusError) as caught:
+        chat(stack, "auth_assistant")
+    assert caught.value.status_code == 503
+    body = caught.value.body
+    assert isinstance(body, dict) and body["type"] == "server_error"
+    assert body["message"].startswith("the AI policy processor could not be reached")
+    assert body["code"].startswith("ext_proc_error")
+    claude = anthropic.Anthropic(base_url=stack.base_url("user-service"), api_key="x", max_retries=0)
+    with pytest.raises(anthropic.APIStatusError) as anthropic_caught:
+        claude.messages.create(model="x", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert anthropic_caught.value.status_code == 503
+    assert anthropic_caught.value.body["error"]["type"] == "api_error"  # type: ignore[index]
