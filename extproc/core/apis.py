@@ -56,7 +56,7 @@ class ErrorKind(Enum):
     TOO_LARGE = (413, "invalid_request_error", "request_too_large")
     MEDIA_TYPE = (415, "invalid_request_error", "invalid_request_error")
     RATE_LIMIT = (429, "rate_limit_exceeded", "rate_limit_error")
-    INTERNAL = (500, "server_error", "api_error")
+    # No 500 or 504 here: Envoy's local-reply mappers read those as "the processor failed".
     UNAVAILABLE = (503, "server_error", "overloaded_error")
 
     @property

@@ -54,8 +54,6 @@ def ext_proc_filter(
                 "envoy_grpc": {"cluster_name": cluster_name, "authority": authority},
             },
             "failure_mode_allow": failure_mode_allow,
-            # Fail closed with 503 (the mapper in local_reply_config gives it a JSON body), not Envoy's 500.
-            "status_on_error": {"code": "ServiceUnavailable"},
             "message_timeout": f"{message_timeout_ms / 1000:g}s",
             "processing_mode": {
                 "request_header_mode": "SEND",
@@ -182,7 +180,7 @@ def local_reply_config() -> dict[str, Any]:
 
     The caller's format is told by the ``anthropic-version`` header every Anthropic client sends
     (the processor also sets it on calls it routes to an Anthropic provider). Replies that the
-    processor generates itself carry ``ai.extproc.replied`` metadata and keep their own body.
+    processor generates itself keep their own body.
     """
     return {"mappers": [*upstream_failure_mappers(), *processor_failure_mappers()]}
 
@@ -194,15 +192,18 @@ def upstream_failure_mappers() -> list[dict[str, Any]]:
 
 
 def processor_failure_mappers() -> list[dict[str, Any]]:
-    """The processor unreachable, failing or too slow (fail closed): a clear 503/504 instead of an empty 500."""
-    failed = {"and_filter": {"filters": [
-        {"status_code_filter": {"comparison": {
-            "op": "GE", "value": {"default_value": 500, "runtime_key": "ai_extproc.local_reply.min_status"}}}},
-        {"metadata_filter": {
-            "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "replied"}], "value": {"present_match": True},
-                        "invert": True},
-            "match_if_key_not_found": True,
-        }},
-    ]}}
-    return _json_bodies(failed, "the AI policy processor could not be reached; the call was not sent to any "
-                        "provider", "%RESPONSE_CODE_DETAILS%")
+    """The processor unreachable, failing (500) or too slow (504): a clear JSON error, 500 becoming 503.
+
+    Matching on status is exact because the processor's own replies never use 500 or 504, and
+    upstream failures are taken by the mappers before these (they carry response flags).
+    """
+    message = "the AI policy processor could not be reached; the call was not sent to any provider"
+    mappers = []
+    for status, answer in ((500, 503), (504, 504)):
+        condition = {"status_code_filter": {"comparison": {
+            "op": "EQ", "value": {"default_value": status, "runtime_key": f"ai_extproc.local_reply.status_{status}"}}}}
+        for mapper in _json_bodies(condition, message, "%RESPONSE_CODE_DETAILS%"):
+            if answer != status:
+                mapper["status_code"] = answer
+            mappers.append(mapper)
+    return mappers

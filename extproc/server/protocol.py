@@ -101,8 +101,6 @@ def immediate_response(decision: LocalReply) -> pb.ProcessingResponse:
             body=decision.body,
             details=decision.details,
         ),
-        # Marks the reply as ours, so Envoy's local-reply mappers leave its body alone.
-        dynamic_metadata=_metadata({"replied": decision.details}),
     )
 
 
