@@ -16,15 +16,14 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from extproc.core.decision import METADATA_NAMESPACE
 from extproc.envoy_config.filter import (
     INTERNAL_REQUEST_HEADERS,
-    RESPONSE_HEADERS,
     ext_proc_filter,
     local_reply_config,
     response_headers_to_add,
@@ -92,16 +91,18 @@ def _hosts(spec: IstioSpec) -> list[ProviderHost]:
     return list(seen.values())
 
 
-def routed_calls_only(config: dict[str, Any]) -> dict[str, Any]:
-    """``local_reply_config`` whose mappers also require our decision's metadata (its provider key)."""
-    provider_key = dict(RESPONSE_HEADERS)["x-ai-provider"]
-    routed = {"metadata_filter": {
-        "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": provider_key}], "value": {"present_match": True}},
-        "match_if_key_not_found": False,
-    }}
+def provider_calls_only(config: dict[str, Any], hosts: Iterable[ProviderHost]) -> dict[str, Any]:
+    """``local_reply_config`` whose mappers also require a provider host as ``:authority``.
+
+    In a sidecar the HCM serves every service on the port, so replies to other services must keep
+    Envoy's usual bodies; a call to (or re-routed to) a provider carries the provider's host.
+    """
+    names = "|".join(re.escape(h.host) for h in hosts)
+    to_provider = {"header_filter": {"header": {
+        "name": ":authority", "string_match": {"safe_regex": {"regex": f"^({names})(:[0-9]+)?$"}}}}}
     scoped = copy.deepcopy(config)
     for mapper in scoped["mappers"]:
-        mapper["filter"] = {"and_filter": {"filters": [routed, mapper["filter"]]}}
+        mapper["filter"] = {"and_filter": {"filters": [to_provider, mapper["filter"]]}}
     return scoped
 
 
@@ -117,9 +118,9 @@ def envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
                 "match": {"context": "SIDECAR_OUTBOUND", "listener": copy.deepcopy(listener_match)},
                 "patch": {"operation": "INSERT_BEFORE", "value": {**http_filter, "disabled": True}},
             })
-        # Envoy's own errors (upstream timeout, unreachable) in the caller's API format. The setting
-        # is HCM-wide, so it is narrowed to calls the processor routed: other services on this port
-        # keep Envoy's usual replies.
+        # Envoy's own errors (provider or processor unreachable, timeouts) in the caller's API format.
+        # The setting is HCM-wide, so it is narrowed to calls to provider hosts: other services on
+        # this port keep Envoy's usual replies.
         patches.append({
             "applyTo": "NETWORK_FILTER",
             "match": {"context": "SIDECAR_OUTBOUND", "listener": {"portNumber": port, "filterChain": {
@@ -127,7 +128,7 @@ def envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
             "patch": {"operation": "MERGE", "value": {"name": HCM, "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                          "HttpConnectionManager",
-                "local_reply_config": routed_calls_only(local_reply_config()),
+                "local_reply_config": provider_calls_only(local_reply_config(), hosts),
             }}}},
         )
     for host in hosts:

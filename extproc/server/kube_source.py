@@ -181,10 +181,6 @@ class KubePolicySource:
             return policy_document(obj, self._options.root_namespace)
         return provider_document(obj, self._options.secrets_dir)
 
-    def statuses(self) -> dict[ObjectKey, ObjectStatus]:
-        with self._lock:
-            return dict(self._statuses)
-
     # ---- informers ----------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -230,3 +230,35 @@ def test_a_mesh_file_change_re_judges_objects_and_updates_their_status(cluster: 
     assert cluster.store.reload()  # what the file watcher does when the ConfigMap changes
     assert cluster.models("search") == {"ranker": "llama-3"}
     assert eventually(lambda: cluster.status(POL, "demo", "search").get("state") == "Accepted")
+
+
+def test_serve_kubernetes_is_not_ready_before_the_first_list(tmp_path: Path) -> None:
+    """The processor listens (so its gRPC probes pass) only once both kinds are listed."""
+    import socket
+    import sys
+
+    from extproc.launch import Managed, free_port, wait_for_port
+
+    kube = FakeKube()
+    kube.put(PROV, "ai-system", "openai", {"api": "openai", "base_url": "http://api.openai.com/v1"})
+    kube.put(POL, "demo", "user-service", sample_spec("user-service"))
+    api_port, grpc_port = free_port(), free_port()
+    processor = Managed("processor", [sys.executable, "-m", "extproc", "serve-kubernetes", "--listen",
+                                      f"127.0.0.1:{grpc_port}", "--kube-api", f"http://127.0.0.1:{api_port}"],
+                        log_dir=tmp_path).start()
+    try:
+        # The API server is not there yet: the processor is up and retrying, but not listening.
+        eventually(lambda: "list/watch interrupted" in processor.log_text(), timeout=15)
+        assert processor.process is not None and processor.process.poll() is None
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", grpc_port), timeout=0.2):
+            pass
+        served = Served(kube, port=api_port)
+        try:
+            wait_for_port(grpc_port, 15, processor.process)
+            eventually(lambda: kube.get(POL, "demo", "user-service").get("status", {}).get("state") == "Accepted")
+        finally:
+            processor.stop(timeout=5)
+            served.close()
+    finally:
+        processor.stop(timeout=5)
+    assert "listed 1 AIPolicy object(s)" in processor.log_text()
