@@ -1,4 +1,4 @@
-"""The request's journey: identify caller → resolve policy → decide (route, cache, quota) → mutations.
+"""The request's journey: identify caller → resolve policy → decide (route, cache, quota) → mutations → observe.
 
 Two entry points mirror what Envoy tells us and when: :meth:`Decider.on_headers` may answer on
 headers alone (a pass-through path, an unknown caller, a bad content type); otherwise
@@ -8,6 +8,7 @@ layer turns into one ext_proc response.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from extproc.policy.compiled import PolicySet, ServiceModels
 from extproc.policy.model import ModelRoute
 from extproc.quota.engine import QuotaEngine, Refused, Reservation, Unavailable
 from extproc.quota.plan import METRIC_REQUESTS, Estimate, plan_counters
+from extproc.telemetry.metrics import CallLabels, Metrics
 
 METADATA_NAMESPACE = "ai.extproc"
 # Set on calls whose response must be read for token settlement; Envoy's usage filter keys on it
@@ -115,6 +117,15 @@ class Exchange:
         return _reject(self.endpoint.api, error)
 
     async def on_body(self, body: bytes) -> Decision:
+        decision = await self._decide(body)
+        self.decider.count(decision, self.policy, self.caller)
+        return decision
+
+    def labels(self, provider: str | None = None, route: str | None = None, model: str | None = None) -> CallLabels:
+        return CallLabels.of(self.policy, service=self.caller.service, namespace=self.caller.namespace,
+                             provider=provider, request_model=route, response_model=model)
+
+    async def _decide(self, body: bytes) -> Decision:
         if len(body) > self.max_body_bytes:
             return self.too_large()
         data = _parse_json(body)
@@ -143,6 +154,7 @@ class Exchange:
         cache = self._cache_plan(data, route, target)
         if cache is not None and cache.read:
             entry = await self.decider.cache.get(cache.key)
+            self.decider.metrics.cache_lookups.labels(*self.labels().caller, "miss" if entry is None else "hit").inc()
             if entry is not None:
                 return await self._cache_hit(entry, data, requested, route, target)
         # Quota last: a call refused for any other reason must not consume it.
@@ -210,6 +222,7 @@ class Exchange:
         admission = await quota.admit(counters, estimate, fail_mode)
         if isinstance(admission, Refused):
             counter = admission.counter
+            self.decider.metrics.quota_rejections.labels(*self.labels().caller, counter.metric).inc()
             kind = "requests" if counter.metric == METRIC_REQUESTS else "tokens"
             reject = self.reject(ApiError(
                 ErrorKind.RATE_LIMIT,
@@ -264,7 +277,9 @@ class Exchange:
                 usage_mode, rewrite = USAGE_STRIP, True
             metadata[SETTLE_KEY] = SettleInfo(
                 reservation, str(self.endpoint.api), charge.input_tokens if charge else 0, provider.name,
-                target.model, store.key if store else None, store.ttl_s if store else 0).encode()
+                target.model, store.key if store else None, store.ttl_s if store else 0,
+                self.endpoint.operation, route.name, time.time(), self.caller.service or "",
+                self.caller.namespace or "").encode()
         if usage_mode is not None:
             headers.append((USAGE_HEADER, usage_mode))
         elif USAGE_HEADER in self.request.headers:
@@ -280,17 +295,37 @@ class Decider:
     """Stateless apart from the current policy snapshot and the credential cache."""
 
     def __init__(self, policies: Callable[[], PolicySet], credentials: CredentialStore, quota: QuotaEngine,
-                 cache: ResponseCache) -> None:
+                 cache: ResponseCache, metrics: Metrics | None = None) -> None:
         self._policies = policies
         self.credentials = credentials
         self.quota = quota
         self.cache = cache
+        self.metrics = metrics or Metrics()
 
     def policy(self) -> PolicySet:
         return self._policies()
 
+    def count(self, decision: Decision, policy: PolicySet, caller: Caller) -> None:
+        """One AI call decided: forwarded, answered from the cache, or refused (by its code)."""
+        if isinstance(decision, Forward):
+            meta = decision.metadata
+            labels = CallLabels.of(policy, service=caller.service, namespace=caller.namespace,
+                                   provider=meta.get("provider"), request_model=meta.get("route"))
+            outcome = "forwarded"
+        else:
+            labels = CallLabels.of(policy, service=caller.service, namespace=caller.namespace)
+            outcome = decision.details.removeprefix("ai_")
+        self.metrics.calls.labels(*labels.caller, labels.provider, labels.request_model, outcome).inc()
+
     def on_headers(self, request: HttpRequest, end_of_stream: bool) -> Decision | Exchange:
         """Decide on headers alone, or return the :class:`Exchange` that waits for the body."""
+        result = self._on_headers(request, end_of_stream)
+        if isinstance(result, LocalReply):
+            policy = self._policies()
+            self.count(result, policy, identify(request.attributes, request.headers, policy.mesh.identity))
+        return result
+
+    def _on_headers(self, request: HttpRequest, end_of_stream: bool) -> Decision | Exchange:
         policy = self._policies()
         mesh = policy.mesh
         # Headers only we may set: the identity header (unless trusted) and the usage-filter switch.

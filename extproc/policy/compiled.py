@@ -47,6 +47,8 @@ class PolicySet:
     default: ServiceModels | None
     version: str
     prices: PriceTable
+    model_names: frozenset[str] = frozenset()  # every logical and upstream model name the policy mentions
+    known_services: frozenset[str] = frozenset()
 
     def for_caller(self, service: str | None, namespace: str | None) -> ServiceModels | None:
         """The caller's own policy (namespace-specific first), else the mesh default if enabled."""
@@ -70,6 +72,7 @@ def compile_policy_set(
     prices: Iterable[Price] = (),
 ) -> PolicySet:
     by_name = MappingProxyType({p.name: p for p in providers})
+    services = list(services)
     return PolicySet(
         mesh=mesh,
         providers=by_name,
@@ -80,4 +83,11 @@ def compile_policy_set(
         default=ServiceModels.build("mesh.default_policy", mesh.default_policy) if mesh.default_policy else None,
         version=version,
         prices=PriceTable(prices, by_name),
+        model_names=frozenset(
+            name
+            for proxy in [p.ai_proxy for _, p in services] + ([mesh.default_policy] if mesh.default_policy else [])
+            for route in proxy.models
+            for name in (route.name, route.model, *(v.model for v in route.variants if v.model))
+        ),
+        known_services=frozenset(p.service for _, p in services),
     )

@@ -10,10 +10,13 @@ from extproc.cache.store import ResponseCache
 from extproc.policy.compiled import PolicySet
 from extproc.quota.engine import QuotaEngine
 from extproc.quota.report import report
+from extproc.telemetry.metrics import Metrics
 
 
 class AdminServer:
-    def __init__(self, policy: Callable[[], PolicySet], quota: QuotaEngine, cache: ResponseCache) -> None:
+    def __init__(self, policy: Callable[[], PolicySet], quota: QuotaEngine, cache: ResponseCache,
+                 metrics: Metrics) -> None:
+        self._metrics = metrics
         self._policy = policy
         self._quota = quota
         self._cache = cache
@@ -25,6 +28,7 @@ class AdminServer:
         app.router.add_get("/config", self._config)
         app.router.add_get("/quota", self._quota_usage)
         app.router.add_get("/cache", self._cache_stats)
+        app.router.add_get("/metrics", self._prometheus)
         self._app = app
 
     async def start(self, host: str, port: int) -> None:
@@ -51,6 +55,10 @@ class AdminServer:
             "services": {f"{ns}/{name}" if ns else name: [m.name for m in models.proxy.models]
                          for (ns, name), models in policy.services.items()},
         })
+
+    async def _prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.render(), content_type="text/plain", charset="utf-8",
+                            headers={"x-content-type-options": "nosniff"})
 
     async def _cache_stats(self, request: web.Request) -> web.Response:
         return web.json_response({"backend": self._cache.backend_name, "stats": vars(self._cache.stats)})

@@ -21,6 +21,7 @@ from extproc.quota.engine import QuotaEngine
 from extproc.server.admin import AdminServer
 from extproc.server.policy_store import PolicyStore
 from extproc.server.processor import AsyncExternalProcessor
+from extproc.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
     from extproc.server.kube_source import KubeOptions
@@ -58,7 +59,8 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     # The quota store is chosen at startup; a policy reload changes limits, not where counters live.
     quota = QuotaEngine(store.current().mesh.quota)
     cache = ResponseCache(store.current().mesh.cache)
-    admin = AdminServer(store.current, quota, cache)
+    metrics = Metrics()
+    admin = AdminServer(store.current, quota, cache, metrics)
     if options.admin is not None:
         await admin.start(*options.admin)
     server = grpc.aio.server(
@@ -69,7 +71,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         ]
     )
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        AsyncExternalProcessor(Decider(store.current, CredentialStore(), quota, cache)), server
+        AsyncExternalProcessor(Decider(store.current, CredentialStore(), quota, cache, metrics)), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -12,6 +12,7 @@ stream as soon as the request is answered instead of holding it open for the who
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -40,6 +41,7 @@ class Session:
     """The protocol state of one ext_proc stream, independent of the gRPC flavour serving it."""
 
     __slots__ = ("_chunks", "_decider", "_exchange", "_replied", "_size", "done")
+    kind = "decision"
 
     def __init__(self, decider: Decider) -> None:
         self._decider = decider
@@ -110,6 +112,7 @@ class UsageSession:
     """
 
     __slots__ = ("_settlement", "done")
+    kind = "usage"
 
     def __init__(self, settlement: Settlement | None) -> None:
         self._settlement = settlement
@@ -164,17 +167,26 @@ class AsyncExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         session: Session | UsageSession | None = None
+        metrics = self._decider.metrics
+        busy = 0.0  # time spent handling messages, not waiting for Envoy
         try:
             async for message in request_iterator:
+                started = time.perf_counter()
                 if session is None:
                     session = self._open(message)
-                for response in await session.on_message(message):
+                    metrics.in_flight.labels(session.kind).inc()
+                responses = await session.on_message(message)
+                busy += time.perf_counter() - started
+                for response in responses:
                     yield response
                 if session.done:
                     return
         finally:
             if isinstance(session, UsageSession):
                 await session.close()
+            if session is not None:
+                metrics.in_flight.labels(session.kind).dec()
+                metrics.phase.labels(session.kind).observe(busy)
 
     def _open(self, message: pb.ProcessingRequest) -> Session | UsageSession:
         if message.HasField("request_headers"):
@@ -183,7 +195,8 @@ class AsyncExternalProcessor(pb_grpc.ExternalProcessorServicer):
         settlement = None
         if info is not None:
             strip = not message.observability_mode
-            settlement = Settlement(info, self._decider.policy(), self._decider.quota, self._decider.cache, strip)
+            settlement = Settlement(info, self._decider.policy(), self._decider.quota, self._decider.cache, strip,
+                                    self._decider.metrics)
         return UsageSession(settlement)
 
 

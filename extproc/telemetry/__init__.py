@@ -1,0 +1,1 @@
+"""What operators see: Prometheus metrics named after the OpenTelemetry GenAI conventions."""

@@ -1,0 +1,94 @@
+"""Prometheus metrics for every decision and every settled response.
+
+Names follow the OpenTelemetry GenAI semantic conventions in their Prometheus form
+(``gen_ai.client.token.usage`` → ``gen_ai_client_token_usage``). Label values come from the
+active policy only (its services, models and providers); anything else is folded into ``other``,
+so a misbehaving caller cannot blow up the series count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from extproc.core.usage import Usage
+from extproc.policy.compiled import PolicySet
+
+OTHER = "other"
+_TOKEN_BUCKETS = tuple(4.0 ** i for i in range(14))  # 1 .. 67M, as Envoy AI Gateway uses
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_PHASE_SECONDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        caller = ["service", "namespace"]
+        genai = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model"]
+        self.calls = Counter("ai_extproc_calls", "AI calls decided, by outcome (forwarded, cache_hit or the "
+                             "refusal code).", [*caller, "gen_ai_provider_name", "gen_ai_request_model", "outcome"],
+                             registry=r)
+        self.quota_rejections = Counter("ai_extproc_quota_rejections", "Calls refused by a quota, by the kind of "
+                                        "limit that tripped.", [*caller, "limit"], registry=r)
+        self.cache_lookups = Counter("ai_extproc_cache_lookups", "Response cache lookups.", [*caller, "result"],
+                                     registry=r)
+        self.tokens = Histogram("gen_ai_client_token_usage", "Tokens used per call, as the provider reported them "
+                                "(estimated for cut streams).", [*caller, *genai, "gen_ai_token_type"],
+                                buckets=_TOKEN_BUCKETS, registry=r)
+        self.cost = Counter("ai_extproc_cost_usd", "Spend in USD from the price table.",
+                            [*caller, "gen_ai_provider_name", "gen_ai_response_model"], registry=r)
+        self.duration = Histogram("gen_ai_server_request_duration_seconds", "From the decision to the end of the "
+                                  "response.", [*caller, *genai, "status"], buckets=_SECONDS, registry=r)
+        self.ttft = Histogram("gen_ai_server_time_to_first_token_seconds", "From the decision to the first "
+                              "response byte of a streamed call.", [*caller, *genai], buckets=_SECONDS, registry=r)
+        self.phase = Histogram("ai_extproc_processing_seconds", "Time spent inside the processor per ext_proc "
+                               "stream, by phase.", ["phase"], buckets=_PHASE_SECONDS, registry=r)
+        self.in_flight = Gauge("ai_extproc_streams_in_flight", "Open ext_proc streams, by kind.", ["kind"],
+                               registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass(frozen=True, slots=True)
+class CallLabels:
+    """Label values for one call, bounded by the policy in force."""
+
+    service: str
+    namespace: str
+    provider: str
+    request_model: str
+    response_model: str
+
+    @classmethod
+    def of(cls, policy: PolicySet, *, service: str | None, namespace: str | None, provider: str | None = None,
+           request_model: str | None = None, response_model: str | None = None) -> CallLabels:
+        known = service in policy.known_services
+        return cls(
+            service if known and service else OTHER,
+            (namespace or "") if known else OTHER,
+            _bounded(provider, policy.providers),
+            _bounded(request_model, policy.model_names),
+            _bounded(response_model, policy.model_names),
+        )
+
+    @property
+    def caller(self) -> tuple[str, str]:
+        return self.service, self.namespace
+
+
+def _bounded(value: str | None, known: Collection[str]) -> str:
+    if value is None:
+        return ""
+    return value if value in known else OTHER
+
+
+def record_usage(metrics: Metrics, labels: CallLabels, operation: str, usage: Usage) -> None:
+    genai = (operation, labels.provider, labels.request_model, labels.response_model)
+    for kind, value in (("input", usage.input_tokens), ("output", usage.output_tokens),
+                        ("cached_input", usage.cached_input_tokens), ("reasoning", usage.reasoning_tokens)):
+        if value or kind in ("input", "output"):
+            metrics.tokens.labels(*labels.caller, *genai, kind).observe(value)
