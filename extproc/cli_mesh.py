@@ -38,13 +38,10 @@ def _sample_dir() -> Path:
 
 
 def cmd_render_crds(args: argparse.Namespace) -> int:
+    from extproc.cli import write_output
     from extproc.policy.crd import render_crds
 
-    text = _yaml_stream(render_crds(), "extproc render crds")
-    if args.output:
-        Path(args.output).write_text(text)
-    else:
-        sys.stdout.write(text)
+    write_output(_yaml_stream(render_crds(), "extproc render crds"), args.output)
     return 0
 
 

@@ -17,10 +17,9 @@ import yaml
 
 from extproc.envoy_config.filter import (
     INTERNAL_REQUEST_HEADERS,
-    ext_proc_filter,
     local_reply_config,
+    processor_http_filters,
     response_headers_to_add,
-    usage_filter,
 )
 from extproc.policy.model import Provider
 
@@ -171,8 +170,7 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
             "request_headers_to_remove": list(INTERNAL_REQUEST_HEADERS),
         },
         "http_filters": [
-            *([ext_proc_filter(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_AUTHORITY),
-               usage_filter(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_AUTHORITY)]
+            *(processor_http_filters(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_AUTHORITY)
               if spec.with_processor else []),
             {"name": "envoy.filters.http.router",
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},

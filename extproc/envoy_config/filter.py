@@ -134,6 +134,12 @@ def usage_filter(*, cluster_name: str, authority: str) -> dict[str, Any]:
     }
 
 
+def processor_http_filters(*, cluster_name: str, authority: str) -> list[dict[str, Any]]:
+    """Both of our HTTP filters, in order, for an HCM's http_filters (before the router)."""
+    return [ext_proc_filter(cluster_name=cluster_name, authority=authority),
+            usage_filter(cluster_name=cluster_name, authority=authority)]
+
+
 # The usage switch is for Envoy only: never sent to providers (route_config.request_headers_to_remove).
 INTERNAL_REQUEST_HEADERS: tuple[str, ...] = (USAGE_HEADER,)
 

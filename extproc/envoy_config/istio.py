@@ -24,10 +24,9 @@ from urllib.parse import urlsplit
 
 from extproc.envoy_config.filter import (
     INTERNAL_REQUEST_HEADERS,
-    ext_proc_filter,
     local_reply_config,
+    processor_http_filters,
     response_headers_to_add,
-    usage_filter,
 )
 from extproc.policy.crd import API_VERSION
 from extproc.policy.model import Provider
@@ -78,9 +77,7 @@ def provider_host(provider: Provider) -> ProviderHost:
 
 def processor_filters(spec: IstioSpec) -> list[dict[str, Any]]:
     """The HTTP filters our processor needs, in order, pointed at the processor's Istio cluster."""
-    # The same filters, in the same order, as the standalone bootstrap (a test compares them).
-    return [ext_proc_filter(cluster_name=spec.processor_cluster, authority=spec.processor_host),
-            usage_filter(cluster_name=spec.processor_cluster, authority=spec.processor_host)]
+    return processor_http_filters(cluster_name=spec.processor_cluster, authority=spec.processor_host)
 
 
 def _hosts(spec: IstioSpec) -> list[ProviderHost]:
