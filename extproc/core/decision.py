@@ -121,9 +121,10 @@ class Exchange:
         self.decider.count(decision, self.policy, self.caller)
         return decision
 
-    def labels(self, provider: str | None = None, route: str | None = None, model: str | None = None) -> CallLabels:
-        return CallLabels.of(self.policy, service=self.caller.service, namespace=self.caller.namespace,
-                             provider=provider, request_model=route, response_model=model)
+    @property
+    def caller_labels(self) -> tuple[str, str]:
+        labels = CallLabels.of(self.policy, service=self.caller.service, namespace=self.caller.namespace)
+        return labels.caller
 
     async def _decide(self, body: bytes) -> Decision:
         if len(body) > self.max_body_bytes:
@@ -154,7 +155,7 @@ class Exchange:
         cache = self._cache_plan(data, route, target)
         if cache is not None and cache.read:
             entry = await self.decider.cache.get(cache.key)
-            self.decider.metrics.cache_lookups.labels(*self.labels().caller, "miss" if entry is None else "hit").inc()
+            self.decider.metrics.cache_lookups.labels(*self.caller_labels, "miss" if entry is None else "hit").inc()
             if entry is not None:
                 return await self._cache_hit(entry, data, requested, route, target)
         # Quota last: a call refused for any other reason must not consume it.
@@ -222,7 +223,7 @@ class Exchange:
         admission = await quota.admit(counters, estimate, fail_mode)
         if isinstance(admission, Refused):
             counter = admission.counter
-            self.decider.metrics.quota_rejections.labels(*self.labels().caller, counter.metric).inc()
+            self.decider.metrics.quota_rejections.labels(*self.caller_labels, counter.metric).inc()
             kind = "requests" if counter.metric == METRIC_REQUESTS else "tokens"
             reject = self.reject(ApiError(
                 ErrorKind.RATE_LIMIT,

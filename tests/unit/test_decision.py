@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from extproc.cache.entry import CacheEntry
 from extproc.cache.store import ResponseCache
 from extproc.core.credentials import CredentialStore
 from extproc.core.decision import Decider, Exchange, Forward, HttpRequest, LocalReply
@@ -326,3 +327,36 @@ def test_stream_usage_is_injected_only_when_needed(tmp_path: Path) -> None:
     (tmp_path / "plain").mkdir()
     unlimited = decide(make_decider(tmp_path / "plain"), {"model": "gpt-4", "stream": True, "messages": []})
     assert isinstance(unlimited, Forward) and "x-ai-usage" not in dict(unlimited.set_headers)
+
+
+CACHE_POLICY = """\
+mesh:
+  cache: {charge_hits: CHARGE}
+providers:
+- {name: openai, api: openai, base_url: http://api.openai.com/v1, credential: {env: OPENAI_KEY}}
+---
+service: order-service
+ai_proxy:
+  models:
+  - {name: chat, provider: openai, model: gpt-4, cache_ttl: 60, rate_limit: 2/min}
+"""
+
+
+@pytest.mark.parametrize("charge", [False, True])
+def test_cache_hits_and_quota(tmp_path: Path, charge: bool) -> None:
+    (tmp_path / "policy.yaml").write_text(CACHE_POLICY.replace("CHARGE", str(charge).lower()))
+    policy = load_policy([tmp_path])
+    decider = Decider(lambda: policy, CredentialStore(environ=ENV), QuotaEngine(QuotaSettings()),
+                      ResponseCache(CacheSettings()))
+    body = {"model": "chat", "temperature": 0, "messages": [{"role": "user", "content": "x"}]}
+    miss = decide(decider, body)
+    assert isinstance(miss, Forward) and miss.metadata["cache"] == "miss"
+    key = orjson.loads(miss.metadata["settle"])["ck"]
+    entry = CacheEntry(200, "application/json", b'{"cached":true}', 7, 3, 0.0)
+    asyncio.run(decider.cache.put(key, entry, 60))
+    hits = [decide(decider, body) for _ in range(3)]
+    assert all(isinstance(h, LocalReply) for h in hits)
+    statuses = [h.status for h in hits]  # type: ignore[union-attr]
+    # 2/min: the miss used one request. Charged hits use the other, then are refused like any call.
+    assert statuses == ([200, 429, 429] if charge else [200, 200, 200])
+    assert hits[0].body == b'{"cached":true}' and dict(hits[0].headers)["x-ai-cache"] == "hit"  # type: ignore[union-attr]
