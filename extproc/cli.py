@@ -9,8 +9,12 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from extproc.policy.loader import PolicyError, load_policy
+
+if TYPE_CHECKING:
+    from extproc.server.app import ServeOptions
 
 
 def sample_policy_dir() -> Path:
@@ -32,11 +36,18 @@ def _upstream(value: str) -> tuple[str, tuple[str, int]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from extproc.server.app import ServeOptions, run
+    from extproc.server.app import ServeOptions
+
+    return run_server(ServeOptions(args.listen, tuple(args.policy or [sample_policy_dir()]), args.grace,
+                                   args.watch, admin=args.admin))
+
+
+def run_server(options: ServeOptions) -> int:
+    """Serve until stopped; a bad policy at startup exits 2 with its problems, a bind failure 1."""
+    from extproc.server.app import run
 
     try:
-        run(ServeOptions(args.listen, tuple(args.policy or [sample_policy_dir()]), args.grace, args.watch,
-                         admin=args.admin))
+        run(options)
     except PolicyError as exc:
         print(f"extproc: refusing to start, the policy is invalid:\n{exc}", file=sys.stderr)
         return 2

@@ -112,7 +112,7 @@ def add_render_parsers(render_sub: Any) -> None:
 
 
 def cmd_serve_kubernetes(args: argparse.Namespace) -> int:
-    from extproc.server.app import ServeOptions, run
+    from extproc.server.app import ServeOptions
     from extproc.server.kube_source import KubeOptions
 
     options = ServeOptions(
@@ -121,15 +121,9 @@ def cmd_serve_kubernetes(args: argparse.Namespace) -> int:
                                secrets_dir=args.secrets_dir),
         kube_api=args.kube_api,
     )
-    try:
-        run(options)
-    except PolicyError as exc:
-        print(f"extproc: refusing to start, the policy files are invalid:\n{exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"extproc: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    from extproc.cli import run_server
+
+    return run_server(options)
 
 
 def add_serve_kubernetes_parser(sub: Any) -> None:

@@ -26,6 +26,7 @@ from extproc.translate import TranslationError
 from extproc.translate import anthropic_to_openai as a2o
 from extproc.translate import openai_to_anthropic as o2a
 from extproc.translate.sse import SseParser
+from tests.chunking import CHUNKINGS, split
 
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 PDF_B64 = "JVBERi0xLjQKJcfsj6IKMSAwIG9iago8PD4+CmVuZG9iagp0cmFpbGVyCjw8Pj4KJSVFT0YK"
@@ -35,21 +36,6 @@ WEATHER_SCHEMA = {
     "required": ["city"],
 }
 TIME_SCHEMA = {"type": "object", "properties": {"tz": {"type": "string"}}}
-
-CHUNKINGS = ["whole", "bytes", "halves", "seed-1", "seed-2", "seed-3"]
-
-
-def split(data: bytes, how: str) -> list[bytes]:
-    if how == "whole":
-        return [data]
-    if how == "bytes":
-        return [data[i : i + 1] for i in range(len(data))]
-    if how == "halves":
-        return [data[: len(data) // 2], data[len(data) // 2 :]]
-    rng = random.Random(int(how.removeprefix("seed-")))
-    cuts = sorted(rng.sample(range(1, len(data)), k=min(len(data) - 1, rng.randint(1, 60))))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
-
 
 def run(translator: o2a.StreamTranslator | a2o.StreamTranslator, chunks: list[bytes]) -> bytes:
     return b"".join(translator.feed(chunk) for chunk in chunks) + translator.finish()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import random
 import re
 import threading
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from aiohttp import web
 
 from extproc import mock_provider as mock
 from extproc.core.usage import Usage, UsageTracker, estimate_request_tokens
+from tests.chunking import split
 
 SYSTEM = "You are terse."
 USER_TEXT = "one two three four five six seven eight nine ten"
@@ -38,18 +38,6 @@ ANTHROPIC_PROMPT = math.ceil((len(SYSTEM) + len(USER_TEXT)) / 4)  # system passe
 COMPLETION = 12  # words in either reply
 
 CHUNKINGS = ["whole", "bytes", "halves", "seed-1", "seed-2", "seed-3", "seed-4", "seed-5"]
-
-
-def split(data: bytes, how: str) -> list[bytes]:
-    if how == "whole":
-        return [data]
-    if how == "bytes":
-        return [data[i : i + 1] for i in range(len(data))]
-    if how == "halves":
-        return [data[: len(data) // 2], data[len(data) // 2 :]]
-    rng = random.Random(int(how.removeprefix("seed-")))
-    cuts = sorted(rng.sample(range(1, len(data)), k=rng.randint(1, 60)))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
 def run(tracker: UsageTracker, chunks: list[bytes]) -> bytes:
