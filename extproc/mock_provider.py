@@ -17,6 +17,8 @@ Request headers understood (they override the MockConfig defaults):
   x-mock-cut-after: N       streaming: close the connection after N SSE events (0 = after headers),
                             leaving the chunked body unterminated
   x-mock-event-delay-ms: N  streaming: pause between events
+  x-mock-only: NAME[,NAME]  apply the x-mock-* faults only on the mock(s) so named (--name), so one
+                            request can fail on one provider and succeed on its fallback
 
 Order of checks: record, latency, reset, auth (and anthropic-version), injected fault, body validation.
 Anthropic auth accepts `x-api-key` and also `Authorization: Bearer`, because the anthropic SDK sends
@@ -772,9 +774,19 @@ def _record(request: web.Request, records: deque[dict[str, Any]], body: Any, pro
     )
 
 
+def _untargeted(request: web.Request, name: str) -> web.Request:
+    """The request without its fault headers when x-mock-only names other mocks."""
+    only = request.headers.get("x-mock-only")
+    if only is None or name in {part.strip() for part in only.split(",")}:
+        return request
+    kept = {k: v for k, v in request.headers.items() if not k.lower().startswith("x-mock-")}
+    return request.clone(headers=kept)
+
+
 async def _handle_api(request: web.Request, provider_api: str, kind: str) -> web.StreamResponse:
     started = time.monotonic()
     config = request.app[_CONFIG_KEY]
+    request = _untargeted(request, config.name)
     raw = await request.read()
     try:
         body: Any = _loads(raw) if raw else None

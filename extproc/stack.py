@@ -38,14 +38,19 @@ class Stack:
             self.processors: list[Managed] = []
             self.processor_ports: list[int] = []
             self.admin_ports: list[int] = []
+            self.relay_ports: list[int] = []
+            # Replicas share the key that signs fallback state, as a Kubernetes Secret would give them.
+            env.setdefault("EXTPROC_SIGNING_KEY", "stack-signing-key-0123456789abcdef")
             for replica in range(replicas):
-                port, admin = free_port(), free_port()
+                port, admin, relay = free_port(), free_port(), free_port()
                 managed = start_processor([policy_dir], port, log_dir=log_dir, env=env, name=f"processor-{replica}",
-                                          extra_args=["--admin", f"127.0.0.1:{admin}", *processor_args])
+                                          extra_args=["--admin", f"127.0.0.1:{admin}", "--relay",
+                                                      f"127.0.0.1:{relay}", *processor_args])
                 self.parts.append(managed)
                 self.processors.append(managed)
                 self.processor_ports.append(port)
                 self.admin_ports.append(admin)
+                self.relay_ports.append(relay)
             self.processor, self.processor_port, self.admin_port = (self.processors[0], self.processor_ports[0],
                                                                     self.admin_ports[0])
             self.mock_ports = {"openai": openai_port, "anthropic": anthropic_port}
@@ -55,7 +60,9 @@ class Stack:
                 port = free_port()
                 spec = SidecarSpec(service=service, namespace=NAMESPACE, listen_port=port, admin_port=free_port(),
                                    processor=("127.0.0.1", self.processor_port), upstreams=upstreams,
-                                   more_processors=tuple(("127.0.0.1", p) for p in self.processor_ports[1:]))
+                                   more_processors=tuple(("127.0.0.1", p) for p in self.processor_ports[1:]),
+                                   relay=tuple(("127.0.0.1", p) for p in self.relay_ports),
+                                   failure_mode_allow=policy.fails_open(service, NAMESPACE))
                 self.parts.append(start_envoy(spec, log_dir))
                 self.ports[service] = port
         except BaseException:

@@ -8,26 +8,36 @@ layer turns into one ext_proc response.
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 
 from extproc.cache.entry import CacheEntry
 from extproc.cache.key import CachePlan, plan_cache
 from extproc.cache.store import ResponseCache
-from extproc.core.apis import Api, ApiError, Endpoint, ErrorKind, api_of_caller, classify, split_path
+from extproc.core import fallback
+from extproc.core.apis import ENDPOINTS, Api, ApiError, Endpoint, ErrorKind, api_of_caller, classify, split_path
+from extproc.core.breaker import BreakerKey, Breakers, State
+from extproc.core.bulkhead import Bulkhead
 from extproc.core.credentials import CredentialStore
 from extproc.core.identity import Caller, identify
 from extproc.core.routing import Target, choose_target
 from extproc.core.settlement import SettleInfo
+from extproc.core.tokens import Signer
 from extproc.core.usage import estimate_request_tokens
 from extproc.policy.compiled import PolicySet, ServiceModels
-from extproc.policy.model import ModelRoute
+from extproc.policy.model import MeshSettings, ModelRoute
 from extproc.quota.engine import QuotaEngine, Refused, Reservation, Unavailable
 from extproc.quota.plan import METRIC_REQUESTS, Estimate, plan_counters
-from extproc.telemetry.metrics import CallLabels, Metrics
+from extproc.telemetry.metrics import CallLabels, Metrics, bounded
+from extproc.telemetry.record import CallRecord, CallSink, Hop
+from extproc.translate import TranslationError, anthropic_to_openai, openai_to_anthropic
+
+log = logging.getLogger(__name__)
 
 METADATA_NAMESPACE = "ai.extproc"
 # Set on calls whose response must be read for token settlement; Envoy's usage filter keys on it
@@ -35,8 +45,13 @@ METADATA_NAMESPACE = "ai.extproc"
 USAGE_HEADER = "x-ai-usage"
 USAGE_OBSERVE = "observe"
 USAGE_STRIP = "strip"
+USAGE_TRANSLATE = "translate"  # the provider speaks another API than the caller: rewrite the response
 SETTLE_KEY = "settle"
 TIMEOUT_HEADER = "x-envoy-upstream-rq-timeout-ms"
+PER_TRY_TIMEOUT_HEADER = "x-envoy-upstream-rq-per-try-timeout-ms"  # Envoy ignores it once the response started
+RETRIABLE_CODES_HEADER = "x-envoy-retriable-status-codes"
+# Envoy-control headers only policy may set; an internal redirect adds x-envoy-original-url.
+_UNTRUSTED = (TIMEOUT_HEADER, PER_TRY_TIMEOUT_HEADER, RETRIABLE_CODES_HEADER, "x-envoy-original-url")
 _JSON_TYPES = ("application/json",)
 
 
@@ -126,12 +141,23 @@ class Exchange:
         labels = CallLabels.of(self.policy, service=self.caller.service, namespace=self.caller.namespace)
         return labels.caller
 
+    @property
+    def _scope(self) -> tuple[str, str]:
+        """(namespace, service) of the caller: what its breakers, bulkhead and telemetry are kept under."""
+        return self.caller.namespace or "", self.caller.service or "unknown"
+
     async def _decide(self, body: bytes) -> Decision:
         if len(body) > self.max_body_bytes:
             return self.too_large()
         data = _parse_json(body)
         if isinstance(data, ApiError):
             return self.reject(data)
+        token = self.request.headers.get(fallback.HEADER)
+        if token is not None:
+            state = fallback.HopState.decode(token, self.decider.signer)
+            if state is not None and state.index > 0:
+                return self._next_hop(data, state)
+            # A forged, expired or foreign token is ignored: the call is decided afresh (and charged).
         requested = data.get("model")
         if not isinstance(requested, str) or not requested:
             return self.reject(ApiError(ErrorKind.INVALID_REQUEST, "'model' is required and must be a string",
@@ -144,25 +170,89 @@ class Exchange:
                 f"model {requested!r} is not allowed for {self.caller.describe()}; allowed models: {allowed}",
                 "model_not_allowed", "model"))
         target = choose_target(route, self.policy.providers, self.request.headers)
-        if target.provider.api != self.endpoint.api:
-            return self.reject(ApiError(
-                ErrorKind.INVALID_REQUEST,
-                f"model is served by provider {target.provider.name!r}, which speaks the {target.provider.api} "
-                f"API; this call uses the {self.endpoint.api} API", "api_mismatch", "model"))
-        credential = self._credential_headers(target)
-        if isinstance(credential, ApiError):
-            return self.reject(credential)
         cache = self._cache_plan(data, route, target)
         if cache is not None and cache.read:
             entry = await self.decider.cache.get(cache.key)
             self.decider.metrics.cache_lookups.labels(*self.caller_labels, "miss" if entry is None else "hit").inc()
-            if entry is not None:
+            if entry is not None and target.provider.api == self.endpoint.api:
                 return await self._cache_hit(entry, data, requested, route, target)
+        hops = fallback.chain(route, target, self.policy.providers)
+        start, skipped = self._first_live(hops, route, 0, ())
+        if start is None:
+            return self._all_failed(skipped)
         # Quota last: a call refused for any other reason must not consume it.
-        charge = await self._charge(data, route, target)
+        charge = await self._charge(data, route, hops[start])
         if isinstance(charge, LocalReply):
             return charge
-        return self._forward(data, requested, route, target, credential, charge, cache)
+        call_id = self.request.headers.get("x-request-id") or uuid.uuid4().hex
+        limit = self.service.proxy.max_in_flight or self.policy.mesh.resilience.max_in_flight
+        if limit is not None and not self.decider.bulkhead.enter(self._scope, call_id, limit):
+            if charge is not None and charge.reservation is not None:
+                await self.decider.quota.settle(charge.reservation, Estimate(0, 0, 0))  # refund: never sent
+            self.decider.metrics.bulkhead_rejections.labels(*self.caller_labels).inc()
+            return self.reject(ApiError(
+                ErrorKind.RATE_LIMIT, f"{self.caller.describe()} already has {limit} AI calls in flight (its "
+                "max_in_flight); retry when one has finished", "too_many_calls_in_flight", openai_type="requests"))
+        now = time.time()
+        settle = SettleInfo(
+            charge.reservation if charge is not None and charge.settles_tokens else None, str(self.endpoint.api),
+            charge.input_tokens if charge is not None else estimate_request_tokens(data, self.endpoint.api),
+            target.provider.name, target.model, cache.key if cache is not None and cache.write else None,
+            cache.ttl_s if cache is not None and cache.write else 0, self.endpoint.operation, route.name, now,
+            self._scope[1], self._scope[0], str(self.endpoint.api), _asks_usage(data), requested,
+            target.variant or "", self.policy.version, (), call_id if limit is not None else "",
+            self.request.headers.get("x-request-id", ""), self.request.headers.get("traceparent", ""),
+            _b3_of(self.request.headers))
+        state = fallback.HopState(
+            self._scope[0], self._scope[1], route.name, requested, str(self.endpoint.api),
+            (target.provider.name, target.model), target.variant or "", start, skipped, now, now, call_id,
+            settle.encode(), self.policy.version)
+        extra = dict(charge.headers) if charge is not None else {}
+        if cache is not None:
+            extra["cache"] = "miss"
+        return self._forward(data, self.endpoint.api, route, hops, state, settle, extra)
+
+    def _next_hop(self, data: dict[str, object], state: fallback.HopState) -> Decision:
+        """A fallback attempt, re-entering after the relay moved the call on: no second charge, no cache."""
+        caller_api = Api(state.caller_api)
+        route = self.service.resolve(state.route)
+        first = self.policy.providers.get(state.first[0])
+        if route is None or first is None:
+            return _reject(caller_api, ApiError(
+                ErrorKind.UNAVAILABLE, f"the policy changed during the call: model {state.route!r} is gone",
+                "policy_changed"))
+        hops = fallback.chain(route, Target(first, state.first[1], state.variant or None), self.policy.providers)
+        start, skipped = self._first_live(hops, route, state.index, state.hops)
+        if start is None:
+            return self._all_failed(skipped, caller_api)
+        state = replace(state, index=start, hops=skipped)
+        settle = SettleInfo.decode(state.settle)
+        # The body is in the format of the provider it was last sent to, which its path tells.
+        return self._forward(data, self.endpoint.api, route, hops, state, settle, {})
+
+    def _first_live(self, hops: list[Target], route: ModelRoute, index: int, before: tuple[Hop, ...]
+                    ) -> tuple[int | None, tuple[Hop, ...]]:
+        """The first hop from ``index`` whose breaker lets a call through; the hops skipped on the way."""
+        settings = route.circuit_breaker or self.policy.mesh.resilience.circuit_breaker
+        skipped = list(before)
+        for i in range(index, len(hops)):
+            target = hops[i]
+            key = (*self._scope, target.provider.name, target.model)
+            if self.decider.breakers.allow(key, settings):
+                for hop in skipped[len(before):]:
+                    self.decider.metrics.fallbacks.labels(*self.caller_labels, bounded(self.policy, hop.provider),
+                                                          bounded(self.policy, target.provider.name),
+                                                          hop.outcome).inc()
+                return i, tuple(skipped)
+            skipped.append(Hop(target.provider.name, target.model, "breaker_open", time.time()))
+        return None, tuple(skipped)
+
+    def _all_failed(self, hops: tuple[Hop, ...], api: Api | None = None) -> LocalReply:
+        tried = ", ".join(f"{h.provider}/{h.model} ({h.outcome})" for h in hops)
+        reply = _reject(api or self.endpoint.api, ApiError(
+            ErrorKind.UNAVAILABLE, f"no provider is available for this call: {tried}", "providers_unavailable"))
+        return LocalReply(reply.status, reply.body, reply.details,
+                          (*reply.headers, ("x-ai-fallback-hops", fallback.hops_header(hops, None))))
 
     def _cache_plan(self, data: dict[str, object], route: ModelRoute, target: Target) -> CachePlan | None:
         namespace, service = self.service.scope or (self.caller.namespace, self.caller.service or "unknown")
@@ -236,55 +326,70 @@ class Exchange:
                                         "quota_backend_unavailable"))
         return Charge(admission.reservation, admission.headers, input_tokens)
 
-    def _forward(self, data: dict[str, object], requested: str, route: ModelRoute, target: Target,
-                 credential: list[tuple[str, str]], charge: Charge | None, cache: CachePlan | None) -> Decision:
+    def _forward(self, data: dict[str, object], body_api: Api, route: ModelRoute, hops: list[Target],
+                 state: fallback.HopState, settle: SettleInfo, extra: Mapping[str, str]) -> Decision:
+        """Send the call to ``hops[state.index]``, in that provider's format, ready to fall back further."""
+        target = hops[state.index]
         provider = target.provider
+        caller_api = Api(state.caller_api)
+        credential = self._credential_headers(target)
+        if isinstance(credential, ApiError):
+            return _reject(caller_api, credential)
+        body = _for_provider(data, body_api, Api(provider.api), target.model, self.policy.mesh)
+        if isinstance(body, ApiError):
+            return _reject(caller_api, body)
+        data, rewrite = body
+        operation = "messages" if provider.api == Api.ANTHROPIC else self.endpoint.operation
+        suffix = next(e.suffix for e in ENDPOINTS.values() if e.api == provider.api and e.operation == operation)
         headers: list[tuple[str, str]] = [
             (":authority", provider.authority),
-            (":path", provider.base_path + self.endpoint.suffix + split_path(self.request.path)[1]),
+            (":path", provider.base_path + suffix + split_path(self.request.path)[1]),
             *credential,
         ]
-        remove = list(self._strip)
-        if provider.credential is not None:
-            remove.append("authorization" if provider.api == Api.ANTHROPIC else "x-api-key")
+        remove = [*self._strip, *_UNTRUSTED]
+        remove.append("authorization" if provider.api == Api.ANTHROPIC else "x-api-key")
+        if provider.api != Api.ANTHROPIC:
+            remove.append("anthropic-version")
         if route.timeout is not None:
-            headers.append((TIMEOUT_HEADER, str(route.timeout)))
-        elif TIMEOUT_HEADER in self.request.headers:
-            remove.append(TIMEOUT_HEADER)  # only policy sets upstream timeouts
+            # The timeout is the budget of the whole call, fallbacks included.
+            left = route.timeout - int((time.time() - state.started_at) * 1000)
+            headers.append((TIMEOUT_HEADER, str(max(left, 1))))
+        if route.first_byte_timeout is not None:
+            headers.append((PER_TRY_TIMEOUT_HEADER, str(route.first_byte_timeout)))
+        more = state.index + 1 < len(hops)
+        if more:
+            # Envoy retries only calls carrying this header; the retry reaches the relay, which moves on.
+            headers.append((fallback.HEADER, replace(state, hop_started_at=time.time()).encode(self.decider.signer)))
+            if route.fallback_on_context_length:
+                headers.append((RETRIABLE_CODES_HEADER, "400"))
+        else:
+            remove.append(fallback.HEADER)
+        same_api = caller_api == provider.api
+        if same_api and settle.reservation is not None and provider.api == Api.OPENAI:
+            # Token quotas settle on the provider's own count: ask a stream for it.
+            rewrite = _inject_stream_usage(data, operation) or rewrite
+        settle = replace(settle, api=str(provider.api), provider=provider.name, model=target.model, hops=state.hops)
+        if not same_api:
+            usage_mode = USAGE_TRANSLATE
+        elif data.get("stream") is True and _asks_usage(data) and not settle.include_usage:
+            usage_mode = USAGE_STRIP  # the usage chunk is ours (injected or left by a translation): remove it
+        else:
+            usage_mode = USAGE_OBSERVE  # every call is read: usage, events, breaker and bulkhead
+        headers.append((USAGE_HEADER, usage_mode))
         metadata = {
             "service": self.caller.service or "",
             "namespace": self.caller.namespace or "",
             "provider": provider.name,
             "model": target.model,
-            "requested_model": requested,
+            "requested_model": state.requested,
             "route": route.name,
-            "variant": target.variant or "",
+            "variant": state.variant,
             "policy_version": self.policy.version,
+            SETTLE_KEY: settle.encode(),
+            **extra,
         }
-        rewrite = target.model != requested
-        if rewrite:
-            data["model"] = target.model
-        reservation = charge.reservation if charge is not None and charge.settles_tokens else None
-        store = cache if cache is not None and cache.write else None
-        if charge is not None:
-            metadata.update(charge.headers)
-        if cache is not None:
-            metadata["cache"] = "miss"
-        usage_mode = None
-        if reservation is not None or store is not None:
-            # The response must be read: to settle tokens, to store it in the cache, or both.
-            usage_mode = USAGE_OBSERVE
-            if reservation is not None and _inject_stream_usage(data, self.endpoint):
-                usage_mode, rewrite = USAGE_STRIP, True
-            metadata[SETTLE_KEY] = SettleInfo(
-                reservation, str(self.endpoint.api), charge.input_tokens if charge else 0, provider.name,
-                target.model, store.key if store else None, store.ttl_s if store else 0,
-                self.endpoint.operation, route.name, time.time(), self.caller.service or "",
-                self.caller.namespace or "").encode()
-        if usage_mode is not None:
-            headers.append((USAGE_HEADER, usage_mode))
-        elif USAGE_HEADER in self.request.headers:
-            remove.append(USAGE_HEADER)
+        if state.hops:
+            metadata["fallback_hops"] = fallback.hops_header(state.hops, target)
         new_body: bytes | None = None
         if rewrite:
             new_body = orjson.dumps(data)
@@ -293,15 +398,37 @@ class Exchange:
 
 
 class Decider:
-    """Stateless apart from the current policy snapshot and the credential cache."""
+    """Stateless apart from the current policy snapshot, the credential cache and the breakers."""
 
     def __init__(self, policies: Callable[[], PolicySet], credentials: CredentialStore, quota: QuotaEngine,
-                 cache: ResponseCache, metrics: Metrics | None = None) -> None:
+                 cache: ResponseCache, metrics: Metrics | None = None, *, signer: Signer | None = None,
+                 breakers: Breakers | None = None, bulkhead: Bulkhead | None = None,
+                 telemetry: CallSink | None = None) -> None:
         self._policies = policies
         self.credentials = credentials
         self.quota = quota
         self.cache = cache
         self.metrics = metrics or Metrics()
+        self.signer = signer or Signer.from_environment()
+        self.breakers = breakers or Breakers(on_change=self._breaker_changed)
+        self.bulkhead = bulkhead or Bulkhead()
+        self.telemetry = telemetry
+
+    def record(self, record: CallRecord) -> None:
+        """A finished call, for the access log, traces and usage events (never raises)."""
+        if self.telemetry is not None:
+            try:
+                self.telemetry.emit(record)
+            except Exception:  # telemetry must never break a call
+                log.exception("telemetry failed")
+
+    def _breaker_changed(self, key: BreakerKey, state: State) -> None:
+        namespace, service, provider, model = key
+        labels = CallLabels.of(self._policies(), service=service, namespace=namespace, provider=provider,
+                               request_model=model)
+        self.metrics.breaker_state.labels(*labels.caller, labels.provider, labels.request_model).set(int(state))
+        log.warning("circuit breaker for %s/%s → %s/%s is now %s", namespace, service, provider, model,
+                    state.name.lower())
 
     def policy(self) -> PolicySet:
         return self._policies()
@@ -358,6 +485,40 @@ class Decider:
         return Exchange(self, request, endpoint, caller, policy, service, strip)
 
 
+def _for_provider(data: dict[str, object], body_api: Api, provider_api: Api, model: str, mesh: MeshSettings
+                  ) -> tuple[dict[str, object], bool] | ApiError:
+    """The request body in the provider's format, for ``model``; True when it had to change."""
+    if body_api == provider_api:
+        if data.get("model") == model:
+            return data, False
+        return {**data, "model": model}, True
+    try:
+        if body_api == Api.OPENAI:
+            return openai_to_anthropic.request(data, model=model,
+                                               default_max_tokens=mesh.quota.default_max_output_tokens), True
+        return anthropic_to_openai.request(data, model=model), True
+    except TranslationError as exc:
+        return ApiError(ErrorKind.INVALID_REQUEST, f"the model is served through the {provider_api} API and this "
+                        f"call cannot be translated to it: {exc.message}", "untranslatable_request")
+
+
+def _asks_usage(data: dict[str, object]) -> bool:
+    options = data.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _b3_of(headers: Mapping[str, str]) -> str:
+    """The B3 trace context in its single-header form, from either B3 encoding."""
+    single = headers.get("b3", "")
+    if single:
+        return single
+    trace, span = headers.get("x-b3-traceid", ""), headers.get("x-b3-spanid", "")
+    if not (trace and span):
+        return ""
+    sampled = headers.get("x-b3-sampled", "")
+    return "-".join(part for part in (trace, span, sampled) if part)
+
+
 def _max_output_tokens(data: dict[str, object], endpoint: Endpoint, default: int) -> int:
     if endpoint.operation == "embeddings":
         return 0
@@ -368,9 +529,9 @@ def _max_output_tokens(data: dict[str, object], endpoint: Endpoint, default: int
     return default
 
 
-def _inject_stream_usage(data: dict[str, object], endpoint: Endpoint) -> bool:
+def _inject_stream_usage(data: dict[str, object], operation: str) -> bool:
     """Ask an OpenAI stream for its usage chunk when the caller did not; True if we had to."""
-    if endpoint.operation != "chat_completions" or data.get("stream") is not True:
+    if operation != "chat_completions" or data.get("stream") is not True:
         return False
     options = data.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:

@@ -9,16 +9,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 
 from extproc.cache.entry import CacheEntry
-from extproc.cache.store import ResponseCache
 from extproc.core.usage import Usage, UsageTracker
-from extproc.policy.compiled import PolicySet
-from extproc.quota.engine import QuotaEngine, Reservation
+from extproc.quota.engine import Reservation
 from extproc.quota.plan import Estimate
-from extproc.telemetry.metrics import CallLabels, Metrics, record_usage
+from extproc.telemetry.metrics import CallLabels, record_usage
+from extproc.telemetry.record import CallRecord, Hop
+from extproc.translate.response import ResponseTranslator
+
+if TYPE_CHECKING:
+    from extproc.core.decision import Decider
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,7 @@ class SettleInfo:
     """What the response side needs to know about a call, carried in its dynamic metadata."""
 
     reservation: Reservation | None  # quota to settle
-    api: str
+    api: str  # the provider's API: how its response and usage read
     input_estimate: int
     provider: str
     model: str
@@ -39,13 +43,31 @@ class SettleInfo:
     decided_at: float = 0.0  # epoch seconds: durations are measured across replicas by the wall clock
     service: str = ""
     namespace: str = ""
+    caller_api: str = ""  # the caller's API, when the response must be translated into it
+    include_usage: bool = False  # an OpenAI caller of a translated stream asked for the usage chunk
+    requested: str = ""  # the model name the caller sent
+    variant: str = ""
+    policy_version: str = ""
+    hops: tuple[Hop, ...] = ()  # fallback hops before the one that answers
+    call_id: str = ""  # the bulkhead slot to release
+    request_id: str = ""
+    traceparent: str = ""
+    b3: str = ""
+
+    @property
+    def translating(self) -> bool:
+        return bool(self.caller_api) and self.caller_api != self.api
 
     def encode(self) -> str:
         return orjson.dumps({"r": self.reservation.encode() if self.reservation else None, "api": self.api,
                              "in": self.input_estimate, "p": self.provider, "m": self.model,
                              "ck": self.cache_key, "ct": self.cache_ttl_s, "op": self.operation,
                              "rt": self.route, "t0": self.decided_at, "sv": self.service,
-                             "ns": self.namespace}).decode()
+                             "ns": self.namespace, "ca": self.caller_api, "iu": self.include_usage,
+                             "rq": self.requested, "va": self.variant, "pv": self.policy_version,
+                             "h": [[h.provider, h.model, h.outcome, h.started_at] for h in self.hops],
+                             "id": self.call_id, "xr": self.request_id, "tp": self.traceparent,
+                             "b3": self.b3}).decode()
 
     @classmethod
     def decode(cls, text: str) -> SettleInfo:
@@ -53,39 +75,65 @@ class SettleInfo:
         reservation = Reservation.decode(raw["r"]) if raw.get("r") else None
         return cls(reservation, raw["api"], int(raw["in"]), raw["p"], raw["m"], raw.get("ck"), int(raw.get("ct", 0)),
                    raw.get("op", ""), raw.get("rt", ""), float(raw.get("t0", 0.0)), raw.get("sv", ""),
-                   raw.get("ns", ""))
+                   raw.get("ns", ""), raw.get("ca", ""), bool(raw.get("iu", False)), raw.get("rq", ""),
+                   raw.get("va", ""), raw.get("pv", ""),
+                   tuple(Hop(str(p), str(m), str(o), float(t)) for p, m, o, t in raw.get("h", ())),
+                   raw.get("id", ""), raw.get("xr", ""), raw.get("tp", ""), raw.get("b3", ""))
 
 
 class Settlement:
-    def __init__(self, info: SettleInfo, policy: PolicySet, quota: QuotaEngine, cache: ResponseCache,
-                 strip: bool, metrics: Metrics | None = None) -> None:
-        self._metrics = metrics
+    """Reads one response: usage, the cache, breakers, the bulkhead slot and the call's record.
+
+    In ``strip`` mode it also removes the usage chunk we asked for; when the provider spoke another
+    API than the caller (a cross-provider fallback) it translates the response on the way.
+    """
+
+    def __init__(self, info: SettleInfo, decider: Decider, strip: bool) -> None:
+        self._decider = decider
+        self._metrics = decider.metrics
         self._first_byte_at: float | None = None
         self.info = info
-        self._policy = policy
-        self._quota = quota
-        self._cache = cache
+        self._policy = decider.policy()
+        self._quota = decider.quota
+        self._cache = decider.cache
         self._strip = strip
         self._status = 0
         self._content_type = ""
         self._tracker: UsageTracker | None = None
-        # What the caller received, kept only while it may still be cached.
-        self._body: bytearray | None = bytearray() if info.cache_key else None
+        self._translator: ResponseTranslator | None = None
+        # What the caller received, kept only while it may still be cached. A fallback's answer is
+        # never stored under the key of the model the caller asked for.
+        self._body: bytearray | None = bytearray() if info.cache_key and not info.hops else None
         self.settled: Usage | None = None
+
+    @property
+    def translating(self) -> bool:
+        return self.info.translating
 
     def on_headers(self, status: int, content_type: str) -> None:
         self._status = status
         self._content_type = content_type
         streaming = content_type.startswith("text/event-stream")
-        self._tracker = UsageTracker(self.info.api, streaming=streaming, strip_injected_usage=self._strip and streaming)
+        self._tracker = UsageTracker(self.info.api, streaming=streaming,
+                                     strip_injected_usage=self._strip and streaming and not self.translating)
+        if self.translating:
+            self._translator = ResponseTranslator(self.info.caller_api, status, streaming,
+                                                  requested_model=self.info.requested,
+                                                  include_usage=self.info.include_usage)
 
     def feed(self, chunk: bytes) -> bytes:
         if self._first_byte_at is None and chunk:
             self._first_byte_at = time.time()
-        return self._keep(self._tracker.feed(chunk) if self._tracker is not None else chunk)
+        forwarded = self._tracker.feed(chunk) if self._tracker is not None else chunk
+        if self._translator is not None:
+            forwarded = self._translator.feed(forwarded)
+        return self._keep(forwarded)
 
     def flush(self) -> bytes:
-        return self._keep(self._tracker.finish() if self._tracker is not None else b"")
+        forwarded = self._tracker.finish() if self._tracker is not None else b""
+        if self._translator is not None:
+            forwarded = self._translator.feed(forwarded) + self._translator.finish()
+        return self._keep(forwarded)
 
     def _keep(self, forwarded: bytes) -> bytes:
         if self._body is not None:
@@ -115,18 +163,46 @@ class Settlement:
                                          Estimate(usage.input_tokens, usage.output_tokens, cost))
             except Exception:  # settlement must never break a response
                 log.exception("settlement failed")
-        if self._metrics is not None:
-            self._observe(usage, cost)
+        self._resilience(complete)
+        self._observe(usage, cost)
         if complete and self._body is not None and self._status == 200 and self.info.cache_key:
             # Only whole successful answers: never an error, never a cut stream (no end of stream).
             entry = CacheEntry(self._status, self._content_type, bytes(self._body), usage.input_tokens,
                                usage.output_tokens, time.time())
             await self._cache.put(self.info.cache_key, entry, self.info.cache_ttl_s)
+        self._decider.record(self._record(usage, cost, complete))
         return usage
+
+    @property
+    def failed(self) -> bool:
+        return self._status >= 500 or self._status == 429 or self._status == 0
+
+    def _resilience(self, complete: bool) -> None:
+        info = self.info
+        if info.call_id:
+            self._decider.bulkhead.leave((info.namespace, info.service), info.call_id)
+        settings = self._policy.breaker_settings(info.namespace, info.service, info.route)
+        if settings is not None:
+            self._decider.breakers.record((info.namespace, info.service, info.provider, info.model), settings,
+                                          failed=self.failed or not complete)
+
+    def _record(self, usage: Usage, cost_micro_usd: int, complete: bool) -> CallRecord:
+        info = self.info
+        outcome = "error" if self._status >= 400 or self._status == 0 else ("ok" if complete else "cut")
+        return CallRecord(
+            service=info.service, namespace=info.namespace, operation=info.operation,
+            caller_api=info.caller_api or info.api, requested_model=info.requested or info.route, route=info.route,
+            provider=info.provider, response_model=info.model, status=self._status, outcome=outcome,
+            streamed=self._content_type.startswith("text/event-stream"), input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens, cached_input_tokens=usage.cached_input_tokens,
+            usage_reported=usage.reported, cost_usd=cost_micro_usd / 1e6, started_at=info.decided_at,
+            ended_at=time.time(), first_byte_at=self._first_byte_at,
+            cache="miss" if info.cache_key else "", variant=info.variant, hops=info.hops,
+            policy_version=info.policy_version, request_id=info.request_id, traceparent=info.traceparent,
+            b3=info.b3, error="" if outcome == "ok" else f"status_{self._status}" if self._status else "no_response")
 
     def _observe(self, usage: Usage, cost_micro_usd: int) -> None:
         info, metrics = self.info, self._metrics
-        assert metrics is not None
         labels = CallLabels.of(self._policy, service=info.service, namespace=info.namespace, provider=info.provider,
                                request_model=info.route, response_model=info.model)
         genai = (info.operation, labels.provider, labels.request_model, labels.response_model)
@@ -135,5 +211,9 @@ class Settlement:
         if info.decided_at:
             now = time.time()
             metrics.duration.labels(*labels.caller, *genai, str(self._status)).observe(max(0.0, now - info.decided_at))
-            if self._first_byte_at is not None and self._content_type.startswith("text/event-stream"):
+            streamed = self._content_type.startswith("text/event-stream")
+            if self._first_byte_at is not None and streamed:
                 metrics.ttft.labels(*labels.caller, *genai).observe(max(0.0, self._first_byte_at - info.decided_at))
+                if usage.output_tokens > 1:
+                    metrics.tpot.labels(*labels.caller, *genai).observe(
+                        max(0.0, now - self._first_byte_at) / (usage.output_tokens - 1))

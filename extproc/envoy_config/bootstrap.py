@@ -17,6 +17,9 @@ import yaml
 
 from extproc.envoy_config.filter import (
     INTERNAL_REQUEST_HEADERS,
+    failover_cluster,
+    failover_cluster_name,
+    failover_route_settings,
     local_reply_config,
     processor_http_filters,
     response_headers_to_add,
@@ -24,6 +27,7 @@ from extproc.envoy_config.filter import (
 from extproc.policy.model import Provider
 
 PROCESSOR_CLUSTER = "ai-extproc"
+RELAY_CLUSTER = "ai-extproc-relay"
 PROCESSOR_AUTHORITY = "ai-extproc.ai-system.svc.cluster.local"
 _NO_ROUTE_BODY = (
     '{"error":{"message":"no AI provider serves this host; call an AI endpoint such as '
@@ -74,6 +78,12 @@ class SidecarSpec:
     access_log: bool = True
     with_processor: bool = True  # False: the same Envoy without our filter (the benchmark's baseline)
     more_processors: tuple[tuple[str, int], ...] = ()  # further replicas, load-balanced per stream
+    relay: tuple[tuple[str, int], ...] = ()  # the processors' fallback relay ports; empty: no fallback
+    failure_mode_allow: bool = False  # processor unreachable: pass calls untouched instead of a 503
+
+    @property
+    def failover(self) -> bool:
+        return self.with_processor and bool(self.relay)
 
 
 def render_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
@@ -83,7 +93,8 @@ def render_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
         "static_resources": {
             "listeners": [_listener(spec)],
             "clusters": [_processor_cluster((spec.processor, *spec.more_processors)),
-                         *(_upstream_cluster(u) for u in _unique(spec))],
+                         *(_upstream_cluster(u) for u in _unique(spec)),
+                         *(_failover_clusters(spec) if spec.failover else [])],
         },
         # Bound the number of downstream connections, as a sidecar should.
         "overload_manager": {
@@ -141,7 +152,9 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
             "routes": [{
                 "match": {"prefix": "/"},
                 # Model timeouts come per request from policy; this is only the ceiling.
-                "route": {"cluster": upstream.cluster_name, "timeout": "300s"},
+                "route": {"cluster": failover_cluster_name(upstream.cluster_name), "timeout": "300s",
+                          **failover_route_settings()} if spec.failover
+                else {"cluster": upstream.cluster_name, "timeout": "300s"},
             }],
         }
         for upstream in _unique(spec)
@@ -170,8 +183,8 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
             "request_headers_to_remove": list(INTERNAL_REQUEST_HEADERS),
         },
         "http_filters": [
-            *(processor_http_filters(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_AUTHORITY)
-              if spec.with_processor else []),
+            *(processor_http_filters(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_AUTHORITY,
+                                     failure_mode_allow=spec.failure_mode_allow) if spec.with_processor else []),
             {"name": "envoy.filters.http.router",
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],
@@ -203,6 +216,20 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                         "typed_config": hcm}]}],
     }
+
+
+def _failover_clusters(spec: SidecarSpec) -> list[dict[str, Any]]:
+    relay = {
+        "name": RELAY_CLUSTER,
+        "type": "STATIC" if all(_is_ip(host) for host, _ in spec.relay) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": RELAY_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}
+                                            for host, port in spec.relay]}],
+        },
+    }
+    return [relay, *(failover_cluster(u.cluster_name, RELAY_CLUSTER) for u in _unique(spec))]
 
 
 def _http2_options() -> dict[str, Any]:

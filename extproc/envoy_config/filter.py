@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.core.decision import METADATA_NAMESPACE, USAGE_HEADER, USAGE_OBSERVE, USAGE_STRIP
+from extproc.core import fallback
+from extproc.core.decision import METADATA_NAMESPACE, USAGE_HEADER, USAGE_OBSERVE, USAGE_STRIP, USAGE_TRANSLATE
 from extproc.core.identity import REQUEST_ATTRIBUTES
 
 FILTER_NAME = "envoy.filters.http.ext_proc"
@@ -19,6 +20,7 @@ RESPONSE_HEADERS: tuple[tuple[str, str], ...] = (
     ("x-ai-variant", "variant"),
     ("x-ai-policy-version", "policy_version"),
     ("x-ai-cache", "cache"),
+    ("x-ai-fallback-hops", "fallback_hops"),
     ("x-ratelimit-limit-requests", "limit_requests"),
     ("x-ratelimit-remaining-requests", "remaining_requests"),
     ("x-ratelimit-reset-requests", "reset_requests"),
@@ -105,7 +107,8 @@ def usage_filter(*, cluster_name: str, authority: str) -> dict[str, Any]:
 
     A composite filter matches that header after the decision filter has set it: ``observe`` runs
     an observability-mode ext_proc (no latency), ``strip`` a full-duplex one that also removes the
-    usage chunk we requested on the caller's behalf; calls with nothing to settle get neither.
+    usage chunk we requested on the caller's behalf, ``translate`` a full-duplex one that rewrites a
+    fallback provider's response into the caller's API format.
     """
     def action(name: str, observe: bool) -> dict[str, Any]:
         return {"action": {"name": name, "typed_config": {
@@ -128,16 +131,71 @@ def usage_filter(*, cluster_name: str, authority: str) -> dict[str, Any]:
                     "header_name": USAGE_HEADER,
                 }},
                 "exact_match_map": {"map": {USAGE_OBSERVE: action("observe", True),
-                                            USAGE_STRIP: action("strip", False)}},
+                                            USAGE_STRIP: action("strip", False),
+                                            USAGE_TRANSLATE: action("translate", False)}},
             }},
         },
     }
 
 
-def processor_http_filters(*, cluster_name: str, authority: str) -> list[dict[str, Any]]:
+def processor_http_filters(*, cluster_name: str, authority: str, failure_mode_allow: bool = False
+                           ) -> list[dict[str, Any]]:
     """Both of our HTTP filters, in order, for an HCM's http_filters (before the router)."""
-    return [ext_proc_filter(cluster_name=cluster_name, authority=authority),
+    return [ext_proc_filter(cluster_name=cluster_name, authority=authority, failure_mode_allow=failure_mode_allow),
             usage_filter(cluster_name=cluster_name, authority=authority)]
+
+
+# Fallback (docs/design/fallback.md): every provider route targets an aggregate cluster of
+# [provider, relay]; a failed attempt of a call that carries a fallback token is retried once, which
+# previous_priorities sends to the relay; the relay's 307 is followed internally with the body.
+RETRIABLE_STATUS_CODES = (429, 500, 502, 503, 504, 529)  # 529: Anthropic's "overloaded"
+MAX_INTERNAL_REDIRECTS = 4  # the longest chain: the first provider and four fallbacks
+
+
+def failover_cluster_name(provider_cluster: str) -> str:
+    return f"ai-failover|{provider_cluster}"
+
+
+def failover_cluster(provider_cluster: str, relay_cluster: str) -> dict[str, Any]:
+    """The aggregate cluster a provider route targets: the provider first, the relay when it failed."""
+    return {
+        "name": failover_cluster_name(provider_cluster),
+        "connect_timeout": "2s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                             "clusters": [provider_cluster, relay_cluster]},
+        },
+    }
+
+
+def failover_route_settings() -> dict[str, Any]:
+    """RouteAction fields for a provider route: retry to the relay, follow its redirect."""
+    return {
+        "retry_policy": {
+            # Per-try timeouts count as resets; Envoy ignores them once the response has started,
+            # so the policy's first_byte_timeout never cuts a stream that is flowing.
+            "retry_on": "connect-failure,reset,retriable-status-codes",
+            "retriable_status_codes": list(RETRIABLE_STATUS_CODES),
+            "num_retries": 1,
+            "retry_priority": {
+                "name": "envoy.retry_priorities.previous_priorities",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3."
+                             "PreviousPrioritiesConfig",
+                    "update_frequency": 1,
+                },
+            },
+            # Calls without a fallback chain are never retried here: their error goes to the caller.
+            "retriable_request_headers": [{"name": fallback.HEADER, "present_match": True}],
+        },
+        "internal_redirect_policy": {
+            "max_internal_redirects": MAX_INTERNAL_REDIRECTS,
+            "redirect_response_codes": [307],
+            "response_headers_to_copy": [fallback.HEADER],
+        },
+    }
 
 
 # The usage switch is for Envoy only: never sent to providers (route_config.request_headers_to_remove).

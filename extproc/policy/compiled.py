@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from extproc.policy.model import AIProxy, MeshSettings, ModelRoute, Price, Provider, ServicePolicy
+from extproc.policy.model import AIProxy, BreakerSettings, MeshSettings, ModelRoute, Price, Provider, ServicePolicy
 from extproc.quota.prices import PriceTable
 
 
@@ -58,6 +58,20 @@ class PolicySet:
                 return found
         return self.default if self.mesh.unknown_service == "default" else None
 
+    def fails_open(self, service: str | None, namespace: str | None) -> bool:
+        """Whether the service's sidecar lets calls pass untouched when the processor is unreachable."""
+        models = self.for_caller(service, namespace)
+        choice = models.proxy.on_processor_failure if models is not None else None
+        return (choice or self.mesh.resilience.on_processor_failure) == "open"
+
+    def breaker_settings(self, namespace: str, service: str, route: str) -> BreakerSettings | None:
+        """The breaker settings of a service's model entry (None if the policy no longer has it)."""
+        models = self.services.get((namespace or None, service)) or self.services.get((None, service)) or self.default
+        found = models.resolve(route) if models is not None else None
+        if found is None:
+            return None
+        return found.circuit_breaker or self.mesh.resilience.circuit_breaker
+
     @property
     def service_names(self) -> tuple[str, ...]:
         return tuple(sorted({name for _, name in self.services}))
@@ -87,7 +101,8 @@ def compile_policy_set(
             name
             for proxy in [p.ai_proxy for _, p in services] + ([mesh.default_policy] if mesh.default_policy else [])
             for route in proxy.models
-            for name in (route.name, route.model, *(v.model for v in route.variants if v.model))
+            for name in (route.name, route.model, *(v.model for v in route.variants if v.model),
+                         *(f.model for f in route.fallback))
         ),
         known_services=frozenset(p.service for _, p in services),
     )

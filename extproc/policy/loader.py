@@ -239,7 +239,8 @@ def _check_prices(
         service_cost = bool(proxy.limits.cost) if proxy.limits is not None else default_cost
         for i, model in enumerate(proxy.models):
             targets = [(model.provider, model.model)] + [
-                (v.provider or model.provider, v.model or model.model) for v in model.variants]
+                (v.provider or model.provider, v.model or model.model) for v in model.variants] + [
+                (f.provider, f.model) for f in model.fallback]
             for provider, upstream in targets:
                 narrowed = proxy.provider_limits.get(provider)
                 if not (service_cost or (model.limits and model.limits.cost) or (narrowed and narrowed.cost)):
@@ -258,6 +259,7 @@ def _check_providers(doc: Document, prefix: tuple[Any, ...], models: Iterable[An
         refs = [((*prefix, "models", i, "provider"), model.provider)]
         refs += [((*prefix, "models", i, "variants", j, "provider"), v.provider)
                  for j, v in enumerate(model.variants) if v.provider]
+        refs += [((*prefix, "models", i, "fallback", j, "provider"), f.provider) for j, f in enumerate(model.fallback)]
         for loc, name in refs:
             if name not in known:
                 yield Problem(doc.label, _line(doc.node, loc), _dotted(loc),

@@ -150,6 +150,36 @@ class CacheOptions(_Frozen):
         default=False, description="Also cache calls that are not deterministic (temperature absent or > 0).")
 
 
+def _fallback_target(value: object) -> object:
+    if isinstance(value, str) and "/" in value:
+        provider, _, model = value.partition("/")
+        return {"provider": provider, "model": model}
+    return value
+
+
+class FallbackTarget(_Frozen):
+    """The next provider and model to try when the previous one fails (``provider/model`` also accepted)."""
+
+    provider: Name
+    model: str = Field(min_length=1)
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+class BreakerSettings(_Frozen):
+    """A circuit breaker per (service, provider, model): stop sending calls to a target that keeps failing."""
+
+    enabled: bool = True
+    consecutive_failures: int = Field(default=5, ge=1, description="Open after this many failures in a row.")
+    error_rate: float = Field(default=0.5, gt=0, le=1, description="Or open when this share of calls in the "
+                              "window failed...")
+    min_calls: int = Field(default=20, ge=1, description="...once the window holds at least this many calls.")
+    window: DurationMs = Field(default=30_000, description="Error-rate window, e.g. 30s.")
+    open_for: DurationMs = Field(default=30_000, description="How long an open breaker refuses calls before "
+                                 "letting one probe through (half-open).")
+
+
 class ModelRoute(_Frozen):
     """One model a service may call, under a logical ``name``."""
 
@@ -167,8 +197,20 @@ class ModelRoute(_Frozen):
         default=None, description="Request header whose value pins a caller to one variant (e.g. x-user-id)."
     )
     limits: Limits | None = Field(default=None, description="Quotas narrowed to this model.")
+    first_byte_timeout: DurationMs | None = Field(
+        default=None, description="Per attempt: a provider that has not started answering within this time is "
+        "abandoned for the next fallback (or the call fails), e.g. 1500ms.")
+    fallback: tuple[Annotated[FallbackTarget, BeforeValidator(_fallback_target)], ...] = Field(
+        default=(), description="Tried in order, within the same call, when the provider fails: connection "
+        "failure or reset, 5xx, 429, first-byte timeout, an open circuit breaker. The caller's API format is kept "
+        "(OpenAI and Anthropic are translated both ways).")
+    fallback_on_context_length: bool = Field(
+        default=False, description="Also fall back on a 400 (e.g. the prompt exceeds the model's context window): "
+        "list a model with a larger window. Any 400 then moves on; the last one is returned.")
+    circuit_breaker: BreakerSettings | None = Field(
+        default=None, description="Per model; default: the mesh's resilience.circuit_breaker.")
 
-    @field_validator("timeout")
+    @field_validator("timeout", "first_byte_timeout")
     @classmethod
     def _sane_timeout(cls, value: int | None) -> int | None:
         if value is not None and not 0 < value <= _MAX_TIMEOUT_MS:
@@ -193,6 +235,10 @@ class ModelRoute(_Frozen):
                 raise ValueError("variant weights must not all be zero")
         elif self.sticky_header:
             raise ValueError("sticky_header needs variants")
+        if self.fallback_on_context_length and not self.fallback:
+            raise ValueError("fallback_on_context_length needs a fallback list")
+        if self.first_byte_timeout is not None and self.timeout is not None and self.first_byte_timeout > self.timeout:
+            raise ValueError("first_byte_timeout must not exceed timeout")
         return self
 
 
@@ -206,6 +252,12 @@ class AIProxy(_Frozen):
         default=None, description="When the shared quota store is down: admit against a local backstop "
         "limiter (open) or refuse with 503 (closed). Default: the mesh setting.",
     )
+    max_in_flight: int | None = Field(
+        default=None, ge=1, description="Bulkhead: at most this many of the service's AI calls at once (per "
+        "processor replica); more get a 429 in the caller's format. Default: the mesh setting.")
+    on_processor_failure: Literal["open", "closed"] | None = Field(
+        default=None, description="When the processor cannot be reached: let calls pass untouched (open) or "
+        "answer 503 (closed). Applied in the service's sidecar. Default: the mesh setting.")
 
     @model_validator(mode="after")
     def _unique(self) -> AIProxy:
@@ -281,6 +333,14 @@ class Price(_Frozen):
     cached_input_per_mtok: float | None = Field(default=None, ge=0)
 
 
+class ResilienceSettings(_Frozen):
+    circuit_breaker: BreakerSettings = BreakerSettings()
+    max_in_flight: int | None = Field(
+        default=None, ge=1, description="Default bulkhead for services whose policy sets none; omit for none.")
+    on_processor_failure: Literal["open", "closed"] = Field(
+        default="closed", description="Default for every service's sidecar when the processor is unreachable.")
+
+
 class MeshSettings(_Frozen):
     """Mesh-wide behaviour, set by the platform team."""
 
@@ -298,6 +358,7 @@ class MeshSettings(_Frozen):
     )
     quota: QuotaSettings = QuotaSettings()
     cache: CacheSettings = CacheSettings()
+    resilience: ResilienceSettings = ResilienceSettings()
 
     @model_validator(mode="after")
     def _default_present(self) -> MeshSettings:

@@ -21,6 +21,7 @@ from extproc.quota.engine import QuotaEngine
 from extproc.server.admin import AdminServer
 from extproc.server.policy_store import PolicyStore
 from extproc.server.processor import AsyncExternalProcessor
+from extproc.server.relay import RelayServer
 from extproc.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class ServeOptions:
     kubernetes: KubeOptions | None = None  # also take AIPolicy/AIProvider objects from the Kubernetes API
     kube_api: str | None = None  # explicit API server URL; default: in-cluster, else ~/.kube/config
     admin: tuple[str, int] | None = None  # HOST, PORT of the admin HTTP endpoint (off when None)
+    relay: tuple[str, int] | None = None  # HOST, PORT of the fallback relay Envoy retries failed attempts to
 
 
 async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> None:
@@ -70,9 +72,11 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
             ("grpc.max_send_message_length", _MAX_MESSAGE),
         ]
     )
-    pb_grpc.add_ExternalProcessorServicer_to_server(
-        AsyncExternalProcessor(Decider(store.current, CredentialStore(), quota, cache, metrics)), server
-    )
+    decider = Decider(store.current, CredentialStore(), quota, cache, metrics)
+    pb_grpc.add_ExternalProcessorServicer_to_server(AsyncExternalProcessor(decider), server)
+    relay = RelayServer(decider)
+    if options.relay is not None:
+        await relay.start(*options.relay)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(options.listen)
@@ -109,6 +113,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         await quota.close()
         await cache.close()
         await admin.stop()
+        await relay.stop()
         if source is not None:
             source.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -129,7 +129,13 @@ class UsageSession:
                 settlement.on_headers(int(headers.get(":status", "0") or 0), headers.get("content-type", ""))
             if message.response_headers.end_of_stream:
                 await self._finish(True)
-            return [] if observing else [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
+            if observing:
+                return []
+            if settlement is not None and settlement.translating:
+                # The translated body has another length; Envoy sends it chunked instead.
+                return [pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
+                    header_mutation=pb.HeaderMutation(remove_headers=["content-length"]))))]
+            return [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
         if kind == "response_body":
             body = message.response_body
             forward = settlement.feed(body.body) if settlement is not None else body.body
@@ -195,8 +201,7 @@ class AsyncExternalProcessor(pb_grpc.ExternalProcessorServicer):
         settlement = None
         if info is not None:
             strip = not message.observability_mode
-            settlement = Settlement(info, self._decider.policy(), self._decider.quota, self._decider.cache, strip,
-                                    self._decider.metrics)
+            settlement = Settlement(info, self._decider, strip)
         return UsageSession(settlement)
 
 

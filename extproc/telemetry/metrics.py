@@ -19,6 +19,7 @@ from extproc.policy.compiled import PolicySet
 OTHER = "other"
 _TOKEN_BUCKETS = tuple(4.0 ** i for i in range(14))  # 1 .. 67M, as Envoy AI Gateway uses
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TPOT_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 _PHASE_SECONDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 
@@ -48,6 +49,16 @@ class Metrics:
                                "stream, by phase.", ["phase"], buckets=_PHASE_SECONDS, registry=r)
         self.in_flight = Gauge("ai_extproc_streams_in_flight", "Open ext_proc streams, by kind.", ["kind"],
                                registry=r)
+        self.tpot = Histogram("gen_ai_server_time_per_output_token_seconds", "Mean time per output token after "
+                              "the first, for streamed calls.", [*caller, *genai], buckets=_TPOT_SECONDS, registry=r)
+        # Resilience: fallback hops, circuit breakers and bulkheads (docs/design/fallback.md).
+        self.fallbacks = Counter("ai_extproc_fallbacks", "Fallback hops taken: the provider left, the one tried "
+                                 "next, and why.", [*caller, "from_provider", "to_provider", "reason"], registry=r)
+        self.breaker_state = Gauge("ai_extproc_breaker_state", "Circuit breaker state per service, provider and "
+                                   "model: 0 closed, 1 half-open, 2 open.", [*caller, "gen_ai_provider_name",
+                                                                           "gen_ai_request_model"], registry=r)
+        self.bulkhead_rejections = Counter("ai_extproc_bulkhead_rejections", "Calls refused because the service "
+                                           "had too many AI calls in flight.", caller, registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -78,6 +89,11 @@ class CallLabels:
     @property
     def caller(self) -> tuple[str, str]:
         return self.service, self.namespace
+
+
+def bounded(policy: PolicySet, provider: str) -> str:
+    """A provider name as a label value: one the policy defines, else ``other``."""
+    return _bounded(provider, policy.providers)
 
 
 def _bounded(value: str | None, known: Collection[str]) -> str:

@@ -169,10 +169,29 @@ def test_bad_bodies(tmp_path: Path, body: bytes, status: int, code: str) -> None
     assert error["error"]["code"] == code  # type: ignore[index]
 
 
-def test_api_mismatch_is_explained(tmp_path: Path) -> None:
+def test_other_api_is_translated(tmp_path: Path) -> None:
+    """An OpenAI-format call to a model an Anthropic provider serves goes out as an Anthropic request."""
+    body = {"model": "fraud_detector", "max_tokens": 50, "stream": True,
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    forward = decide(make_decider(tmp_path), body)
+    assert isinstance(forward, Forward) and forward.body is not None
+    headers = dict(forward.set_headers)
+    assert headers[":path"] == "/v1/messages" and headers["x-ai-usage"] == "translate"
+    assert headers["x-api-key"] == ENV["ANTHROPIC_KEY"] and "authorization" in forward.remove_headers
+    sent = orjson.loads(forward.body)
+    assert sent == {"model": "claude-3", "system": "be brief", "max_tokens": 50, "stream": True,
+                    "messages": [{"role": "user", "content": "hi"}]}
+    assert headers["content-length"] == str(len(forward.body))
+    settle = orjson.loads(forward.metadata["settle"])
+    assert (settle["api"], settle["ca"]) == ("anthropic", "openai")
+
+
+def test_untranslatable_call_is_explained(tmp_path: Path) -> None:
     status, body = error_of(decide(make_decider(tmp_path), {"model": "fraud_detector", "messages": []}))
     assert status == 400
-    assert "speaks the anthropic API" in body["error"]["message"]  # type: ignore[index]
+    error = body["error"]  # type: ignore[index]
+    assert error["code"] == "untranslatable_request"  # type: ignore[index]
+    assert "served through the anthropic API" in error["message"]  # type: ignore[index]
 
 
 def test_missing_credential_is_a_clear_503(tmp_path: Path) -> None:
@@ -323,10 +342,11 @@ def test_stream_usage_is_injected_only_when_needed(tmp_path: Path) -> None:
                              "stream_options": {"include_usage": True}})
     assert isinstance(asked, Forward) and asked.body is None  # untouched: the caller asked for usage itself
     assert dict(asked.set_headers)["x-ai-usage"] == "observe"
-    # No token or cost limit: nothing to settle, so no response-side filter at all.
+    # No token or cost limit: the stream is only observed (for telemetry), never changed.
     (tmp_path / "plain").mkdir()
     unlimited = decide(make_decider(tmp_path / "plain"), {"model": "gpt-4", "stream": True, "messages": []})
-    assert isinstance(unlimited, Forward) and "x-ai-usage" not in dict(unlimited.set_headers)
+    assert isinstance(unlimited, Forward) and unlimited.body is None
+    assert dict(unlimited.set_headers)["x-ai-usage"] == "observe"
 
 
 CACHE_POLICY = """\
