@@ -17,8 +17,9 @@ Request headers understood (they override the MockConfig defaults):
   x-mock-cut-after: N       streaming: close the connection after N SSE events (0 = after headers),
                             leaving the chunked body unterminated
   x-mock-event-delay-ms: N  streaming: pause between events
-  x-mock-only: NAME[,NAME]  apply the x-mock-* faults only on the mock(s) so named (--name), so one
-                            request can fail on one provider and succeed on its fallback
+  x-mock-only: NAME[,NAME]  apply the x-mock-* faults only on the mock(s) so named (--name) or to
+                            requests for the model(s) so named, so one request can fail on one
+                            provider or model and succeed on its fallback
 
 Order of checks: record, latency, reset, auth (and anthropic-version), injected fault, body validation.
 Anthropic auth accepts `x-api-key` and also `Authorization: Bearer`, because the anthropic SDK sends
@@ -105,7 +106,7 @@ def _rand_id(prefix: str, length: int) -> str:
 
 
 def _int_header(request: web.Request, name: str) -> int | None:
-    raw = request.headers.get(name)
+    raw = _fault(request, name)
     if raw is None:
         return None
     try:
@@ -774,24 +775,33 @@ def _record(request: web.Request, records: deque[dict[str, Any]], body: Any, pro
     )
 
 
-def _untargeted(request: web.Request, name: str) -> web.Request:
-    """The request without its fault headers when x-mock-only names other mocks."""
+_UNTARGETED = "mock_untargeted"  # request key: the x-mock-* faults are aimed at another mock or model
+
+
+def _mark_untargeted(request: web.Request, name: str, body: Any) -> None:
+    """Ignore this request's fault headers when x-mock-only names other mocks and models."""
     only = request.headers.get("x-mock-only")
-    if only is None or name in {part.strip() for part in only.split(",")}:
-        return request
-    kept = {k: v for k, v in request.headers.items() if not k.lower().startswith("x-mock-")}
-    return request.clone(headers=kept)
+    if only is None:
+        return
+    targets = {part.strip() for part in only.split(",")}
+    model = body.get("model") if isinstance(body, dict) else None
+    if name not in targets and model not in targets:
+        request[_UNTARGETED] = True
+
+
+def _fault(request: web.Request, name: str) -> str | None:
+    return None if request.get(_UNTARGETED) else request.headers.get(name)
 
 
 async def _handle_api(request: web.Request, provider_api: str, kind: str) -> web.StreamResponse:
     started = time.monotonic()
     config = request.app[_CONFIG_KEY]
-    request = _untargeted(request, config.name)
     raw = await request.read()
     try:
         body: Any = _loads(raw) if raw else None
     except ValueError:
         body = None
+    _mark_untargeted(request, config.name, body)
     _record(request, request.app[_RECORDS_KEY], body, provider_api)
 
     latency_ms = _int_header(request, "x-mock-latency-ms")
@@ -800,7 +810,7 @@ async def _handle_api(request: web.Request, provider_api: str, kind: str) -> web
     if latency_ms > 0:
         await asyncio.sleep(latency_ms / 1000)
 
-    if request.headers.get("x-mock-reset", "").strip() in ("1", "true", "yes"):
+    if (_fault(request, "x-mock-reset") or "").strip() in ("1", "true", "yes"):
         # The body has been read, so the client has finished sending and sees the reset while
         # waiting for a response, which is the failure mode being simulated.  The returned object
         # is never written: aiohttp's write on the aborted transport raises ConnectionError, which

@@ -24,7 +24,8 @@ class Stack:
 
     def __init__(self, policy_dir: Path, log_dir: Path, services: Sequence[str] = SERVICES,
                  processor_env: Mapping[str, str] | None = None, processor_args: Sequence[str] = (),
-                 replicas: int = 1) -> None:
+                 replicas: int = 1, upstream_overrides: Mapping[str, tuple[str, int]] | None = None) -> None:
+        """``upstream_overrides`` sends named providers elsewhere than their API's mock (e.g. a closed port)."""
         self.log_dir = log_dir
         self.parts: list[Managed] = []
         self.ports: dict[str, int] = {}
@@ -55,7 +56,8 @@ class Stack:
                                                                     self.admin_ports[0])
             self.mock_ports = {"openai": openai_port, "anthropic": anthropic_port}
             mocks = {"openai": ("127.0.0.1", openai_port), "anthropic": ("127.0.0.1", anthropic_port)}
-            upstreams = tuple(upstream_for(p, mocks[p.api]) for p in policy.providers.values())
+            overrides = upstream_overrides or {}
+            upstreams = tuple(upstream_for(p, overrides.get(p.name, mocks[p.api])) for p in policy.providers.values())
             for service in services:
                 port = free_port()
                 spec = SidecarSpec(service=service, namespace=NAMESPACE, listen_port=port, admin_port=free_port(),

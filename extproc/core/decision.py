@@ -53,6 +53,9 @@ RETRIABLE_CODES_HEADER = "x-envoy-retriable-status-codes"
 # Envoy-control headers only policy may set; an internal redirect adds x-envoy-original-url.
 _UNTRUSTED = (TIMEOUT_HEADER, PER_TRY_TIMEOUT_HEADER, RETRIABLE_CODES_HEADER, "x-envoy-original-url")
 _JSON_TYPES = ("application/json",)
+# Chat in each API: the operations translation maps onto each other.
+_CHAT_OPERATION = {Api.OPENAI: "chat_completions", Api.ANTHROPIC: "messages"}
+_CHAT = frozenset(_CHAT_OPERATION.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +342,7 @@ class Exchange:
         if isinstance(body, ApiError):
             return _reject(caller_api, body)
         data, rewrite = body
-        operation = "messages" if provider.api == Api.ANTHROPIC else self.endpoint.operation
+        operation = _CHAT_OPERATION[Api(provider.api)] if self.endpoint.operation in _CHAT else self.endpoint.operation
         suffix = next(e.suffix for e in ENDPOINTS.values() if e.api == provider.api and e.operation == operation)
         headers: list[tuple[str, str]] = [
             (":authority", provider.authority),

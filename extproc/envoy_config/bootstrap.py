@@ -21,6 +21,7 @@ from extproc.envoy_config.filter import (
     failover_cluster_name,
     failover_route_settings,
     local_reply_config,
+    processor_failover,
     processor_http_filters,
     response_headers_to_add,
 )
@@ -247,6 +248,7 @@ def _processor_cluster(replicas: tuple[tuple[str, int], ...]) -> dict[str, Any]:
         "type": "STATIC" if all(_is_ip(host) for host, _ in replicas) else "STRICT_DNS",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": _http2_options(),
+        **processor_failover(),
         "load_assignment": {
             "cluster_name": PROCESSOR_CLUSTER,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}

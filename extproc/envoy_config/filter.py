@@ -145,6 +145,28 @@ def processor_http_filters(*, cluster_name: str, authority: str, failure_mode_al
             usage_filter(cluster_name=cluster_name, authority=authority)]
 
 
+def processor_failover() -> dict[str, Any]:
+    """Processor cluster settings: a dead or draining replica stops getting new streams at once.
+
+    Its first refused connection ejects it (outlier detection on local-origin failures), and the
+    gRPC health check, which the processor turns NOT_SERVING when asked to stop, keeps it out.
+    """
+    return {
+        "health_checks": [{
+            "timeout": "1s", "interval": "2s", "unhealthy_threshold": 1, "healthy_threshold": 1,
+            "no_traffic_interval": "2s",
+            "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"},
+        }],
+        "outlier_detection": {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 1,
+            "consecutive_gateway_failure": 2,
+            "base_ejection_time": "10s",
+            "max_ejection_percent": 50,
+        },
+    }
+
+
 # Fallback (docs/design/fallback.md): every provider route targets an aggregate cluster of
 # [provider, relay]; a failed attempt of a call that carries a fallback token is retried once, which
 # previous_priorities sends to the relay; the relay's 307 is followed internally with the body.
