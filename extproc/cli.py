@@ -39,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.server.app import ServeOptions
 
     return run_server(ServeOptions(args.listen, tuple(args.policy or [sample_policy_dir()]), args.grace,
-                                   args.watch, admin=args.admin, relay=args.relay))
+                                   args.watch, admin=args.admin, relay=args.relay, **telemetry_settings(args)))
 
 
 def run_server(options: ServeOptions) -> int:
@@ -60,6 +60,40 @@ def run_server(options: ServeOptions) -> int:
 def add_relay_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relay", type=_host_port, help="HOST:PORT of the fallback relay, where sidecars send "
                         "the retry of a failed provider attempt (off when absent: no cross-provider fallback)")
+
+
+def add_telemetry_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("telemetry (one record per AI call: access log, traces, usage events)")
+    group.add_argument("--access-log", nargs="?", const="", metavar="PATH",
+                       help="one JSON line per call: to PATH ('-' for stdout), or without PATH to the "
+                       "extproc.access logger")
+    group.add_argument("--trace-exporter", choices=("none", "otlp-grpc", "otlp-http"), default="none",
+                       help="OpenTelemetry span export (default: none)")
+    group.add_argument("--trace-endpoint", help="OTLP endpoint (default: the exporter's, or OTEL_EXPORTER_OTLP_*)")
+    group.add_argument("--trace-sample-ratio", type=float, default=1.0,
+                       help="for traces the mesh has not sampled already")
+    group.add_argument("--capture-content", action="store_true",
+                       help="record prompts in the access log and spans, redacted (off by default)")
+    group.add_argument("--redact", action="append", default=[], metavar="REGEX",
+                       help="also redact text matching REGEX (repeatable); keys and bearer tokens always are")
+    group.add_argument("--events-nats", metavar="URL", help="publish usage events to NATS JetStream, e.g. "
+                       "nats://127.0.0.1:4222 (subject ai.usage.<namespace>.<service>, stream AI_USAGE)")
+    group.add_argument("--events-prefix", default="ai.usage", help="subject prefix of usage events")
+    group.add_argument("--events-stream", default="AI_USAGE", help="JetStream stream (created if missing)")
+    group.add_argument("--events-file", metavar="PATH", help="append usage events to a JSON-lines file")
+
+
+def telemetry_settings(args: argparse.Namespace) -> dict[str, object]:
+    """ServeOptions fields from the telemetry arguments; a bad value stops startup here."""
+    from extproc.telemetry.telemetry import TelemetryOptions
+
+    options = TelemetryOptions(
+        access_log=args.access_log is not None, access_log_path=args.access_log or None,
+        trace_exporter=args.trace_exporter, trace_endpoint=args.trace_endpoint,
+        trace_sample_ratio=args.trace_sample_ratio, capture_content=args.capture_content,
+        redact_patterns=tuple(args.redact))
+    return {"telemetry": options, "events_nats": args.events_nats, "events_file": args.events_file,
+            "events_prefix": args.events_prefix, "events_stream": args.events_stream}
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -194,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--watch", type=float, default=2.0, help="seconds between policy change checks (0: off)")
     serve.add_argument("--admin", type=_host_port, help="HOST:PORT for /healthz, /readyz, /config, /quota")
     add_relay_argument(serve)
+    add_telemetry_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="validate policy files; non-zero exit on any problem")

@@ -112,6 +112,7 @@ def add_render_parsers(render_sub: Any) -> None:
 
 
 def cmd_serve_kubernetes(args: argparse.Namespace) -> int:
+    from extproc.cli import run_server, telemetry_settings
     from extproc.server.app import ServeOptions
     from extproc.server.kube_source import KubeOptions
 
@@ -120,8 +121,10 @@ def cmd_serve_kubernetes(args: argparse.Namespace) -> int:
         kubernetes=KubeOptions(root_namespace=args.root_namespace, provider_namespace=args.provider_namespace,
                                secrets_dir=args.secrets_dir),
         kube_api=args.kube_api,
+        admin=args.admin,
+        relay=args.relay,
+        **telemetry_settings(args),
     )
-    from extproc.cli import run_server
 
     return run_server(options)
 
@@ -141,4 +144,9 @@ def add_serve_kubernetes_parser(sub: Any) -> None:
     serve.add_argument("--kube-api", help="API server URL (default: in-cluster config, else ~/.kube/config)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight streams on SIGTERM")
     serve.add_argument("--watch", type=float, default=2.0, help="seconds between policy file checks (0: off)")
+    from extproc.cli import _host_port, add_relay_argument, add_telemetry_arguments
+
+    serve.add_argument("--admin", type=_host_port, help="HOST:PORT for /healthz, /readyz, /config, /metrics")
+    add_relay_argument(serve)
+    add_telemetry_arguments(serve)
     serve.set_defaults(func=cmd_serve_kubernetes)

@@ -57,3 +57,39 @@ def _redis_answers(port: int) -> bool:
             return sock.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def jetstream_answers(port: int) -> bool:
+    """A NATS server with JetStream enabled says so in the INFO line it greets clients with."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            info = sock.recv(4096)
+    except OSError:
+        return False
+    return info.startswith(b"INFO ") and b'"jetstream":true' in info
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The machine's NATS JetStream on 127.0.0.1:4222, else a private nats-server on a free port, else skip."""
+    if jetstream_answers(4222):
+        yield "nats://127.0.0.1:4222"
+        return
+    binary = shutil.which("nats-server") or next(
+        (p for p in ("/usr/sbin/nats-server", "/usr/bin/nats-server") if os.path.exists(p)), None)
+    if binary is None:
+        missing("no NATS JetStream on 127.0.0.1:4222 and no nats-server binary to start one")
+    port = free_port()
+    store = tmp_path_factory.mktemp("nats")
+    process = subprocess.Popen([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not jetstream_answers(port):
+            if time.monotonic() > deadline:
+                missing("a private nats-server did not start")
+            time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)

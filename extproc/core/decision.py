@@ -53,6 +53,7 @@ RETRIABLE_CODES_HEADER = "x-envoy-retriable-status-codes"
 # Envoy-control headers only policy may set; an internal redirect adds x-envoy-original-url.
 _UNTRUSTED = (TIMEOUT_HEADER, PER_TRY_TIMEOUT_HEADER, RETRIABLE_CODES_HEADER, "x-envoy-original-url")
 _JSON_TYPES = ("application/json",)
+_MAX_PROMPT_CHARS = 4096  # captured content rides in the call's metadata: keep it bounded
 # Chat in each API: the operations translation maps onto each other.
 _CHAT_OPERATION = {Api.OPENAI: "chat_completions", Api.ANTHROPIC: "messages"}
 _CHAT = frozenset(_CHAT_OPERATION.values())
@@ -115,6 +116,7 @@ class Exchange:
     policy: PolicySet
     service: ServiceModels
     _strip: tuple[str, ...] = field(default=())
+    _requested: str = ""
 
     @property
     def max_body_bytes(self) -> int:
@@ -137,6 +139,9 @@ class Exchange:
     async def on_body(self, body: bytes) -> Decision:
         decision = await self._decide(body)
         self.decider.count(decision, self.policy, self.caller)
+        if isinstance(decision, LocalReply):
+            self.decider.record(reply_record(self.request, self.caller, self.endpoint, decision, self.policy,
+                                             self._requested))
         return decision
 
     @property
@@ -162,6 +167,7 @@ class Exchange:
                 return self._next_hop(data, state)
             # A forged, expired or foreign token is ignored: the call is decided afresh (and charged).
         requested = data.get("model")
+        self._requested = requested if isinstance(requested, str) else ""
         if not isinstance(requested, str) or not requested:
             return self.reject(ApiError(ErrorKind.INVALID_REQUEST, "'model' is required and must be a string",
                                         "missing_model", "model"))
@@ -205,7 +211,7 @@ class Exchange:
             self._scope[1], self._scope[0], str(self.endpoint.api), _asks_usage(data), requested,
             target.variant or "", self.policy.version, (), call_id if limit is not None else "",
             self.request.headers.get("x-request-id", ""), self.request.headers.get("traceparent", ""),
-            _b3_of(self.request.headers))
+            _b3_of(self.request.headers), self._prompt(data))
         state = fallback.HopState(
             self._scope[0], self._scope[1], route.name, requested, str(self.endpoint.api),
             (target.provider.name, target.model), target.variant or "", start, skipped, now, now, call_id,
@@ -232,6 +238,14 @@ class Exchange:
         settle = SettleInfo.decode(state.settle)
         # The body is in the format of the provider it was last sent to, which its path tells.
         return self._forward(data, self.endpoint.api, route, hops, state, settle, {})
+
+    def _prompt(self, data: dict[str, object]) -> str:
+        """The request's messages for the call record, redacted, only when content capture is on."""
+        telemetry = self.decider.telemetry
+        if telemetry is None or not getattr(telemetry, "capture_content", False):
+            return ""
+        text = orjson.dumps({k: data[k] for k in ("system", "messages", "input") if k in data}).decode()
+        return telemetry.redactor.redact(text[:_MAX_PROMPT_CHARS])
 
     def _first_live(self, hops: list[Target], route: ModelRoute, index: int, before: tuple[Hop, ...]
                     ) -> tuple[int | None, tuple[Hop, ...]]:
@@ -453,7 +467,11 @@ class Decider:
         result = self._on_headers(request, end_of_stream)
         if isinstance(result, LocalReply):
             policy = self._policies()
-            self.count(result, policy, identify(request.attributes, request.headers, policy.mesh.identity))
+            caller = identify(request.attributes, request.headers, policy.mesh.identity)
+            self.count(result, policy, caller)
+            endpoint = classify(request.path)
+            if endpoint is not None:  # a refused AI call; other paths are not AI calls
+                self.record(reply_record(request, caller, endpoint, result, policy, ""))
         return result
 
     def _on_headers(self, request: HttpRequest, end_of_stream: bool) -> Decision | Exchange:
@@ -486,6 +504,26 @@ class Decider:
             return _reject(endpoint.api, ApiError(
                 ErrorKind.PERMISSION, f"{caller.describe()} has no AI policy in this mesh", "no_policy"))
         return Exchange(self, request, endpoint, caller, policy, service, strip)
+
+
+def reply_record(request: HttpRequest, caller: Caller, endpoint: Endpoint, reply: LocalReply, policy: PolicySet,
+                 requested: str) -> CallRecord:
+    """The record of a call answered by the processor itself: refused, or served from the cache."""
+    now = time.time()
+    headers = dict(reply.headers)
+    code = reply.details.removeprefix("ai_")
+    hops = headers.get("x-ai-fallback-hops", "")
+    return CallRecord(
+        service=caller.service or "", namespace=caller.namespace or "", operation=endpoint.operation,
+        caller_api=str(endpoint.api), requested_model=requested, route=headers.get("x-ai-route", ""),
+        provider=headers.get("x-ai-provider", ""), response_model=headers.get("x-ai-model", ""),
+        status=reply.status, outcome="cache_hit" if code == "cache_hit" else f"refused:{code}",
+        streamed=headers.get("content-type", "").startswith("text/event-stream"), started_at=now, ended_at=now,
+        cache="hit" if code == "cache_hit" else "", variant=headers.get("x-ai-variant", ""),
+        hops=tuple(Hop(*h.split("=", 1)[0].split("/", 1), h.split("=", 1)[1]) for h in hops.split(", ") if "=" in h),
+        policy_version=policy.version, request_id=request.headers.get("x-request-id", ""),
+        traceparent=request.headers.get("traceparent", ""), b3=_b3_of(request.headers),
+        error="" if code == "cache_hit" else code)
 
 
 def _for_provider(data: dict[str, object], body_api: Api, provider_api: Api, model: str, mesh: MeshSettings

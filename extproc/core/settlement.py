@@ -53,6 +53,7 @@ class SettleInfo:
     request_id: str = ""
     traceparent: str = ""
     b3: str = ""
+    prompt: str = ""  # redacted request content, only when the operator enabled capture
 
     @property
     def translating(self) -> bool:
@@ -67,7 +68,7 @@ class SettleInfo:
                              "rq": self.requested, "va": self.variant, "pv": self.policy_version,
                              "h": [[h.provider, h.model, h.outcome, h.started_at] for h in self.hops],
                              "id": self.call_id, "xr": self.request_id, "tp": self.traceparent,
-                             "b3": self.b3}).decode()
+                             "b3": self.b3, **({"pr": self.prompt} if self.prompt else {})}).decode()
 
     @classmethod
     def decode(cls, text: str) -> SettleInfo:
@@ -78,7 +79,7 @@ class SettleInfo:
                    raw.get("ns", ""), raw.get("ca", ""), bool(raw.get("iu", False)), raw.get("rq", ""),
                    raw.get("va", ""), raw.get("pv", ""),
                    tuple(Hop(str(p), str(m), str(o), float(t)) for p, m, o, t in raw.get("h", ())),
-                   raw.get("id", ""), raw.get("xr", ""), raw.get("tp", ""), raw.get("b3", ""))
+                   raw.get("id", ""), raw.get("xr", ""), raw.get("tp", ""), raw.get("b3", ""), raw.get("pr", ""))
 
 
 class Settlement:
@@ -199,7 +200,14 @@ class Settlement:
             ended_at=time.time(), first_byte_at=self._first_byte_at,
             cache="miss" if info.cache_key else "", variant=info.variant, hops=info.hops,
             policy_version=info.policy_version, request_id=info.request_id, traceparent=info.traceparent,
-            b3=info.b3, error="" if outcome == "ok" else f"status_{self._status}" if self._status else "no_response")
+            b3=info.b3, prompt=info.prompt or None, error=self._error(outcome))
+
+    def _error(self, outcome: str) -> str:
+        if outcome == "ok":
+            return ""
+        if outcome == "cut":
+            return "stream_cut"
+        return f"status_{self._status}" if self._status else "no_response"
 
     def _observe(self, usage: Usage, cost_micro_usd: int) -> None:
         info, metrics = self.info, self._metrics

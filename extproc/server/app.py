@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,12 +17,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.cache.store import ResponseCache
 from extproc.core.credentials import CredentialStore
 from extproc.core.decision import Decider
+from extproc.events.sinks import build_event_sinks
 from extproc.quota.engine import QuotaEngine
 from extproc.server.admin import AdminServer
 from extproc.server.policy_store import PolicyStore
 from extproc.server.processor import AsyncExternalProcessor
 from extproc.server.relay import RelayServer
 from extproc.telemetry.metrics import Metrics
+from extproc.telemetry.telemetry import TelemetryOptions, build_telemetry
 
 if TYPE_CHECKING:
     from extproc.server.kube_source import KubeOptions
@@ -43,6 +45,11 @@ class ServeOptions:
     kube_api: str | None = None  # explicit API server URL; default: in-cluster, else ~/.kube/config
     admin: tuple[str, int] | None = None  # HOST, PORT of the admin HTTP endpoint (off when None)
     relay: tuple[str, int] | None = None  # HOST, PORT of the fallback relay Envoy retries failed attempts to
+    telemetry: TelemetryOptions = field(default_factory=TelemetryOptions)  # access log, traces, redaction
+    events_nats: str | None = None  # NATS URL: publish one usage event per call to JetStream
+    events_file: str | None = None  # append one usage event per call to this JSON-lines file
+    events_prefix: str = "ai.usage"  # subjects: <prefix>.<namespace>.<service>
+    events_stream: str = "AI_USAGE"
 
 
 async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> None:
@@ -72,7 +79,12 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
             ("grpc.max_send_message_length", _MAX_MESSAGE),
         ]
     )
-    decider = Decider(store.current, CredentialStore(), quota, cache, metrics)
+    events = build_event_sinks(options.events_nats, options.events_file, metrics.registry,
+                               prefix=options.events_prefix, stream=options.events_stream)
+    for sink in events:
+        await sink.start()  # returns at once: a NATS outage never holds up serving
+    telemetry = build_telemetry(options.telemetry, extra_sinks=events)
+    decider = Decider(store.current, CredentialStore(), quota, cache, metrics, telemetry=telemetry)
     pb_grpc.add_ExternalProcessorServicer_to_server(AsyncExternalProcessor(decider), server)
     relay = RelayServer(decider)
     if options.relay is not None:
@@ -114,6 +126,9 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         await cache.close()
         await admin.stop()
         await relay.stop()
+        for sink in events:
+            await sink.close(timeout=min(5.0, options.grace_seconds))
+        await asyncio.to_thread(telemetry.close)  # flushes trace batches: may block for an export timeout
         if source is not None:
             source.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -206,21 +206,21 @@ def test_context_length_fallback_is_opt_in(stack: Stack, mock: Mock) -> None:
 
 def cut_short(caught: pytest.ExceptionInfo[Exception]) -> bool:
     """The SDK saw the stream break: the HTTP transport's error, or an error event in the stream."""
-    return "incomplete chunked read" in str(caught.value) or isinstance(caught.value, anthropic.APIError | openai.APIError)
+    error = caught.value
+    return "incomplete chunked read" in str(error) or isinstance(error, anthropic.APIError | openai.APIError)
 
 
 def test_failure_after_the_first_byte_is_never_a_clean_end(stack: Stack, mock: Mock) -> None:
     """A stream cut mid-way cannot be replayed elsewhere: the client must see it fail, not end."""
     received: list[str] = []
-    with pytest.raises(Exception) as caught:  # noqa: PT011 - which class depends on the SDK's transport
-        with claude_client(stack).messages.stream(
-                model="fraud_detector", max_tokens=30, messages=[{"role": "user", "content": "cut me short"}],
-                extra_headers={"x-mock-cut-after": "5"}) as stream:
-            received.extend(stream.text_stream)
+    with pytest.raises(Exception) as caught, claude_client(stack).messages.stream(
+            model="fraud_detector", max_tokens=30, messages=[{"role": "user", "content": "cut me short"}],
+            extra_headers={"x-mock-cut-after": "5"}) as stream:
+        received.extend(stream.text_stream)
     assert cut_short(caught) and received  # some text arrived, then the break was reported
     # Translated (an OpenAI caller, the Anthropic provider cut mid-stream): the same.
     chunks: list[object] = []
-    with pytest.raises(Exception) as caught:  # noqa: PT011
+    with pytest.raises(Exception) as caught:
         chunks.extend(openai_client(stack).chat.completions.create(
             model="fraud_detector", stream=True, messages=[{"role": "user", "content": "cut me short"}],
             extra_headers={"x-mock-cut-after": "3"}))
@@ -317,7 +317,8 @@ def test_processor_failure_open_passes_untouched_closed_answers_503(envoy_binary
         # application addresses the provider's host, as it does in the mesh (the sidecar intercepts it).
         app = openai.OpenAI(base_url=own.base_url("product-service") + "/v1", api_key=OPENAI_KEY, max_retries=0,
                             default_headers={"host": "api.openai.com"})
-        reply = app.chat.completions.with_raw_response.create(model="gpt-4", messages=[{"role": "user", "content": "o"}])
+        reply = app.chat.completions.with_raw_response.create(model="gpt-4",
+                                                              messages=[{"role": "user", "content": "o"}])
         assert reply.parse().choices[0].message.content == "mock reply from gpt-4: o"
         assert "x-ai-provider" not in reply.headers  # nothing was decided
         # Fail closed (order-service, the default): a clear 503 in the caller's format.
