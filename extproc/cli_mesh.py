@@ -46,7 +46,13 @@ def cmd_render_crds(args: argparse.Namespace) -> int:
 
 
 def cmd_render_istio(args: argparse.Namespace) -> int:
-    from extproc.envoy_config.istio import IstioSpec, envoy_filter_object, policy_objects, provider_objects
+    from extproc.envoy_config.istio import (
+        IstioSpec,
+        envoy_filter_object,
+        fail_open_object,
+        policy_objects,
+        provider_objects,
+    )
 
     paths = args.policy or [_sample_dir()]
     try:
@@ -71,7 +77,7 @@ def cmd_render_istio(args: argparse.Namespace) -> int:
     command = "extproc render istio"
     try:
         parts = {
-            "envoyfilter.yaml": [envoy_filter_object(spec)],
+            "envoyfilter.yaml": [envoy_filter_object(spec), fail_open_object(spec)],
             "providers.yaml": provider_objects(spec),
             "mesh.yaml": [mesh],
             "samples/policies.yaml": policy_objects(services, args.sample_namespace),

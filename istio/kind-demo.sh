@@ -46,6 +46,10 @@ kubectl -n ai-system create secret generic openai-api-key --from-literal=api-key
   --dry-run=client -o yaml | kubectl apply -f -
 kubectl -n ai-system create secret generic claude-api-key --from-literal=api-key="${ANTHROPIC_API_KEY:-sk-ant-not-set}" \
   --dry-run=client -o yaml | kubectl apply -f -
+# Shared by the processor replicas: signs the fallback state a call carries between them. Created
+# once; re-running the script keeps the existing key.
+kubectl -n ai-system get secret ai-extproc-signing-key >/dev/null 2>&1 || \
+  kubectl -n ai-system create secret generic ai-extproc-signing-key --from-literal=key="$(openssl rand -hex 32)"
 
 step "processor, EnvoyFilter, providers"
 kubectl apply -k istio/

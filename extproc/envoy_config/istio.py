@@ -23,7 +23,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from extproc.envoy_config.filter import (
+    EXT_PROC_TYPE,
+    FILTER_NAME,
     INTERNAL_REQUEST_HEADERS,
+    failover_cluster,
+    failover_cluster_name,
+    failover_route_settings,
     local_reply_config,
     processor_http_filters,
     response_headers_to_add,
@@ -42,6 +47,7 @@ class IstioSpec:
     providers: tuple[Provider, ...]
     processor_host: str = "ai-extproc.ai-system.svc.cluster.local"
     processor_port: int = 50051
+    relay_port: int = 50052  # the processor Service's fallback relay port (HTTP)
     filter_namespace: str = "istio-system"  # the root namespace: the selector below applies in every namespace
     selector: tuple[tuple[str, str], ...] = (("ai.extproc.io/enabled", "true"),)  # () = every workload
     provider_namespace: str = "ai-system"  # AIProviders, ServiceEntries and DestinationRules live here
@@ -51,6 +57,10 @@ class IstioSpec:
     @property
     def processor_cluster(self) -> str:
         return f"outbound|{self.processor_port}||{self.processor_host}"
+
+    @property
+    def relay_cluster(self) -> str:
+        return f"outbound|{self.relay_port}||{self.processor_host}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +139,21 @@ def envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
             }}}},
         )
     for host in hosts:
+        # Fallback: the provider's route targets [provider, relay], retrying a failed attempt of a
+        # call with a fallback chain to the relay and following its redirect (docs/design/fallback.md).
+        provider_cluster = f"outbound|{host.port}||{host.host}"
+        patches.append({
+            "applyTo": "CLUSTER",
+            "match": {"context": "SIDECAR_OUTBOUND"},
+            "patch": {"operation": "ADD", "value": failover_cluster(provider_cluster, spec.relay_cluster)},
+        })
+        patches.append({
+            "applyTo": "HTTP_ROUTE",
+            "match": {"context": "SIDECAR_OUTBOUND", "routeConfiguration": {
+                "portNumber": host.port, "vhost": {"name": host.vhost, "route": {"action": "ROUTE"}}}},
+            "patch": {"operation": "MERGE", "value": {"route": {
+                "cluster": failover_cluster_name(provider_cluster), **failover_route_settings()}}},
+        })
         vhost: dict[str, Any] = {
             "typed_per_filter_config": {f["name"]: {"@type": FILTER_CONFIG, "config": {}}
                                         for f in processor_filters(spec)},
@@ -149,6 +174,33 @@ def envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
         "kind": "EnvoyFilter",
         "metadata": {"name": spec.name, "namespace": spec.filter_namespace, "labels": dict(spec.labels)},
         "spec": envoy_filter_spec,
+    }
+
+
+FAIL_OPEN_LABEL = ("ai.extproc.io/on-processor-failure", "open")
+
+
+def fail_open_object(spec: IstioSpec) -> dict[str, Any]:
+    """Pods labelled ``ai.extproc.io/on-processor-failure: open`` pass AI calls untouched when the
+    processor is unreachable; every other opted-in pod fails closed (503 JSON). Applied after the
+    main EnvoyFilter (higher priority), on the filter it inserted."""
+    ports = sorted({h.port for h in _hosts(spec)})
+    return {
+        "apiVersion": "networking.istio.io/v1alpha3",
+        "kind": "EnvoyFilter",
+        "metadata": {"name": f"{spec.name}-fail-open", "namespace": spec.filter_namespace,
+                     "labels": dict(spec.labels)},
+        "spec": {
+            "workloadSelector": {"labels": dict([FAIL_OPEN_LABEL])},
+            "priority": 10,
+            "configPatches": [{
+                "applyTo": "HTTP_FILTER",
+                "match": {"context": "SIDECAR_OUTBOUND", "listener": {"portNumber": port, "filterChain": {
+                    "filter": {"name": HCM, "subFilter": {"name": FILTER_NAME}}}}},
+                "patch": {"operation": "MERGE", "value": {"name": FILTER_NAME, "typed_config": {
+                    "@type": EXT_PROC_TYPE, "failure_mode_allow": True}}},
+            } for port in ports],
+        },
     }
 
 

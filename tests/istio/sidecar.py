@@ -8,8 +8,9 @@ bound to a free 127.0.0.1 port instead of being reached through iptables, and th
 local mock providers instead of DNS + TLS origination; names, order and shapes are Istio's.
 
 ``apply_envoy_filter`` applies an EnvoyFilter's configPatches the way istiod does for the patch
-kinds our renderer uses (HTTP_FILTER insert before a sub-filter, NETWORK_FILTER and VIRTUAL_HOST
-merge); anything else raises, so the renderer cannot silently use a patch this test does not model.
+kinds our renderer uses (HTTP_FILTER insert before a sub-filter or merge into one, NETWORK_FILTER,
+VIRTUAL_HOST and HTTP_ROUTE merge, CLUSTER add); anything else raises, so the renderer cannot
+silently use a patch this test does not model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ HCM = "envoy.filters.network.http_connection_manager"
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 PROCESSOR_HOST = "ai-extproc.ai-system.svc.cluster.local"
 PROCESSOR_CLUSTER = f"outbound|50051||{PROCESSOR_HOST}"
+RELAY_CLUSTER = f"outbound|50052||{PROCESSOR_HOST}"  # the Service's http-relay port
 
 
 def _address(port: int) -> dict[str, Any]:
@@ -68,7 +70,8 @@ def _cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
 
 
 def istio_outbound_bootstrap(*, service: str, namespace: str, labels: Mapping[str, str], listen_port: int,
-                             admin_port: int, processor_port: int, hosts: Mapping[str, int]) -> dict[str, Any]:
+                             admin_port: int, processor_port: int, hosts: Mapping[str, int],
+                             relay_port: int | None = None) -> dict[str, Any]:
     """``hosts``: every HTTP service on port 80 the sidecar knows (provider or not) → local port."""
     vhosts = [
         {"name": f"{host}:80", "domains": [host, f"{host}:80"],
@@ -107,6 +110,7 @@ def istio_outbound_bootstrap(*, service: str, namespace: str, labels: Mapping[st
                                            "cluster": "%UPSTREAM_CLUSTER%", "route": "%ROUTE_NAME%"}}}}],
     }
     clusters = [_cluster(PROCESSOR_CLUSTER, processor_port, http2=True),
+                _cluster(RELAY_CLUSTER, relay_port or processor_port + 1),
                 *(_cluster(f"outbound|80||{host}", port) for host, port in hosts.items()),
                 _cluster("PassthroughCluster", next(iter(hosts.values())))]
     return {
@@ -175,6 +179,28 @@ def apply_envoy_filter(bootstrap: dict[str, Any], envoy_filter: Mapping[str, Any
                 index = next(i for i, f in enumerate(filters) if f["name"] == sub)
                 filters.insert(index, copy.deepcopy(value))
                 applied += 1
+        elif kind == "HTTP_FILTER" and operation == "MERGE":
+            listener = match["listener"]
+            sub = listener["filterChain"]["filter"]["subFilter"]["name"]
+            for hcm in _hcms(patched, listener["portNumber"]):
+                for http_filter in hcm["typed_config"]["http_filters"]:
+                    if http_filter["name"] == sub:
+                        proto_merge(http_filter, {"typed_config": {
+                            k: v for k, v in value["typed_config"].items() if k != "@type"}})
+                        applied += 1
+        elif kind == "CLUSTER" and operation == "ADD":
+            patched["static_resources"]["clusters"].append(copy.deepcopy(value))
+            applied += 1
+        elif kind == "HTTP_ROUTE" and operation == "MERGE":
+            route = match["routeConfiguration"]
+            assert route["vhost"]["route"] == {"action": "ROUTE"}
+            for hcm in _hcms(patched, route["portNumber"]):
+                for vhost in hcm["typed_config"]["route_config"]["virtual_hosts"]:
+                    if vhost["name"] == route["vhost"]["name"]:
+                        for entry in vhost["routes"]:
+                            if "route" in entry:
+                                proto_merge(entry, value)
+                                applied += 1
         elif kind == "NETWORK_FILTER" and operation == "MERGE":
             listener = match["listener"]
             assert listener["filterChain"]["filter"]["name"] == HCM == value["name"]

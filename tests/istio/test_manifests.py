@@ -74,13 +74,21 @@ def test_processor_deployment_is_hardened_and_probed(install: dict[tuple[str, st
 
 def test_envoyfilter_reaches_the_rendered_service(install: dict[tuple[str, str], dict[str, Any]]) -> None:
     service = install[("Service", "ai-extproc")]
-    (port,) = service["spec"]["ports"]
+    port, relay = service["spec"]["ports"]
     assert port["name"].startswith("grpc-") and port["appProtocol"] == "grpc"
+    assert relay["name"].startswith("http-") and relay["appProtocol"] == "http"
     host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
     patches = install[("EnvoyFilter", "ai-extproc")]["spec"]["configPatches"]
     grpc = [p["patch"]["value"]["typed_config"]["grpc_service"]["envoy_grpc"] for p in patches
             if p["applyTo"] == "HTTP_FILTER" and "grpc_service" in p["patch"]["value"]["typed_config"]]
     assert grpc and all(g == {"cluster_name": f"outbound|{port['port']}||{host}", "authority": host} for g in grpc)
+    # The fallback relay the provider routes retry to is the Service's relay port, which the pod serves.
+    relays = {p["patch"]["value"]["cluster_type"]["typed_config"]["clusters"][1] for p in patches
+              if p["applyTo"] == "CLUSTER"}
+    assert relays == {f"outbound|{relay['port']}||{host}"}
+    (container,) = install[("Deployment", "ai-extproc")]["spec"]["template"]["spec"]["containers"]
+    assert f"--relay=0.0.0.0:{relay['port']}" in container["args"]
+    assert relay["targetPort"] in {p["name"] for p in container["ports"]}
     assert {p["match"]["context"] for p in patches} == {"SIDECAR_OUTBOUND"}
 
 
@@ -133,15 +141,15 @@ def test_render_istio_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     policy.write_text("providers:\n- {name: vllm, api: openai, base_url: 'http://vllm.models.svc.cluster.local:8000/v1'}\n")
     assert main(["render", "istio", "--policy", str(policy), "--no-selector", "--filter-namespace", "shop"]) == 0
     objects = [o for o in yaml.safe_load_all(capsys.readouterr().out) if o]
-    (envoy_filter,) = [o for o in objects if o["kind"] == "EnvoyFilter"]
+    (envoy_filter,) = [o for o in objects if o["kind"] == "EnvoyFilter" and o["metadata"]["name"] == "ai-extproc"]
     assert envoy_filter["metadata"]["namespace"] == "shop" and "workloadSelector" not in envoy_filter["spec"]
     ports = {p["match"].get("listener", p["match"].get("routeConfiguration"))["portNumber"]
-             for p in envoy_filter["spec"]["configPatches"]}
+             for p in envoy_filter["spec"]["configPatches"] if p["applyTo"] != "CLUSTER"}
     assert ports == {8000}  # an in-mesh model server: its own port, and no ServiceEntry
     vhosts = [p["match"]["routeConfiguration"]["vhost"]["name"] for p in envoy_filter["spec"]["configPatches"]
               if p["applyTo"] == "VIRTUAL_HOST"]
     assert vhosts == ["vllm.models.svc.cluster.local:8000"]
-    assert sorted(o["kind"] for o in objects) == ["AIProvider", "EnvoyFilter"]
+    assert sorted(o["kind"] for o in objects) == ["AIProvider", "EnvoyFilter", "EnvoyFilter"]  # + fail-open
     policy.write_text("providers:\n- {name: openai, api: openai, base_url: 'https://api.openai.com/v1'}\n")
     assert main(["render", "istio", "--policy", str(policy)]) == 1
     assert "base_url must be http://" in capsys.readouterr().err

@@ -41,8 +41,13 @@ def load_all(path: Path) -> list[dict[str, Any]]:
 
 
 def envoy_filter() -> dict[str, Any]:
-    (found,) = load_all(ISTIO / "envoyfilter.yaml")
-    return found
+    main, _ = load_all(ISTIO / "envoyfilter.yaml")
+    return main
+
+
+def envoy_filters() -> list[dict[str, Any]]:
+    """Both EnvoyFilters, in the order istiod applies them (by priority)."""
+    return sorted(load_all(ISTIO / "envoyfilter.yaml"), key=lambda f: f["spec"].get("priority", 0))
 
 
 @dataclass
@@ -83,8 +88,12 @@ def patched_bootstrap(workload: str, labels: dict[str, str], ports: dict[str, in
         service=workload, namespace="ai-demo", labels=labels, listen_port=ports["listen"],
         admin_port=ports["admin"], processor_port=ports["processor"],
         hosts={"api.openai.com": mocks["openai"], "api.anthropic.com": mocks["anthropic"],
-               "reports.ai-demo.svc.cluster.local": mocks["other"]})
-    return apply_envoy_filter(base, envoy_filter())
+               "reports.ai-demo.svc.cluster.local": mocks["other"]}, relay_port=ports.get("relay"))
+    applied = 0
+    for envoy_filter_object in envoy_filters():
+        base, count = apply_envoy_filter(base, envoy_filter_object)
+        applied += count
+    return base, applied
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +121,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         parts.append(start_mock_provider(mocks["openai"], ["--openai-key", OPENAI_KEY], "openai", tmp))
         parts.append(start_mock_provider(mocks["anthropic"], ["--anthropic-key", ANTHROPIC_KEY], "anthropic", tmp))
         parts.append(start_mock_provider(mocks["other"], ["--openai-key", OTHER_KEY], "other", tmp))
-        processor_port = free_port()
+        processor_port, relay_port = free_port(), free_port()
         processor = Managed("processor", [
             sys.executable, "-m", "extproc", "serve-kubernetes", "--listen", f"127.0.0.1:{processor_port}",
+            "--relay", f"127.0.0.1:{relay_port}",
             "--kube-api", served.url, "--policy", str(ISTIO / "mesh.yaml"), "--secrets-dir", str(secrets),
             "--root-namespace", "istio-system", "--provider-namespace", "ai-system", "--grace", "1",
         ], log_dir=tmp).start()
@@ -124,9 +134,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         except LaunchError as exc:
             raise LaunchError(f"{exc}\n{processor.log_text()}") from exc
         proxies, admins = {}, {}
-        workloads = {**{s: OPT_IN for s in SERVICES}, "legacy-batch": {}}  # legacy-batch did not opt in
+        workloads = {**{s: OPT_IN for s in SERVICES}, "legacy-batch": {},  # legacy-batch did not opt in
+                     "reporting": {**OPT_IN, "ai.extproc.io/on-processor-failure": "open"}}
         for workload, labels in workloads.items():
-            ports = {"listen": free_port(), "admin": free_port(), "processor": processor_port}
+            ports = {"listen": free_port(), "admin": free_port(), "processor": processor_port, "relay": relay_port}
             config, _ = patched_bootstrap(workload, labels, ports, mocks)
             path = tmp / f"envoy-{workload}.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -184,6 +195,25 @@ def test_patches_land_where_istio_would_put_them() -> None:
     providers = [ProviderHost("api.openai.com", 80), ProviderHost("api.anthropic.com", 80)]
     assert hcm["local_reply_config"] == provider_calls_only(standalone["local_reply_config"], providers)
     assert applied == len(envoy_filter()["spec"]["configPatches"])  # every patch matched something
+    assert inserted[FILTER_NAME]["typed_config"]["failure_mode_allow"] is False  # not labelled: fails closed
+    # Fallback: each provider route targets its [provider, relay] aggregate and retries only calls
+    # that carry a fallback chain, as the standalone sidecar does.
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    for host in ("api.openai.com", "api.anthropic.com"):
+        (route,) = vhosts[f"{host}:80"]["routes"]
+        assert route["route"]["cluster"] == f"ai-failover|outbound|80||{host}"
+        assert clusters[route["route"]["cluster"]]["cluster_type"]["typed_config"]["clusters"] == [
+            f"outbound|80||{host}", "outbound|50052||ai-extproc.ai-system.svc.cluster.local"]
+        policy = route["route"]["retry_policy"]
+        assert policy["retriable_request_headers"] == [{"name": "x-ai-fallback", "present_match": True}]
+        assert policy["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"
+    assert vhosts["reports.ai-demo.svc.cluster.local:80"]["routes"][0]["route"]["cluster"] == (
+        "outbound|80||reports.ai-demo.svc.cluster.local")  # other services keep Istio's own route
+    labelled, _ = patched_bootstrap("reporting", {**OPT_IN, "ai.extproc.io/on-processor-failure": "open"}, ports,
+                                    mocks)
+    labelled_hcm = labelled["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (ext_proc,) = [f for f in labelled_hcm["http_filters"] if f["name"] == FILTER_NAME]
+    assert ext_proc["typed_config"]["failure_mode_allow"] is True
     _, unselected = patched_bootstrap("legacy-batch", {}, ports, mocks)
     assert unselected == 0
 
@@ -236,6 +266,18 @@ def test_anthropic_sdk_call_and_stream(mesh: Mesh) -> None:
         text = "".join(stream.text_stream)
     assert text
     assert mesh.last_request("anthropic")["headers"]["x-api-key"] == ANTHROPIC_KEY
+
+
+def test_cross_provider_fallback_in_the_istio_sidecar(mesh: Mesh) -> None:
+    """order-service's Claude fails; the call is answered by OpenAI within the same call, in Anthropic format."""
+    raw = mesh.anthropic("order-service").messages.with_raw_response.create(
+        model="fraud_detector", max_tokens=16, messages=[{"role": "user", "content": "check order 43"}],
+        extra_headers={"x-mock-only": "anthropic", "x-mock-status": "529"})
+    message = raw.parse()
+    assert message.content[0].text == "mock reply from gpt-4o: check order 43"  # type: ignore[union-attr]
+    assert raw.headers["x-ai-fallback-hops"] == "claude/claude-3=upstream_error, openai/gpt-4o"
+    sent = mesh.last_request("openai")
+    assert sent["body"]["model"] == "gpt-4o" and sent["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"
 
 
 def test_ab_split_and_refusals(mesh: Mesh) -> None:
