@@ -118,7 +118,28 @@ def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str], str]:
         headers = stream.response.headers
     rows.append(_row("order-service", f"messages (stream, {final.usage.output_tokens} tok)", "fraud_detector",
                      headers, 200, (time.perf_counter() - start) * 1000))
-    return rows, variants, burst
+    # Claude fails (the mock answers 503, then resets): each call is completed by the fallback,
+    # OpenAI, and the Anthropic SDK still reads an Anthropic answer.
+    for label, fault in (("claude 503 → fallback", {"x-mock-status": "503"}),
+                         ("claude reset → fallback", {"x-mock-reset": "1"})):
+        msg, ms = _timed(lambda fault=fault: claude.messages.with_raw_response.create(
+            model="fraud_detector", max_tokens=64, messages=[{"role": "user", "content": "order 44 looks odd"}],
+            extra_headers={"x-mock-only": "anthropic", **fault}))
+        answer = msg.parse()
+        rows.append(_row("order-service", f"{label} ({answer.type}, {answer.content[0].type})", "fraud_detector",
+                         msg.headers, msg.status_code, ms))
+        hops = msg.headers.get("x-ai-fallback-hops", "-")
+    start = time.perf_counter()
+    with claude.messages.stream(model="fraud_detector", max_tokens=64,
+                                messages=[{"role": "user", "content": "score order 45"}],
+                                extra_headers={"x-mock-only": "anthropic", "x-mock-status": "529"}) as stream:
+        final = stream.get_final_message()
+        headers = stream.response.headers
+    rows.append(_row("order-service", "claude 529 → fallback (stream)", "fraud_detector", headers, 200,
+                     (time.perf_counter() - start) * 1000))
+    fallback = (f"order-service fallback: the Anthropic SDK got {final.type!r} events translated from OpenAI's "
+                f"stream; x-ai-fallback-hops: {hops}")
+    return rows, variants, burst + "\n\n" + fallback
 
 
 def _burst(client: Any, calls: int) -> str:
@@ -172,12 +193,56 @@ def _quota_table(admin_port: int) -> str:
         return format_lines([Line(**line) for line in json.load(reply)["limits"]])
 
 
+NATS_URL = "nats://127.0.0.1:4222"
+
+
+def _nats_reachable(url: str = NATS_URL) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", 4222), timeout=0.5) as sock:
+            return sock.recv(4096).startswith(b"INFO ")
+    except OSError:
+        return False
+
+
+def _telemetry_report(stack: Stack, events_file: Path, nats: bool) -> str:
+    """What the calls left behind: a few Prometheus series and the usage events."""
+    import urllib.request
+
+    from extproc.events.schema import event_from_json
+    from extproc.events.tail import format_line
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.admin_port}/metrics", timeout=5) as reply:
+        metrics = reply.read().decode()
+    wanted = ("ai_extproc_fallbacks_total{", "ai_extproc_breaker_state{", "ai_extproc_cost_usd_total{",
+              "ai_extproc_quota_rejections_total{")
+    series = [line for prefix in wanted for line in metrics.splitlines()
+              if line.startswith(prefix) and not line.endswith(" 0.0")]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not events_file.exists():
+        time.sleep(0.1)
+    time.sleep(0.5)  # the last responses settle just after their callers have them
+    events = [event_from_json(line) for line in events_file.read_text().splitlines()] if events_file.exists() else []
+    where = ("also on NATS JetStream (stream AI_USAGE): `extproc events tail --all` shows them" if nats
+             else "NATS is not running on 127.0.0.1:4222, so events went to the JSONL file only")
+    lines = [f"$ curl http://127.0.0.1:{stack.admin_port}/metrics   ({len(metrics.splitlines())} lines; a few of "
+             "them)", *(f"  {line}" for line in series[:12]),
+             f"\nusage events: {len(events)}, one per AI call ({where}); the last five:",
+             *(f"  {format_line(event)}" for event in events[-5:])]
+    return "\n".join(lines)
+
+
 def run_demo(keep_logs: bool = False) -> int:
     logging.getLogger().setLevel(logging.WARNING)  # the SDKs log every request at INFO
     log_dir = Path(tempfile.mkdtemp(prefix="extproc-demo-"))
     print("Starting mock providers, the processor and one Envoy sidecar per service (127.0.0.1 only)...")
+    events_file = log_dir / "events.jsonl"
+    nats = _nats_reachable()
+    telemetry = ["--events-file", str(events_file), "--access-log", str(log_dir / "access.jsonl"),
+                 *(["--events-nats", NATS_URL] if nats else [])]
     try:
-        stack = Stack(sample_policy_dir(), log_dir)
+        stack = Stack(sample_policy_dir(), log_dir, processor_args=telemetry)
     except LaunchError as exc:
         print(f"demo: could not start: {exc}")
         return 1
@@ -188,6 +253,7 @@ def run_demo(keep_logs: bool = False) -> int:
         print()
         rows, variants, burst = drive_traffic(stack)
         print_report(rows, variants, burst, _quota_table(stack.admin_port))
+        print(f"\n{_telemetry_report(stack, events_file, nats)}")
     finally:
         stack.close()
         if keep_logs:
