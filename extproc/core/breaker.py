@@ -96,8 +96,8 @@ class Breakers:
     def allow(self, key: BreakerKey, settings: BreakerSettings) -> bool:
         if not settings.enabled:
             return True
+        before = self.state(key)  # read before _get: new settings replace the breaker with a closed one
         breaker = self._get(key, settings)
-        before = breaker.state
         allowed = breaker.allow(self._clock())
         self._changed(key, before, breaker.state)
         return allowed
@@ -105,8 +105,8 @@ class Breakers:
     def record(self, key: BreakerKey, settings: BreakerSettings, *, failed: bool) -> None:
         if not settings.enabled:
             return
+        before = self.state(key)
         breaker = self._get(key, settings)
-        before = breaker.state
         breaker.record(failed, self._clock())
         self._changed(key, before, breaker.state)
 

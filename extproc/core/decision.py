@@ -163,7 +163,7 @@ class Exchange:
         token = self.request.headers.get(fallback.HEADER)
         if token is not None:
             state = fallback.HopState.decode(token, self.decider.signer)
-            if state is not None and state.index > 0:
+            if state is not None and state.index > 0 and self._owns(state):
                 return self._next_hop(data, state)
             # A forged, expired or foreign token is ignored: the call is decided afresh (and charged).
         requested = data.get("model")
@@ -189,19 +189,19 @@ class Exchange:
         start, skipped = self._first_live(hops, route, 0, ())
         if start is None:
             return self._all_failed(skipped)
-        # Quota last: a call refused for any other reason must not consume it.
-        charge = await self._charge(data, route, hops[start])
-        if isinstance(charge, LocalReply):
-            return charge
         call_id = self.request.headers.get("x-request-id") or uuid.uuid4().hex
         limit = self.service.proxy.max_in_flight or self.policy.mesh.resilience.max_in_flight
         if limit is not None and not self.decider.bulkhead.enter(self._scope, call_id, limit):
-            if charge is not None and charge.reservation is not None:
-                await self.decider.quota.settle(charge.reservation, Estimate(0, 0, 0))  # refund: never sent
             self.decider.metrics.bulkhead_rejections.labels(*self.caller_labels).inc()
             return self.reject(ApiError(
                 ErrorKind.RATE_LIMIT, f"{self.caller.describe()} already has {limit} AI calls in flight (its "
                 "max_in_flight); retry when one has finished", "too_many_calls_in_flight", openai_type="requests"))
+        # Quota last: a call refused for any other reason must not consume it.
+        charge = await self._charge(data, route, hops[start])
+        if isinstance(charge, LocalReply):
+            if limit is not None:
+                self.decider.bulkhead.leave(self._scope, call_id)
+            return charge
         now = time.time()
         settle = SettleInfo(
             charge.reservation if charge is not None and charge.settles_tokens else None, str(self.endpoint.api),
@@ -220,6 +220,11 @@ class Exchange:
         if cache is not None:
             extra["cache"] = "miss"
         return self._forward(data, self.endpoint.api, route, hops, state, settle, extra)
+
+    def _owns(self, state: fallback.HopState) -> bool:
+        """A hop token is honoured only for the call it was made for: same caller, same request id."""
+        request_id = self.request.headers.get("x-request-id")
+        return (state.namespace, state.service) == self._scope and request_id in (None, state.call_id)
 
     def _next_hop(self, data: dict[str, object], state: fallback.HopState) -> Decision:
         """A fallback attempt, re-entering after the relay moved the call on: no second charge, no cache."""
