@@ -5,26 +5,35 @@ and the same fast fixed upstream (a second Envoy answering with a canned chat co
 difference is our filter and processor: one ext_proc stream per call, decision on the full body,
 routing by :authority rewrite, credential injection, body rewrite (logical → upstream model name).
 
-Usage: python -m bench.run [--duration 10] [--concurrency 1 16]
+Two more sections price what the closing note quotes: the latency a caller pays when its provider
+fails and the call falls back to another (Anthropic 503 or reset, answered by OpenAI, translated back),
+and the per-call cost of telemetry (access log, usage events on NATS JetStream and a file, OTLP traces).
+
+Usage: python -m bench.run [--duration 10] [--concurrency 1 16] [--only overhead,fallback,telemetry]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
+import yaml
 
 from extproc.envoy_config.bootstrap import SidecarSpec, to_yaml, upstream_for
 from extproc.launch import (
@@ -36,7 +45,7 @@ from extproc.launch import (
     start_processor,
 )
 from extproc.policy.loader import load_policy
-from extproc.stack import ANTHROPIC_KEY, OPENAI_KEY
+from extproc.stack import ANTHROPIC_KEY, OPENAI_KEY, Stack
 
 BODY = json.dumps({"model": "auth_assistant", "messages": [{"role": "user", "content": "How do I reset my password?"}]})
 REPLY = json.dumps({
@@ -79,7 +88,9 @@ class Result:
     rps: float
     p50_ms: float
     p99_ms: float
-    errors: int
+    errors: int  # non-2xx responses plus socket errors
+    non2xx: int = 0
+    requests: int = 0
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -100,9 +111,18 @@ def run_wrk(url: str, script: Path, concurrency: int, duration: int) -> Result:
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    errors = int(non2xx.group(1)) if non2xx else 0
-    errors += sum(int(g) for g in socket_errors.groups()) if socket_errors else 0
-    return Result(rps, p50, p99, errors)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    bad = int(non2xx.group(1)) if non2xx else 0
+    errors = bad + (sum(int(g) for g in socket_errors.groups()) if socket_errors else 0)
+    return Result(rps, p50, p99, errors, bad, requests)
+
+
+def wrk_script(path: Path, body: str, headers: dict[str, str]) -> Path:
+    """A wrk script POSTing ``body`` with ``headers``."""
+    lines = ['wrk.method = "POST"', *(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()),
+             f"wrk.body = [[{body}]]"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def ext_proc_stats(admin_port: int) -> dict[str, int]:
@@ -164,28 +184,67 @@ def policy_dir(work: Path, label: str, service_policy: str, backend: str, redis_
     return directory
 
 
+SECTIONS = ("overhead", "streaming", "cache", "fallback", "telemetry")
+
+
+def sections(text: str) -> tuple[str, ...]:
+    chosen = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if not chosen or unknown:
+        raise argparse.ArgumentTypeError(f"sections are {', '.join(SECTIONS)} (comma-separated), "
+                                         f"not {', '.join(unknown) or repr(text)}")
+    return chosen
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", type=sections, default=SECTIONS, metavar="SECTION[,SECTION]",
+                        help=f"run only these sections: {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--stream-calls", type=int, default=200, help="sequential streamed calls per variant")
+    parser.add_argument("--fallback-duration", type=int, default=5, help="seconds per fallback measurement")
+    parser.add_argument("--fallback-concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--telemetry-duration", type=int, default=5, help="seconds per telemetry measurement")
+    parser.add_argument("--telemetry-concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--nats-url", default="nats://127.0.0.1:4222",
+                        help="usage events for the telemetry section (skipped if nothing listens there)")
+    parser.add_argument("--no-traces", action="store_true", help="telemetry section: leave out the OTLP row")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("bench: wrk not found (Debian package `wrk`; `make bench` installs it)", file=sys.stderr)
         return 1
     work = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
+    try:
+        if {"overhead", "streaming", "cache"} & set(args.only):
+            run_overhead(args, work)
+        if "fallback" in args.only:
+            print_fallback(args, work)
+        if "telemetry" in args.only:
+            print_telemetry(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def start_fixed_upstream(work: Path) -> tuple[Managed, int]:
+    port = free_port()
+    config = work / "fixed-upstream.yaml"
+    config.write_text(to_yaml(fixed_upstream_config(port, free_port())))
+    return Managed("fixed-upstream", [find_envoy(), "-c", str(config), "--log-level", "warn", "--concurrency", "1",
+                                      "--base-id", str(port)], log_dir=work).start_listening(port, 20), port
+
+
+def run_overhead(args: argparse.Namespace, work: Path) -> None:
+    """Envoy direct vs null ext_proc vs our processor (and quota, cache), then streaming and cache hits."""
     script = work / "post.lua"
     script.write_text(LUA % BODY)
     parts: list[Managed] = []
     env = {"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY}
     try:
-        upstream_port = free_port()
-        config = work / "fixed-upstream.yaml"
-        config.write_text(to_yaml(fixed_upstream_config(upstream_port, free_port())))
-        parts.append(Managed("fixed-upstream", [find_envoy(), "-c", str(config), "--log-level", "warn",
-                                                "--concurrency", "1", "--base-id", str(upstream_port)],
-                             log_dir=work).start_listening(upstream_port, 20))
+        upstream, upstream_port = start_fixed_upstream(work)
+        parts.append(upstream)
         mock_port = free_port()
         parts.append(start_mock_provider(mock_port, ["--openai-key", OPENAI_KEY], "openai", work))
         null_port = free_port()
@@ -208,30 +267,330 @@ def main() -> int:
                                    access_log=False, with_processor=label != "direct")
                 parts.append(start_envoy(spec, work))
                 table[label] = spec
-        results: dict[tuple[str, int], Result] = {}
-        for concurrency in args.concurrency:
-            for label in LABELS:
-                spec = sidecars[label]
-                url = f"http://127.0.0.1:{spec.listen_port}/v1/chat/completions"
-                run_wrk(url, script, concurrency, 2)  # warm-up: connections, caches, JIT-free but still
-                before = ext_proc_stats(spec.admin_port)
-                results[(label, concurrency)] = run_wrk(url, script, concurrency, args.duration)
-                after = ext_proc_stats(spec.admin_port)
-                if label == "processor":
-                    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-                    calls = max(delta.get("streams_started", 0), 1)
-                    print(f"  c={concurrency}: {calls} ext_proc streams; per call "
-                          f"{delta.get('stream_msgs_sent', 0) / calls:.2f} messages to the processor, "
-                          f"{delta.get('stream_msgs_received', 0) / calls:.2f} back, pipelined as one round trip; "
-                          f"failed streams {delta.get('streams_failed', 0)}", flush=True)
-        print_table(results, args.concurrency, args.duration)
-        print_streaming(streaming, args.stream_calls)
-        print_cache(streaming["cache"], args.stream_calls)
+        if "overhead" in args.only:
+            results: dict[tuple[str, int], Result] = {}
+            for concurrency in args.concurrency:
+                for label in LABELS:
+                    spec = sidecars[label]
+                    url = f"http://127.0.0.1:{spec.listen_port}/v1/chat/completions"
+                    run_wrk(url, script, concurrency, 2)  # warm-up: connections, caches, JIT-free but still
+                    before = ext_proc_stats(spec.admin_port)
+                    results[(label, concurrency)] = run_wrk(url, script, concurrency, args.duration)
+                    after = ext_proc_stats(spec.admin_port)
+                    if label == "processor":
+                        delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                        calls = max(delta.get("streams_started", 0), 1)
+                        print(f"  c={concurrency}: {calls} ext_proc streams; per call "
+                              f"{delta.get('stream_msgs_sent', 0) / calls:.2f} messages to the processor, "
+                              f"{delta.get('stream_msgs_received', 0) / calls:.2f} back, pipelined as one round "
+                              f"trip; failed streams {delta.get('streams_failed', 0)}", flush=True)
+            print_table(results, args.concurrency, args.duration)
+        if "streaming" in args.only:
+            print_streaming(streaming, args.stream_calls)
+        if "cache" in args.only:
+            print_cache(streaming["cache"], args.stream_calls)
     finally:
         for part in reversed(parts):
             part.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+
+
+FALLBACK_SERVICE = "bench-fallback"
+FALLBACK_POLICY = f"""\
+providers:
+- {{name: openai, api: openai, base_url: http://api.openai.com/v1, credential: {{env: OPENAI_API_KEY}}}}
+- {{name: claude, api: anthropic, base_url: http://api.anthropic.com/v1, credential: {{env: ANTHROPIC_API_KEY}}}}
+---
+service: {FALLBACK_SERVICE}
+ai_proxy:
+  models:
+  - name: fraud_detector
+    provider: claude
+    model: claude-3
+    fallback: [openai/gpt-4o]
+    circuit_breaker: {{enabled: false}}  # every failing call really tries claude first, none skips it
+"""
+ANTHROPIC_BODY = json.dumps({"model": "fraud_detector", "max_tokens": 30,
+                             "messages": [{"role": "user", "content": "Score order 42 for fraud risk."}]})
+ANTHROPIC_HEADERS = {"content-type": "application/json", "anthropic-version": "2023-06-01"}
+FALLBACK_HOPS = "claude/claude-3=upstream_error, openai/gpt-4o"
+# key, label, fault headers (aimed at the Anthropic mock only), expected x-ai-fallback-hops
+FALLBACK_MODES: tuple[tuple[str, str, dict[str, str], str | None], ...] = (
+    ("claude", "claude answers (no fallback)", {}, None),
+    ("503", "claude 503 -> openai answers", {"x-mock-only": "anthropic", "x-mock-status": "503"}, FALLBACK_HOPS),
+    ("reset", "claude reset -> openai answers", {"x-mock-only": "anthropic", "x-mock-reset": "1"}, FALLBACK_HOPS),
+)
+
+
+def check_fallback(url: str) -> str | None:
+    """One call per mode through httpx; what is wrong, if anything, before wrk measures it."""
+    with httpx.Client(timeout=10) as client:
+        for _, label, faults, hops in FALLBACK_MODES:
+            response = client.post(url, content=ANTHROPIC_BODY, headers={**ANTHROPIC_HEADERS, **faults})
+            got = response.headers.get("x-ai-fallback-hops")
+            if response.status_code != 200 or got != hops:
+                return (f"{label}: expected 200 with x-ai-fallback-hops {hops!r}, got {response.status_code} "
+                        f"with {got!r}: {response.text[:200]}")
+            if response.json().get("type") != "message":
+                return f"{label}: not an Anthropic-format message: {response.text[:200]}"
+    return None
+
+
+RETRY_STATS = ("upstream_rq_retry", "upstream_rq_retry_overflow", "upstream_rq_retry_backoff_exponential")
+
+
+def retry_stats(admin_port: int) -> dict[str, int]:
+    """Envoy's retry counters summed over clusters: a fallback is Envoy retrying to the processor's relay."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?filter=upstream_rq_retry").read().decode()
+    stats = dict.fromkeys(RETRY_STATS, 0)
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        stat = name.rsplit(".", 1)[-1]
+        if stat in stats and value.strip().isdigit():
+            stats[stat] += int(value)
+    return stats
+
+
+def envoy_admin_port(config: Path) -> int:
+    """The admin port of an Envoy started by extproc.launch.start_envoy, read back from its config."""
+    return int(yaml.safe_load(config.read_text())["admin"]["address"]["socket_address"]["port_value"])
+
+
+def print_fallback(args: argparse.Namespace, work: Path) -> None:
+    """What a caller pays when its provider fails and the call is answered by the fallback instead."""
+    policies = work / "policy-fallback"
+    policies.mkdir()
+    (policies / "policy.yaml").write_text(FALLBACK_POLICY)
+    logs = work / "fallback"
+    logs.mkdir()
+    duration = args.fallback_duration
+    print(f"\nFallback cost: POST /v1/messages (Anthropic format, not streamed, {len(ANTHROPIC_BODY)} B body), "
+          f"fraud_detector = claude/claude-3 with fallback openai/gpt-4o, circuit breaker off; mock providers; "
+          f"{duration}s per cell", flush=True)
+    stack = Stack(policies, logs, services=[FALLBACK_SERVICE], processor_args=["--watch", "0"])
+    try:
+        url = f"{stack.base_url(FALLBACK_SERVICE)}/v1/messages"
+        problem = check_fallback(url)
+        if problem:
+            print(f"fallback: SKIPPED, the call does not fall back as it should: {problem}", flush=True)
+            return
+        print(f"  checked: 503 and reset both answered 200 with x-ai-fallback-hops: {FALLBACK_HOPS}")
+        admin = envoy_admin_port(logs / f"envoy-{FALLBACK_SERVICE}.yaml")
+        results: dict[tuple[str, int], Result] = {}
+        retries: dict[tuple[str, int], dict[str, int]] = {}
+        for concurrency in args.fallback_concurrency:
+            for key, _, faults, _ in FALLBACK_MODES:
+                script = wrk_script(work / f"fallback-{key}.lua", ANTHROPIC_BODY, {**ANTHROPIC_HEADERS, **faults})
+                run_wrk(url, script, concurrency, 1)  # warm-up
+                before = retry_stats(admin)
+                results[(key, concurrency)] = run_wrk(url, script, concurrency, duration)
+                after = retry_stats(admin)
+                retries[(key, concurrency)] = {k: after[k] - before[k] for k in RETRY_STATS}
+    finally:
+        stack.close()
+    header = (f"{'conc':>4}  {'path':<32}{'RPS':>9}{'vs no fb':>10}{'p50 ms':>9}{'p99 ms':>9}{'p50 x':>7}"
+              f"{'non-2xx':>9}{'errors':>8}")
+    print(header)
+    print("-" * len(header))
+    for concurrency in args.fallback_concurrency:
+        base = results[("claude", concurrency)]
+        for key, label, _, _ in FALLBACK_MODES:
+            r = results[(key, concurrency)]
+            print(f"{concurrency:>4}  {label:<32}{r.rps:>9.0f}{r.rps / base.rps:>10.1%}{r.p50_ms:>9.3f}"
+                  f"{r.p99_ms:>9.3f}{r.p50_ms / base.p50_ms:>7.2f}{r.non2xx:>9}{r.errors:>8}")
+        added = "; ".join(f"{key}: p50 {results[(key, concurrency)].p50_ms - base.p50_ms:+.3f} ms, "
+                          f"p99 {results[(key, concurrency)].p99_ms - base.p99_ms:+.3f} ms"
+                          for key, _, _, _ in FALLBACK_MODES[1:])
+        print(f"{'':>4}  added over no fallback: {added}")
+        envoy = "; ".join(f"{key} {retries[(key, concurrency)]['upstream_rq_retry']}/"
+                          f"{retries[(key, concurrency)]['upstream_rq_retry_overflow']} "
+                          f"(wrk counted {results[(key, concurrency)].requests} calls)"
+                          for key, _, _, _ in FALLBACK_MODES[1:])
+        print(f"{'':>4}  Envoy retries to the relay / retry overflows (no fallback at all): {envoy}")
+    failed = [(key, c) for (key, c), r in results.items() if r.errors]
+    if failed:
+        print(f"\nWARNING: errors in {', '.join(f'{key} at c={c}' for key, c in failed)}: those rows are not all "
+              "fallback calls. Retry overflow means Envoy did not\nfall back at all and the caller got claude's error: "
+              "the cluster circuit breaker's max_retries (Envoy's default is 3)\ncaps how many calls can be falling "
+              "back at once.")
+    print("\nvs no fb = RPS as a share of the no-fallback row, p50 x = its p50 as a multiple of that row's. A fallback")
+    print("call makes both attempts (claude fails, then openai through the processor's relay) and translates the")
+    print("OpenAI answer back to Anthropic format; Envoy waits a jittered retry back-off (25 ms base unless set)")
+    print("before the second attempt. errors = non-2xx plus wrk socket errors (both should be 0).")
+
+
+class OtlpSink:
+    """A local OTLP/HTTP trace endpoint that accepts every export with a 200 and counts them."""
+
+    def __init__(self) -> None:
+        from aiohttp import web  # the processor's own dependency; only this section needs it here
+
+        self.port = free_port()
+        self.exports = 0
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def traces(request: web.Request) -> web.Response:
+            await request.read()
+            self.exports += 1
+            return web.Response(status=200, content_type="application/x-protobuf")
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            app = web.Application()
+            app.router.add_post("/v1/traces", traces)
+            runner = web.AppRunner(app, access_log=None)
+            self._loop.run_until_complete(runner.setup())
+            self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+            ready.set()
+            self._loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/traces"
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+EVENTS_STREAM = "BENCH_USAGE"
+
+
+def nats_reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+async def _jetstream(url: str, delete: bool) -> int | None:
+    """Messages in the bench stream (None: no such stream), deleting it afterwards if asked."""
+    import nats
+    from nats.js.errors import NotFoundError
+
+    connection = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = connection.jetstream()
+        try:
+            messages: int | None = (await js.stream_info(EVENTS_STREAM)).state.messages
+        except NotFoundError:
+            return None
+        if delete:
+            await js.delete_stream(EVENTS_STREAM)
+        return messages
+    finally:
+        await connection.close()
+
+
+def lines(path: Path) -> int:
+    try:
+        with path.open("rb") as handle:
+            return sum(1 for _ in handle)
+    except OSError:
+        return 0
+
+
+def print_telemetry(args: argparse.Namespace, work: Path) -> None:
+    """The processor row of the overhead table, plain vs with every telemetry sink on."""
+    duration = args.telemetry_duration
+    nats_on = nats_reachable(args.nats_url)
+    print(f"\nTelemetry cost: POST /v1/chat/completions, {len(BODY)} B body (the processor row: routing only, fixed "
+          f"upstream), {duration}s per cell", flush=True)
+    if nats_on:
+        try:
+            asyncio.run(_jetstream(args.nats_url, delete=True))  # leftovers of an interrupted run
+        except Exception as exc:  # e.g. a NATS server without JetStream
+            nats_on = False
+            print(f"  NATS at {args.nats_url} unusable ({exc!r}): NATS skipped, usage events go to the file only")
+    else:
+        print(f"  NATS not reachable at {args.nats_url}: NATS skipped, usage events go to the file only")
+    events = ["--events-file"]
+    if nats_on:
+        events = ["--events-nats", args.nats_url, "--events-prefix", "bench.usage", "--events-stream", EVENTS_STREAM,
+                  *events]
+    sinks = "access log, events " + ("NATS + file" if nats_on else "file")
+    modes: list[tuple[str, str, list[str]]] = [
+        ("plain", "plain (no telemetry)", []),
+        ("sinks", f"+ {sinks}", ["--access-log", str(work / "access-sinks.jsonl"),
+                                 *events, str(work / "events-sinks.jsonl")]),
+    ]
+    receiver = None if args.no_traces else OtlpSink()
+    if receiver:
+        modes.append(("traces", "  + OTLP/HTTP traces", [
+            "--access-log", str(work / "access-traces.jsonl"), *events, str(work / "events-traces.jsonl"),
+            "--trace-exporter", "otlp-http", "--trace-endpoint", receiver.url]))
+    script = work / "post.lua"
+    script.write_text(LUA % BODY)
+    env = {"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY}
+    parts: list[Managed] = []
+    results: dict[tuple[str, int], Result] = {}
+    sent: dict[str, int] = {}
+    notes: list[str] = []
+    try:
+        upstream, upstream_port = start_fixed_upstream(work)
+        parts.append(upstream)
+        urls: dict[str, str] = {}
+        for key, _, extra in modes:
+            port = free_port()
+            directory = policy_dir(work, f"telemetry-{key}", ROUTING_ONLY, "memory", args.redis_url)
+            parts.append(start_processor([directory], port, log_dir=work, env=env, name=f"processor-{key}",
+                                         extra_args=["--watch", "0", *extra]))
+            provider = load_policy([directory]).providers["openai"]
+            spec = SidecarSpec(service=BENCH_SERVICE, namespace="bench", listen_port=free_port(),
+                               admin_port=free_port(), processor=("127.0.0.1", port),
+                               upstreams=(upstream_for(provider, ("127.0.0.1", upstream_port)),), access_log=False)
+            parts.append(start_envoy(spec, work))
+            urls[key] = f"http://127.0.0.1:{spec.listen_port}/v1/chat/completions"
+        for concurrency in args.telemetry_concurrency:
+            for key, _, _ in modes:
+                warm = run_wrk(urls[key], script, concurrency, 1)
+                results[(key, concurrency)] = result = run_wrk(urls[key], script, concurrency, duration)
+                sent[key] = sent.get(key, 0) + warm.requests + result.requests
+        time.sleep(2)  # events and span batches are sent after the answer: let the last ones land
+        calls = sum(sent[key] for key, _, _ in modes[1:])
+        counts = [(key, lines(work / f"access-{key}.jsonl"), lines(work / f"events-{key}.jsonl"))
+                  for key, _, _ in modes[1:]]
+        notes.append("telemetry written (calls including warm-ups / access log lines / events file lines): "
+                     + "; ".join(f"{key} {sent[key]}/{log}/{events}" for key, log, events in counts))
+        stored = asyncio.run(_jetstream(args.nats_url, delete=False)) if nats_on else calls
+        if nats_on:
+            notes.append(f"NATS stream {EVENTS_STREAM}: {stored} usage events for {calls} calls")
+        if receiver:
+            notes.append(f"OTLP receiver: {receiver.exports} trace export requests (spans are batched)")
+        if stored != calls or any(log != sent[key] or events != sent[key] for key, log, events in counts):
+            notes.append("WARNING: not every call was recorded by every sink")
+    finally:
+        for part in reversed(parts):
+            part.stop()
+        if receiver:
+            receiver.close()
+        if nats_on:
+            try:
+                asyncio.run(_jetstream(args.nats_url, delete=True))
+            except Exception as exc:  # the bench's numbers are printed already; say why the stream stayed
+                print(f"  could not delete NATS stream {EVENTS_STREAM}: {exc!r}", file=sys.stderr)
+    header = f"{'conc':>4}  {'processor':<36}{'RPS':>9}{'vs plain':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+    print(header)
+    print("-" * len(header))
+    for concurrency in args.telemetry_concurrency:
+        plain = results[("plain", concurrency)]
+        for key, label, _ in modes:
+            r = results[(key, concurrency)]
+            print(f"{concurrency:>4}  {label:<36}{r.rps:>9.0f}{r.rps / plain.rps:>10.1%}{r.p50_ms:>9.3f}"
+                  f"{r.p99_ms:>9.3f}{r.errors:>8}")
+        added = "; ".join(f"{key} p50 {(results[(key, concurrency)].p50_ms - plain.p50_ms) * 1000:+.0f} µs, "
+                          f"1/RPS {(1e6 / results[(key, concurrency)].rps - 1e6 / plain.rps):+.0f} µs"
+                          for key, _, _ in modes[1:])
+        print(f"{'':>4}  added per call over plain: {added}")
+    for note in notes:
+        print(f"  {note}")
+    print("\nThe added p50 is what one caller waits; 1/RPS is the wall time per call at that concurrency (with")
+    print("enough callers to keep both cores busy it is the throughput cost). All rows: same Envoy, same fixed")
+    print("upstream, same routing-only policy; only the processor's telemetry flags differ.")
 
 
 def measure_stream(url: str, calls: int, include_usage: bool) -> tuple[float, float]:

@@ -81,6 +81,13 @@ def add_telemetry_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--events-prefix", default="ai.usage", help="subject prefix of usage events")
     group.add_argument("--events-stream", default="AI_USAGE", help="JetStream stream (created if missing)")
     group.add_argument("--events-file", metavar="PATH", help="append usage events to a JSON-lines file")
+    jobs = parser.add_argument_group("asynchronous calls (Prefer: respond-async)")
+    jobs.add_argument("--jobs-nats", metavar="URL", help="accept asynchronous calls as jobs in NATS JetStream, "
+                      "e.g. nats://127.0.0.1:4222 (run `extproc worker` to execute them)")
+    jobs.add_argument("--jobs-prefix", default="", help="prefix of the job streams and buckets (as the worker's)")
+    jobs.add_argument("--jobs-worker", action="append", metavar="SERVICE",
+                      help="identity of the worker's sidecar, whose replays act as the submitting service "
+                      "(repeatable; default ai-extproc-worker)")
 
 
 def telemetry_settings(args: argparse.Namespace) -> dict[str, object]:
@@ -93,7 +100,8 @@ def telemetry_settings(args: argparse.Namespace) -> dict[str, object]:
         trace_sample_ratio=args.trace_sample_ratio, capture_content=args.capture_content,
         redact_patterns=tuple(args.redact))
     return {"telemetry": options, "events_nats": args.events_nats, "events_file": args.events_file,
-            "events_prefix": args.events_prefix, "events_stream": args.events_stream}
+            "events_prefix": args.events_prefix, "events_stream": args.events_stream, "jobs_nats": args.jobs_nats,
+            "jobs_prefix": args.jobs_prefix, "jobs_workers": tuple(args.jobs_worker or ["ai-extproc-worker"])}
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -256,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_kubernetes_parser(sub)
     from extproc.cli_events import add_events_parser
     add_events_parser(sub)
+    from extproc.cli_jobs import add_jobs_parser
+    add_jobs_parser(sub)
 
     mock = sub.add_parser("mock-provider", help="OpenAI/Anthropic-compatible mock provider for tests and demos")
     mock.add_argument("--listen", type=_host_port, default=("127.0.0.1", 18080))

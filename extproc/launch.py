@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +125,17 @@ def start_mock_provider(port: int, args: Sequence[str] = (), name: str = "mock",
     return Managed(f"mock-{name}", [sys.executable, "-m", "extproc", "mock-provider", "--listen",
                                     f"127.0.0.1:{port}", "--name", name, *args],
                    **({"log_dir": log_dir} if log_dir else {})).start_listening(port)
+
+
+def start_worker(jobs: tuple[str, str], envoys: Sequence[str], env: Mapping[str, str],
+                 log_dir: Path | None = None) -> Managed:
+    """``extproc worker`` for the job streams at (NATS URL, prefix), replaying jobs through ``envoys``."""
+    url, prefix = jobs
+    return Managed("worker", [sys.executable, "-m", "extproc", "worker", "--nats", url, "--prefix", prefix,
+                              # Local mocks answer in milliseconds: short timeouts keep redelivery quick.
+                              "--backoff-base", "0.2", "--backoff-max", "2", "--timeout", "5", "--ack-wait", "6",
+                              *envoys],
+                   env={**os.environ, **env}, **({"log_dir": log_dir} if log_dir else {})).start()
 
 
 def start_envoy(spec: SidecarSpec, log_dir: Path | None = None, concurrency: int = 1) -> Managed:

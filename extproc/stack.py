@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from extproc.envoy_config.bootstrap import SidecarSpec, upstream_for
-from extproc.launch import Managed, free_port, start_envoy, start_mock_provider, start_processor
+from extproc.launch import Managed, free_port, start_envoy, start_mock_provider, start_processor, start_worker
 from extproc.policy.loader import load_policy
 
 OPENAI_KEY = "sk-demo-openai"
@@ -24,8 +24,10 @@ class Stack:
 
     def __init__(self, policy_dir: Path, log_dir: Path, services: Sequence[str] = SERVICES,
                  processor_env: Mapping[str, str] | None = None, processor_args: Sequence[str] = (),
-                 replicas: int = 1, upstream_overrides: Mapping[str, tuple[str, int]] | None = None) -> None:
-        """``upstream_overrides`` sends named providers elsewhere than their API's mock (e.g. a closed port)."""
+                 replicas: int = 1, upstream_overrides: Mapping[str, tuple[str, int]] | None = None,
+                 jobs: tuple[str, str] | None = None) -> None:
+        """``upstream_overrides`` sends named providers elsewhere than their API's mock (e.g. a closed port);
+        ``jobs`` (NATS URL, prefix) turns asynchronous calls on and starts an ``extproc worker``."""
         self.log_dir = log_dir
         self.parts: list[Managed] = []
         self.ports: dict[str, int] = {}
@@ -42,11 +44,13 @@ class Stack:
             self.relay_ports: list[int] = []
             # Replicas share the key that signs fallback state, as a Kubernetes Secret would give them.
             env.setdefault("EXTPROC_SIGNING_KEY", "stack-signing-key-0123456789abcdef")
+            self.signing_key = env["EXTPROC_SIGNING_KEY"]
             for replica in range(replicas):
                 port, admin, relay = free_port(), free_port(), free_port()
+                job_args = ["--jobs-nats", jobs[0], "--jobs-prefix", jobs[1]] if jobs else []
                 managed = start_processor([policy_dir], port, log_dir=log_dir, env=env, name=f"processor-{replica}",
                                           extra_args=["--admin", f"127.0.0.1:{admin}", "--relay",
-                                                      f"127.0.0.1:{relay}", *processor_args])
+                                                      f"127.0.0.1:{relay}", *job_args, *processor_args])
                 self.parts.append(managed)
                 self.processors.append(managed)
                 self.processor_ports.append(port)
@@ -67,6 +71,13 @@ class Stack:
                                    failure_mode_allow=policy.fails_open(service, NAMESPACE))
                 self.parts.append(start_envoy(spec, log_dir))
                 self.ports[service] = port
+            self.worker: Managed | None = None
+            if jobs is not None:
+                # The worker replays each job through its own service's sidecar, as a mesh worker would
+                # through the submitting service's identity.
+                envoys = [f"--envoy={NAMESPACE}/{s}=http://127.0.0.1:{p}" for s, p in self.ports.items()]
+                self.worker = start_worker(jobs, envoys, env, log_dir)
+                self.parts.append(self.worker)
         except BaseException:
             self.close()
             raise

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -21,6 +22,7 @@ from extproc.cache.key import CachePlan, plan_cache
 from extproc.cache.store import ResponseCache
 from extproc.core import fallback
 from extproc.core.apis import ENDPOINTS, Api, ApiError, Endpoint, ErrorKind, api_of_caller, classify, split_path
+from extproc.core.async_calls import JOB_HEADER, JOBS_PATH, JobClaim, JobLookup, accepted, wants_async
 from extproc.core.breaker import BreakerKey, Breakers, State
 from extproc.core.bulkhead import Bulkhead
 from extproc.core.credentials import CredentialStore
@@ -36,6 +38,9 @@ from extproc.quota.plan import METRIC_REQUESTS, Estimate, plan_counters
 from extproc.telemetry.metrics import CallLabels, Metrics, bounded
 from extproc.telemetry.record import CallRecord, CallSink, Hop
 from extproc.translate import TranslationError, anthropic_to_openai, openai_to_anthropic
+
+if TYPE_CHECKING:
+    from extproc.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +121,7 @@ class Exchange:
     policy: PolicySet
     service: ServiceModels
     _strip: tuple[str, ...] = field(default=())
+    claim: JobClaim | None = None  # this call executes an asynchronous job (verified x-ai-job token)
     _requested: str = ""
 
     @property
@@ -189,15 +195,20 @@ class Exchange:
         start, skipped = self._first_live(hops, route, 0, ())
         if start is None:
             return self._all_failed(skipped)
+        if self.claim is None and self.decider.jobs is not None and wants_async(self.request.headers):
+            return await self._submit(body, data, route, hops[start])
         call_id = self.request.headers.get("x-request-id") or uuid.uuid4().hex
         limit = self.service.proxy.max_in_flight or self.policy.mesh.resilience.max_in_flight
+        if self.claim is not None:
+            limit = None  # the worker bounds each service's jobs itself
         if limit is not None and not self.decider.bulkhead.enter(self._scope, call_id, limit):
             self.decider.metrics.bulkhead_rejections.labels(*self.caller_labels).inc()
             return self.reject(ApiError(
                 ErrorKind.RATE_LIMIT, f"{self.caller.describe()} already has {limit} AI calls in flight (its "
                 "max_in_flight); retry when one has finished", "too_many_calls_in_flight", openai_type="requests"))
-        # Quota last: a call refused for any other reason must not consume it.
-        charge = await self._charge(data, route, hops[start])
+        # Quota last: a call refused for any other reason must not consume it. A job was charged when
+        # it was submitted: its execution settles that reservation instead.
+        charge = self._job_charge(data) if self.claim is not None else await self._charge(data, route, hops[start])
         if isinstance(charge, LocalReply):
             if limit is not None:
                 self.decider.bulkhead.leave(self._scope, call_id)
@@ -211,7 +222,7 @@ class Exchange:
             self._scope[1], self._scope[0], str(self.endpoint.api), _asks_usage(data), requested,
             target.variant or "", self.policy.version, (), call_id if limit is not None else "",
             self.request.headers.get("x-request-id", ""), self.request.headers.get("traceparent", ""),
-            _b3_of(self.request.headers), self._prompt(data))
+            _b3_of(self.request.headers), self._prompt(data), self.claim.job_id if self.claim else "")
         state = fallback.HopState(
             self._scope[0], self._scope[1], route.name, requested, str(self.endpoint.api),
             (target.provider.name, target.model), target.variant or "", start, skipped, now, now, call_id,
@@ -220,6 +231,37 @@ class Exchange:
         if cache is not None:
             extra["cache"] = "miss"
         return self._forward(data, self.endpoint.api, route, hops, state, settle, extra)
+
+    def _job_charge(self, data: dict[str, object]) -> Charge:
+        assert self.claim is not None
+        reservation = Reservation.decode(self.claim.reservation) if self.claim.reservation else None
+        return Charge(reservation, {}, estimate_request_tokens(data, self.endpoint.api))
+
+    async def _submit(self, body: bytes, data: dict[str, object], route: ModelRoute, target: Target) -> LocalReply:
+        """Check and charge the call as a synchronous one, then queue it as a job: 202 at once."""
+        from extproc.jobs.errors import JobError
+        from extproc.jobs.model import Job
+
+        jobs = self.decider.jobs
+        assert jobs is not None
+        charge = await self._charge(data, route, target)
+        if isinstance(charge, LocalReply):
+            return charge
+        reservation = charge.reservation.encode() if charge is not None and charge.settles_tokens else None
+        headers = [(":authority", self.request.authority), *self.request.headers.items()]
+        job = Job.new(service=self._scope[1], namespace=self._scope[0], api=self.endpoint.api, path=self.request.path,
+                      headers=headers, body=body, reservation=reservation, policy_version=self.policy.version)
+        try:
+            submitted = await jobs.submit(job)
+        except JobError as exc:
+            return self.reject(exc.api_error())
+        except Exception as exc:  # NATS unreachable: a clear 503, the call is not lost silently
+            log.warning("job submission failed: %s", exc)
+            return self.reject(ApiError(ErrorKind.UNAVAILABLE, "asynchronous calls are unavailable: the job "
+                                        f"queue cannot be reached ({type(exc).__name__})", "job_queue_unavailable"))
+        status, reply, headers_out = accepted(submitted.job_id, submitted.location, submitted.subject,
+                                              submitted.dead_subject)
+        return LocalReply(status, reply, "ai_job_accepted", headers_out)
 
     def _owns(self, state: fallback.HopState) -> bool:
         """A hop token is honoured only for the call it was made for: same caller, same request id."""
@@ -425,7 +467,8 @@ class Decider:
     def __init__(self, policies: Callable[[], PolicySet], credentials: CredentialStore, quota: QuotaEngine,
                  cache: ResponseCache, metrics: Metrics | None = None, *, signer: Signer | None = None,
                  breakers: Breakers | None = None, bulkhead: Bulkhead | None = None,
-                 telemetry: CallSink | None = None) -> None:
+                 telemetry: CallSink | None = None, jobs: JobStore | None = None,
+                 job_workers: frozenset[str] = frozenset({"ai-extproc-worker"})) -> None:
         self._policies = policies
         self.credentials = credentials
         self.quota = quota
@@ -435,6 +478,8 @@ class Decider:
         self.breakers = breakers or Breakers(on_change=self._breaker_changed)
         self.bulkhead = bulkhead or Bulkhead()
         self.telemetry = telemetry
+        self.jobs = jobs  # asynchronous calls are on when a job store is connected
+        self.job_workers = job_workers  # identities whose calls may carry a job token for another service
 
     def record(self, record: CallRecord) -> None:
         """A finished call, for the access log, traces and usage events (never raises)."""
@@ -467,8 +512,9 @@ class Decider:
             outcome = decision.details.removeprefix("ai_")
         self.metrics.calls.labels(*labels.caller, labels.provider, labels.request_model, outcome).inc()
 
-    def on_headers(self, request: HttpRequest, end_of_stream: bool) -> Decision | Exchange:
-        """Decide on headers alone, or return the :class:`Exchange` that waits for the body."""
+    def on_headers(self, request: HttpRequest, end_of_stream: bool) -> Decision | Exchange | JobLookup:
+        """Decide on headers alone, or return the :class:`Exchange` that waits for the body (or the
+        :class:`JobLookup` that answers a poll for an asynchronous call's result)."""
         result = self._on_headers(request, end_of_stream)
         if isinstance(result, LocalReply):
             policy = self._policies()
@@ -479,12 +525,19 @@ class Decider:
                 self.record(reply_record(request, caller, endpoint, result, policy, ""))
         return result
 
-    def _on_headers(self, request: HttpRequest, end_of_stream: bool) -> Decision | Exchange:
+    def _on_headers(self, request: HttpRequest, end_of_stream: bool) -> Decision | Exchange | JobLookup:
         policy = self._policies()
         mesh = policy.mesh
-        # Headers only we may set: the identity header (unless trusted) and the usage-filter switch.
-        strip = (USAGE_HEADER,) if mesh.identity.trust_header else (mesh.identity.header, USAGE_HEADER)
+        # Headers only we may set: the identity header (unless trusted), the usage-filter switch, a job token.
+        strip = (USAGE_HEADER, JOB_HEADER) if mesh.identity.trust_header else (
+            mesh.identity.header, USAGE_HEADER, JOB_HEADER)
         strip = tuple(h for h in strip if h in request.headers)
+        if self.jobs is not None and request.path.startswith(JOBS_PATH):
+            caller = identify(request.attributes, request.headers, mesh.identity)
+            if request.method != "GET":
+                return _reject(api_of_caller(request.path, dict(request.headers)), ApiError(
+                    ErrorKind.METHOD, f"{request.method} is not allowed on {JOBS_PATH}<id>; use GET", "method"))
+            return JobLookup(self.jobs, request.path, request.headers, caller)
         endpoint = classify(request.path)
         if endpoint is None:
             if mesh.unknown_paths == "pass":
@@ -504,11 +557,14 @@ class Decider:
             return _reject(endpoint.api, ApiError(ErrorKind.INVALID_REQUEST, "request body is empty",
                                                   "empty_body"))
         caller = identify(request.attributes, request.headers, mesh.identity)
+        claim = JobClaim.verify(request.headers, self.signer, caller, self.job_workers)
+        if claim is not None:
+            caller = claim.as_caller(caller)  # the worker replays the job as the service that submitted it
         service = policy.for_caller(caller.service, caller.namespace)
         if service is None:
             return _reject(endpoint.api, ApiError(
                 ErrorKind.PERMISSION, f"{caller.describe()} has no AI policy in this mesh", "no_policy"))
-        return Exchange(self, request, endpoint, caller, policy, service, strip)
+        return Exchange(self, request, endpoint, caller, policy, service, strip, claim)
 
 
 def reply_record(request: HttpRequest, caller: Caller, endpoint: Endpoint, reply: LocalReply, policy: PolicySet,

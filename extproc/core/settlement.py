@@ -54,6 +54,7 @@ class SettleInfo:
     traceparent: str = ""
     b3: str = ""
     prompt: str = ""  # redacted request content, only when the operator enabled capture
+    job_id: str = ""  # the execution of an asynchronous job (the worker retries failures)
 
     @property
     def translating(self) -> bool:
@@ -68,7 +69,8 @@ class SettleInfo:
                              "rq": self.requested, "va": self.variant, "pv": self.policy_version,
                              "h": [[h.provider, h.model, h.outcome, h.started_at] for h in self.hops],
                              "id": self.call_id, "xr": self.request_id, "tp": self.traceparent,
-                             "b3": self.b3, **({"pr": self.prompt} if self.prompt else {})}).decode()
+                             "b3": self.b3, **({"pr": self.prompt} if self.prompt else {}),
+                             **({"jb": self.job_id} if self.job_id else {})}).decode()
 
     @classmethod
     def decode(cls, text: str) -> SettleInfo:
@@ -79,7 +81,8 @@ class SettleInfo:
                    raw.get("ns", ""), raw.get("ca", ""), bool(raw.get("iu", False)), raw.get("rq", ""),
                    raw.get("va", ""), raw.get("pv", ""),
                    tuple(Hop(str(p), str(m), str(o), float(t)) for p, m, o, t in raw.get("h", ())),
-                   raw.get("id", ""), raw.get("xr", ""), raw.get("tp", ""), raw.get("b3", ""), raw.get("pr", ""))
+                   raw.get("id", ""), raw.get("xr", ""), raw.get("tp", ""), raw.get("b3", ""), raw.get("pr", ""),
+                   raw.get("jb", ""))
 
 
 class Settlement:
@@ -158,7 +161,9 @@ class Settlement:
         self.settled = usage
         price = self._policy.prices.lookup(self.info.provider, self.info.model)
         cost = price.micro_usd(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens) if price else 0
-        if self.info.reservation is not None:
+        # A job's failed attempt keeps its reservation: the worker retries, and one attempt settles it.
+        retried = bool(self.info.job_id) and (self.failed or not complete)
+        if self.info.reservation is not None and not retried:
             try:
                 await self._quota.settle(self.info.reservation,
                                          Estimate(usage.input_tokens, usage.output_tokens, cost))

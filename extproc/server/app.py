@@ -27,6 +27,7 @@ from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.telemetry import TelemetryOptions, build_telemetry
 
 if TYPE_CHECKING:
+    from extproc.jobs.store import JobStore
     from extproc.server.kube_source import KubeOptions
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ class ServeOptions:
     events_file: str | None = None  # append one usage event per call to this JSON-lines file
     events_prefix: str = "ai.usage"  # subjects: <prefix>.<namespace>.<service>
     events_stream: str = "AI_USAGE"
+    jobs_nats: str | None = None  # NATS URL: accept `Prefer: respond-async` calls as jobs
+    jobs_prefix: str = ""  # isolates the job streams and buckets (JobNames.prefixed)
+    jobs_workers: tuple[str, ...] = ("ai-extproc-worker",)  # identities allowed to replay a job as its submitter
 
 
 async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> None:
@@ -84,7 +88,9 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     for sink in events:
         await sink.start()  # returns at once: a NATS outage never holds up serving
     telemetry = build_telemetry(options.telemetry, extra_sinks=events)
-    decider = Decider(store.current, CredentialStore(), quota, cache, metrics, telemetry=telemetry)
+    jobs, jobs_task = await _job_store(options, metrics)
+    decider = Decider(store.current, CredentialStore(), quota, cache, metrics, telemetry=telemetry, jobs=jobs,
+                      job_workers=frozenset(options.jobs_workers))
     pb_grpc.add_ExternalProcessorServicer_to_server(AsyncExternalProcessor(decider), server)
     relay = RelayServer(decider)
     if options.relay is not None:
@@ -128,12 +134,45 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         await relay.stop()
         for sink in events:
             await sink.close(timeout=min(5.0, options.grace_seconds))
+        if jobs_task is not None:
+            jobs_task.cancel()
+        if jobs is not None:
+            await jobs.close()
         await asyncio.to_thread(telemetry.close)  # flushes trace batches: may block for an export timeout
         if source is not None:
             source.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped")
+
+
+async def _job_store(options: ServeOptions, metrics: Metrics) -> tuple[JobStore | None, asyncio.Task[None] | None]:
+    """The job store for asynchronous calls, connecting in the background: a NATS outage at startup
+    makes submissions answer 503 until it is reachable, never stops the processor from serving."""
+    if options.jobs_nats is None:
+        return None, None
+    from extproc.jobs.config import JobNames
+    from extproc.jobs.metrics import JobMetrics
+    from extproc.jobs.store import JobStore
+
+    jobs = JobStore(JobNames.prefixed(options.jobs_prefix), metrics=JobMetrics(metrics.registry))
+    url = options.jobs_nats
+
+    async def connect() -> None:
+        delay = 1.0
+        while True:
+            try:
+                await jobs.connect(url)
+                log.info("asynchronous calls on: job store at %s", url)
+                return
+            except Exception as exc:
+                log.warning("job store at %s not reachable (%s); retrying in %.0fs", url, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    task = asyncio.create_task(connect())
+    await asyncio.wait({task}, timeout=3.0)  # usually connected before the first call
+    return jobs, task
 
 
 def run(options: ServeOptions) -> None:

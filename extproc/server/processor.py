@@ -19,6 +19,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from extproc.core.async_calls import JobLookup
 from extproc.core.decision import Decider, Exchange, LocalReply
 from extproc.core.settlement import Settlement
 from extproc.server.protocol import (
@@ -70,6 +71,8 @@ class Session:
             return []
         if kind == "request_headers":
             result = self._decider.on_headers(request_from(message), message.request_headers.end_of_stream)
+            if isinstance(result, JobLookup):
+                return self._finish(immediate_response(await result.reply()))
             if isinstance(result, Exchange):
                 self._exchange = result
                 return []

@@ -1,0 +1,117 @@
+"""Asynchronous AI calls: ``Prefer: respond-async`` on a normal AI endpoint.
+
+The decision checks the call exactly as a synchronous one (policy, model, quota), then, instead of
+forwarding it, persists it as a job in NATS JetStream and answers ``202 Accepted`` with where to
+poll and which subject the result will be published on. ``extproc worker`` later replays the call
+through the same Envoy path with a signed ``x-ai-job`` token, which the decision honours as the
+submitting service (no second quota charge, never made asynchronous again). Results are polled at
+``GET /v1/ai-jobs/<id>``, answered here, and only for the submitting service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+
+from extproc.core.apis import Api, ApiError, ErrorKind, api_of_caller, split_path
+from extproc.core.identity import Caller
+from extproc.core.tokens import Signer
+
+if TYPE_CHECKING:
+    from extproc.core.decision import LocalReply
+    from extproc.jobs.store import JobStore
+
+JOB_HEADER = "x-ai-job"
+ASYNC_HEADER = "x-ai-async"  # for clients that cannot set Prefer: "true" asks for an asynchronous call
+JOBS_PATH = "/v1/ai-jobs/"
+
+
+def wants_async(headers: Mapping[str, str]) -> bool:
+    """``Prefer: respond-async`` (RFC 7240), among other preferences, or ``x-ai-async: true``."""
+    prefer = headers.get("prefer", "")
+    preferences = {part.split("=", 1)[0].strip().lower() for part in prefer.replace(";", ",").split(",")}
+    return "respond-async" in preferences or headers.get(ASYNC_HEADER, "").strip().lower() == "true"
+
+
+@dataclass(frozen=True, slots=True)
+class JobClaim:
+    """A verified ``x-ai-job`` token: this call executes job ``job_id`` on behalf of its submitter."""
+
+    job_id: str
+    service: str
+    namespace: str
+    reservation: str | None
+
+    @classmethod
+    def verify(cls, headers: Mapping[str, str], signer: Signer, caller: Caller, workers: frozenset[str]
+               ) -> JobClaim | None:
+        token = headers.get(JOB_HEADER)
+        if token is None:
+            return None
+        payload = signer.verify(token)
+        if payload is None:
+            return None
+        service, namespace = str(payload.get("svc", "")), str(payload.get("ns", ""))
+        # The worker calls through the submitter's own sidecar, or through its own (a worker identity).
+        if not service or (caller.service != service and caller.service not in workers):
+            return None
+        reservation = payload.get("r")
+        return cls(str(payload.get("job", "")), service, namespace,
+                   reservation if isinstance(reservation, str) else None)
+
+    def as_caller(self, caller: Caller) -> Caller:
+        return Caller(self.service, self.namespace or None, caller.service_account, "job")
+
+
+Headers = tuple[tuple[str, str], ...]
+
+
+def accepted(job_id: str, location: str, subject: str, dead_subject: str) -> tuple[int, bytes, Headers]:
+    """The 202 for a queued call: where to poll, and where the result will be published."""
+    body = orjson.dumps({"id": job_id, "object": "ai.job", "status": "queued", "location": location,
+                         "result_subject": subject, "dead_letter_subject": dead_subject})
+    return 202, body, (("content-type", "application/json"), ("location", location),
+                       ("preference-applied", "respond-async"), ("x-ai-job-id", job_id))
+
+
+class JobLookup:
+    """``GET /v1/ai-jobs/<id>``: decided on headers alone, answered from the job store."""
+
+    def __init__(self, store: JobStore, path: str, headers: Mapping[str, str], caller: Caller) -> None:
+        self._store = store
+        self._job_id = split_path(path)[0][len(JOBS_PATH):].strip("/")
+        self._api = api_of_caller(path, dict(headers))
+        self._caller = caller
+
+    async def reply(self) -> LocalReply:
+        from extproc.core.decision import LocalReply
+
+        try:
+            view = await self._store.get(self._job_id)
+        except Exception as exc:  # NATS down: say so, in the caller's format
+            return _error(self._api, ApiError(ErrorKind.UNAVAILABLE, f"the job store cannot be reached: "
+                                              f"{type(exc).__name__}", "job_store_unavailable"))
+        if view is None or not view.owned_by(self._caller.service or "", self._caller.namespace or ""):
+            return _error(self._api, ApiError(ErrorKind.NOT_FOUND, f"no job {self._job_id!r} for "
+                                              f"{self._caller.describe()} (unknown, expired or not yours)",
+                                              "job_not_found"))
+        failure = view.failure()
+        if failure is not None:
+            return _error(self._api, failure)
+        if view.result is None:
+            body = orjson.dumps({"id": view.job_id, "object": "ai.job", "status": str(view.state),
+                                 "attempts": view.attempts})
+            return LocalReply(202, body, "ai_job_pending", (("content-type", "application/json"),
+                                                           ("retry-after", "1"), ("x-ai-job-id", view.job_id)))
+        result = view.result
+        return LocalReply(result.status, result.body, "ai_job_result",
+                          (("content-type", result.content_type or "application/json"), ("x-ai-job-id", view.job_id)))
+
+
+def _error(api: Api, error: ApiError) -> LocalReply:
+    from extproc.core.decision import LocalReply
+
+    return LocalReply(error.kind.status, error.render(api), f"ai_{error.code}")
