@@ -194,6 +194,7 @@ def _quota_table(admin_port: int) -> str:
 
 
 NATS_URL = "nats://127.0.0.1:4222"
+DEMO_JOBS_PREFIX = "demo"  # the demo's job streams and subjects, apart from an install's
 
 
 def _nats_reachable(url: str = NATS_URL) -> bool:
@@ -233,6 +234,48 @@ def _telemetry_report(stack: Stack, events_file: Path, nats: bool) -> str:
     return "\n".join(lines)
 
 
+def _async_call(stack: Stack) -> str:
+    """order-service's fraud check as an asynchronous call: 202 at once, the result as an event."""
+    import asyncio
+
+    import anthropic
+    import httpx
+    import nats
+    import orjson
+
+    async def run() -> list[str]:
+        connection = await nats.connect(NATS_URL)
+        try:
+            # Subscribed before submitting: the result is published once, possibly within milliseconds.
+            subscription = await connection.subscribe(f"{DEMO_JOBS_PREFIX}.ai.jobs.result.>")
+            claude = anthropic.Anthropic(base_url=stack.base_url("order-service"), api_key="unused", max_retries=0)
+            started = time.perf_counter()
+            raw = await asyncio.to_thread(lambda: claude.messages.with_raw_response.create(
+                model="fraud_detector", max_tokens=64, messages=[{"role": "user", "content": "fraud check order 46"}],
+                extra_headers={"prefer": "respond-async"}))
+            accepted_ms = (time.perf_counter() - started) * 1000
+            job = orjson.loads(raw.http_response.content)
+            event = None
+            deadline = time.monotonic() + 15
+            while event is None and time.monotonic() < deadline:
+                message = await subscription.next_msg(timeout=15)
+                candidate = orjson.loads(message.data)
+                event = candidate if candidate.get("job_id") == job["id"] else None
+            polled = await asyncio.to_thread(httpx.get, stack.base_url("order-service") + job["location"])
+        finally:
+            await connection.close()
+        if event is None:
+            return [f"order-service async fraud check: job {job['id']} gave no result event in 15 s"]
+        answer = orjson.loads(event["body"])["content"][0]["text"]
+        return [f"order-service async fraud check (Prefer: respond-async): {raw.http_response.status_code} in "
+                f"{accepted_ms:.1f} ms, job {job['id']}, Location {job['location']}",
+                f"  result event on {job['result_subject']}: status {event['status']} after "
+                f"{event['attempts']} attempt(s): {answer!r}",
+                f"  GET {job['location']} → {polled.status_code} ({polled.headers.get('content-type')})"]
+
+    return "\n".join(asyncio.run(run()))
+
+
 def run_demo(keep_logs: bool = False) -> int:
     logging.getLogger().setLevel(logging.WARNING)  # the SDKs log every request at INFO
     log_dir = Path(tempfile.mkdtemp(prefix="extproc-demo-"))
@@ -242,7 +285,8 @@ def run_demo(keep_logs: bool = False) -> int:
     telemetry = ["--events-file", str(events_file), "--access-log", str(log_dir / "access.jsonl"),
                  *(["--events-nats", NATS_URL] if nats else [])]
     try:
-        stack = Stack(sample_policy_dir(), log_dir, processor_args=telemetry)
+        stack = Stack(sample_policy_dir(), log_dir, processor_args=telemetry,
+                      jobs=(NATS_URL, DEMO_JOBS_PREFIX) if nats else None)
     except LaunchError as exc:
         print(f"demo: could not start: {exc}")
         return 1
@@ -253,6 +297,10 @@ def run_demo(keep_logs: bool = False) -> int:
         print()
         rows, variants, burst = drive_traffic(stack)
         print_report(rows, variants, burst, _quota_table(stack.admin_port))
+        if nats:
+            print(f"\n{_async_call(stack)}")
+        else:
+            print("\nasynchronous calls need NATS JetStream on 127.0.0.1:4222: skipped")
         print(f"\n{_telemetry_report(stack, events_file, nats)}")
     finally:
         stack.close()

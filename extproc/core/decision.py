@@ -567,6 +567,10 @@ class Decider:
         return Exchange(self, request, endpoint, caller, policy, service, strip, claim)
 
 
+# Calls the processor answers itself that are not refusals: served from the cache, or queued as a job.
+_LOCAL_OUTCOMES = {"cache_hit": "cache_hit", "job_accepted": "queued"}
+
+
 def reply_record(request: HttpRequest, caller: Caller, endpoint: Endpoint, reply: LocalReply, policy: PolicySet,
                  requested: str) -> CallRecord:
     """The record of a call answered by the processor itself: refused, or served from the cache."""
@@ -578,13 +582,13 @@ def reply_record(request: HttpRequest, caller: Caller, endpoint: Endpoint, reply
         service=caller.service or "", namespace=caller.namespace or "", operation=endpoint.operation,
         caller_api=str(endpoint.api), requested_model=requested, route=headers.get("x-ai-route", ""),
         provider=headers.get("x-ai-provider", ""), response_model=headers.get("x-ai-model", ""),
-        status=reply.status, outcome="cache_hit" if code == "cache_hit" else f"refused:{code}",
+        status=reply.status, outcome=_LOCAL_OUTCOMES.get(code, f"refused:{code}"),
         streamed=headers.get("content-type", "").startswith("text/event-stream"), started_at=now, ended_at=now,
         cache="hit" if code == "cache_hit" else "", variant=headers.get("x-ai-variant", ""),
         hops=tuple(Hop(*h.split("=", 1)[0].split("/", 1), h.split("=", 1)[1]) for h in hops.split(", ") if "=" in h),
         policy_version=policy.version, request_id=request.headers.get("x-request-id", ""),
         traceparent=request.headers.get("traceparent", ""), b3=_b3_of(request.headers),
-        error="" if code == "cache_hit" else code)
+        error="" if code in _LOCAL_OUTCOMES else code)
 
 
 def _for_provider(data: dict[str, object], body_api: Api, provider_api: Api, model: str, mesh: MeshSettings

@@ -172,6 +172,7 @@ def processor_failover() -> dict[str, Any]:
 # previous_priorities sends to the relay; the relay's 307 is followed internally with the body.
 RETRIABLE_STATUS_CODES = (429, 500, 502, 503, 504, 529)  # 529: Anthropic's "overloaded"
 MAX_INTERNAL_REDIRECTS = 4  # the longest chain: the first provider and four fallbacks
+MAX_CONCURRENT_FALLBACKS = 10_000  # per sidecar; a fallback is cheap, and refusing one returns an error
 
 
 def failover_cluster_name(provider_cluster: str) -> str:
@@ -184,6 +185,9 @@ def failover_cluster(provider_cluster: str, relay_cluster: str) -> dict[str, Any
         "name": failover_cluster_name(provider_cluster),
         "connect_timeout": "2s",
         "lb_policy": "CLUSTER_PROVIDED",
+        # Every fallback is a retry of this cluster: Envoy's default of 3 concurrent retries would
+        # hand most failing calls their error instead of the fallback under load (measured in bench/).
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": MAX_CONCURRENT_FALLBACKS}]},
         "cluster_type": {
             "name": "envoy.clusters.aggregate",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
@@ -201,6 +205,9 @@ def failover_route_settings() -> dict[str, Any]:
             "retry_on": "connect-failure,reset,retriable-status-codes",
             "retriable_status_codes": list(RETRIABLE_STATUS_CODES),
             "num_retries": 1,
+            # The retry goes to the relay, not back to the failed provider: no reason to wait
+            # Envoy's default 25 ms jittered back-off (it was most of the fallback's cost).
+            "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.002s"},
             "retry_priority": {
                 "name": "envoy.retry_priorities.previous_priorities",
                 "typed_config": {

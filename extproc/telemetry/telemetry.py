@@ -7,6 +7,7 @@ collector cannot flood the logs) and skipped while the others still receive the 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -93,8 +94,8 @@ class Telemetry:
         """Flush and release what sinks hold (trace batches, log files); for shutdown, may block briefly."""
         for sink in self.sinks:
             close = getattr(sink, "close", None)
-            if close is None:
-                continue
+            if close is None or inspect.iscoroutinefunction(close):
+                continue  # asynchronous sinks (usage events) are closed by their owner, on the event loop
             try:
                 close()
             except Exception:

@@ -25,6 +25,7 @@ from extproc.events.schema import (
     event_from_json,
     event_to_dict,
     event_to_json,
+    reference_event_dict,
     to_event,
     trace_id_of,
 )
@@ -163,6 +164,18 @@ def test_json_mapping_is_the_golden_line() -> None:
     line = event_to_json(to_event(a_record(), event_id="e" * 32))
     assert line == GOLDEN_JSON
     assert "\n" not in line
+
+
+@pytest.mark.parametrize("record", [
+    a_record(),
+    a_record(first_byte_at=None, hops=(), started_at=0.0, ended_at=0.0, service="", status=0, streamed=False),
+    a_record(hops=(telemetry.Hop("a", "b", "timeout", 0.0),), cost_usd=1e-06, cached_input_tokens=0),
+])
+def test_fast_json_mapping_is_json_format_exactly(record: CallRecord) -> None:
+    """The hand-written mapping (json_format costs ~90 µs a call) equals json_format's, keys and order."""
+    event = to_event(record)
+    fast, reference = event_to_dict(event), reference_event_dict(event)
+    assert json.dumps(fast) == json.dumps(reference)
 
 
 def test_json_round_trip_and_unknown_fields() -> None:
