@@ -263,6 +263,13 @@ class Exchange:
                                               submitted.dead_subject)
         return LocalReply(status, reply, "ai_job_accepted", headers_out)
 
+    def _observed(self, route: ModelRoute, settle: SettleInfo) -> bool:
+        """Whether the response must be read: token quotas, a cache fill, a breaker, a bulkhead slot,
+        a job's result, or telemetry that records every call."""
+        return bool(self.decider.observe_all or settle.reservation is not None or settle.cache_key
+                    or settle.call_id or settle.job_id
+                    or route.breaker(self.policy.mesh.resilience.circuit_breaker) is not None)
+
     def _owns(self, state: fallback.HopState) -> bool:
         """A hop token is honoured only for the call it was made for: same caller, same request id."""
         request_id = self.request.headers.get("x-request-id")
@@ -297,12 +304,12 @@ class Exchange:
     def _first_live(self, hops: list[Target], route: ModelRoute, index: int, before: tuple[Hop, ...]
                     ) -> tuple[int | None, tuple[Hop, ...]]:
         """The first hop from ``index`` whose breaker lets a call through; the hops skipped on the way."""
-        settings = route.circuit_breaker or self.policy.mesh.resilience.circuit_breaker
+        settings = route.breaker(self.policy.mesh.resilience.circuit_breaker)
         skipped = list(before)
         for i in range(index, len(hops)):
             target = hops[i]
             key = (*self._scope, target.provider.name, target.model)
-            if self.decider.breakers.allow(key, settings):
+            if settings is None or self.decider.breakers.allow(key, settings):
                 for hop in skipped[len(before):]:
                     self.decider.metrics.fallbacks.labels(*self.caller_labels, bounded(self.policy, hop.provider),
                                                           bounded(self.policy, target.provider.name),
@@ -434,12 +441,17 @@ class Exchange:
             rewrite = _inject_stream_usage(data, operation) or rewrite
         settle = replace(settle, api=str(provider.api), provider=provider.name, model=target.model, hops=state.hops)
         if not same_api:
-            usage_mode = USAGE_TRANSLATE
+            usage_mode: str | None = USAGE_TRANSLATE
         elif data.get("stream") is True and _asks_usage(data) and not settle.include_usage:
             usage_mode = USAGE_STRIP  # the usage chunk is ours (injected or left by a translation): remove it
+        elif self._observed(route, settle):
+            usage_mode = USAGE_OBSERVE
         else:
-            usage_mode = USAGE_OBSERVE  # every call is read: usage, events, breaker and bulkhead
-        headers.append((USAGE_HEADER, usage_mode))
+            usage_mode = None  # nothing reads this response: no second stream (it costs the processor CPU)
+        if usage_mode is not None:
+            headers.append((USAGE_HEADER, usage_mode))
+        elif USAGE_HEADER in self.request.headers:
+            remove.append(USAGE_HEADER)
         metadata = {
             "service": self.caller.service or "",
             "namespace": self.caller.namespace or "",
@@ -478,6 +490,9 @@ class Decider:
         self.breakers = breakers or Breakers(on_change=self._breaker_changed)
         self.bulkhead = bulkhead or Bulkhead()
         self.telemetry = telemetry
+        # With a telemetry sink every call is read to its end (one record per call); without, only
+        # calls whose policy needs their response, since that second stream costs processor CPU.
+        self.observe_all = bool(getattr(telemetry, "sinks", telemetry is not None))
         self.jobs = jobs  # asynchronous calls are on when a job store is connected
         self.job_workers = job_workers  # identities whose calls may carry a job token for another service
 

@@ -70,7 +70,7 @@ class PolicySet:
         found = models.resolve(route) if models is not None else None
         if found is None:
             return None
-        return found.circuit_breaker or self.mesh.resilience.circuit_breaker
+        return found.breaker(self.mesh.resilience.circuit_breaker)
 
     @property
     def service_names(self) -> tuple[str, ...]:

@@ -208,7 +208,15 @@ class ModelRoute(_Frozen):
         default=False, description="Also fall back on a 400 (e.g. the prompt exceeds the model's context window): "
         "list a model with a larger window. Any 400 then moves on; the last one is returned.")
     circuit_breaker: BreakerSettings | None = Field(
-        default=None, description="Per model; default: the mesh's resilience.circuit_breaker.")
+        default=None, description="Per model; default: the mesh's resilience.circuit_breaker for models with a "
+        "fallback (without one, set it here to fail fast while the provider is down).")
+
+    def breaker(self, mesh_default: BreakerSettings) -> BreakerSettings | None:
+        """The breaker guarding this model's targets: its own, else the mesh default when it has a
+        fallback to send calls to while open; none otherwise."""
+        if self.circuit_breaker is not None:
+            return self.circuit_breaker
+        return mesh_default if self.fallback else None
 
     @field_validator("timeout", "first_byte_timeout")
     @classmethod

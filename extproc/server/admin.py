@@ -13,6 +13,14 @@ from extproc.quota.report import report
 from extproc.telemetry.metrics import Metrics
 
 
+async def serve_app(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Serve an aiohttp app on HOST:PORT (failing loudly if the port is taken); cleanup() stops it."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_port=False).start()
+    return runner
+
+
 class AdminServer:
     def __init__(self, policy: Callable[[], PolicySet], quota: QuotaEngine, cache: ResponseCache,
                  metrics: Metrics) -> None:
@@ -32,9 +40,7 @@ class AdminServer:
         self._app = app
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self._app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, reuse_port=False).start()
+        self._runner = await serve_app(self._app, host, port)
 
     async def stop(self) -> None:
         if self._runner is not None:

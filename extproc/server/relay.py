@@ -17,6 +17,7 @@ from extproc.core import fallback
 from extproc.core.apis import ApiError, ErrorKind, api_of_caller
 from extproc.core.decision import Decider
 from extproc.core.routing import Target
+from extproc.server.admin import serve_app
 from extproc.telemetry.metrics import CallLabels, bounded
 
 
@@ -48,9 +49,10 @@ def relay(decider: Decider, headers: dict[str, str], authority: str, path: str) 
     reason = "upstream_error"
     if route.first_byte_timeout is not None and (now - state.hop_started_at) * 1000 >= route.first_byte_timeout * 0.9:
         reason = "timeout"  # Envoy does not say why it retried; time tells a first-byte timeout apart
-    settings = route.circuit_breaker or policy.mesh.resilience.circuit_breaker
-    decider.breakers.record((state.namespace, state.service, failed.provider.name, failed.model), settings,
-                            failed=True)
+    settings = route.breaker(policy.mesh.resilience.circuit_breaker)
+    if settings is not None:
+        decider.breakers.record((state.namespace, state.service, failed.provider.name, failed.model), settings,
+                                failed=True)
     labels = CallLabels.of(policy, service=state.service, namespace=state.namespace)
     decider.metrics.fallbacks.labels(*labels.caller, bounded(policy, failed.provider.name),
                                      bounded(policy, following.provider.name), reason).inc()
@@ -68,9 +70,7 @@ class RelayServer:
         self._app = app
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self._app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, reuse_port=False).start()
+        self._runner = await serve_app(self._app, host, port)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -12,7 +12,6 @@ import inspect
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -32,21 +31,11 @@ from extproc.events.sinks import NatsEventSink
 from extproc.events.tail import TailOptions, format_line, tail_nats
 from extproc.launch import free_port
 from extproc.telemetry.record import CallRecord, Hop
-from tests.conftest import missing
+from tests.conftest import jetstream_answers, missing
 
 NATS_URL = "nats://127.0.0.1:4222"
 REPO = Path(__file__).resolve().parents[2]
 HANG = 30.0  # seconds: a deadline for "this never happened", far above any normal duration
-
-
-def jetstream_answers(port: int) -> bool:
-    """A NATS server with JetStream enabled says so in the INFO line it greets clients with."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            info = sock.recv(4096)
-    except OSError:
-        return False
-    return info.startswith(b"INFO ") and b'"jetstream":true' in info
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import itertools
 import os
 import secrets
 import signal
-import socket
 import sys
 import time
 from collections import Counter
@@ -49,7 +48,7 @@ from extproc.jobs import (
 )
 from extproc.jobs.model import new_job_id
 from extproc.launch import Managed, free_port
-from tests.conftest import missing
+from tests.conftest import jetstream_answers, missing
 
 NATS_URL = "nats://127.0.0.1:4222"
 SESSION = f"jt{os.getpid()}{secrets.token_hex(3)}"
@@ -57,16 +56,6 @@ SIGNING_KEY = "jobs-test-signing-key-0123456789"
 SIGNER = Signer(SIGNING_KEY.encode())
 HANG = 20.0  # a deadline for "this never happened", far above any normal duration
 _numbers = itertools.count()
-
-
-def jetstream_answers(port: int) -> bool:
-    """A NATS server with JetStream enabled says so in the INFO line it greets clients with."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            info = sock.recv(4096)
-    except OSError:
-        return False
-    return info.startswith(b"INFO ") and b'"jetstream":true' in info
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,9 @@ def test_ab_split_ratio_and_stickiness(stack: Stack, mock: Mock) -> None:
 
 
 def test_model_timeout_from_policy(stack: Stack, mock: Mock) -> None:
-    # order-service's fraud_detector has timeout: 2000ms; the provider takes 2.5 s.
+    # order-service's fraud_detector: timeout 2000ms for the whole call, first_byte_timeout 1500ms per
+    # attempt, fallback openai/gpt-4o. Both providers take 2.5 s: Claude is left after 1.5 s, and
+    # OpenAI gets the 0.5 s left of the budget.
     client = anthropic_client(stack, "order-service")
     started = time.monotonic()
     with pytest.raises(anthropic.APIStatusError) as caught:
@@ -128,8 +130,11 @@ def test_model_timeout_from_policy(stack: Stack, mock: Mock) -> None:
                                extra_headers={"x-mock-latency-ms": "2500"})
     elapsed = time.monotonic() - started
     assert caught.value.status_code == 504
-    assert caught.value.body == {"type": "error", "error": {"type": "api_error", "message": "upstream request timeout"}}
-    assert elapsed < 2.5  # cut by the policy's 2 s, not by the provider answering
+    # Envoy's own timeout reply, translated into the Anthropic format the caller speaks.
+    assert caught.value.body == {"type": "error", "error": {"type": "timeout_error",
+                                                            "message": "upstream request timeout"}}
+    assert caught.value.response.headers["x-ai-fallback-hops"] == "claude/claude-3=timeout, openai/gpt-4o"
+    assert elapsed < 2.5  # cut by the policy's 2 s budget, not by a provider answering
 
 
 def test_spoofed_identity_header_is_stripped_and_ignored(stack: Stack, mock: Mock) -> None:

@@ -342,11 +342,17 @@ def test_stream_usage_is_injected_only_when_needed(tmp_path: Path) -> None:
                              "stream_options": {"include_usage": True}})
     assert isinstance(asked, Forward) and asked.body is None  # untouched: the caller asked for usage itself
     assert dict(asked.set_headers)["x-ai-usage"] == "observe"
-    # No token or cost limit: the stream is only observed (for telemetry), never changed.
+    # No token or cost limit, no fallback, no telemetry sink: nothing reads the response, so no
+    # response-side stream at all (it would cost processor CPU for nothing).
     (tmp_path / "plain").mkdir()
     unlimited = decide(make_decider(tmp_path / "plain"), {"model": "gpt-4", "stream": True, "messages": []})
     assert isinstance(unlimited, Forward) and unlimited.body is None
-    assert dict(unlimited.set_headers)["x-ai-usage"] == "observe"
+    assert "x-ai-usage" not in dict(unlimited.set_headers)
+    # With a telemetry sink every call is read to its end, for its usage event.
+    observed = make_decider(tmp_path / "plain")
+    observed.observe_all = True
+    seen = decide(observed, {"model": "gpt-4", "stream": True, "messages": []})
+    assert isinstance(seen, Forward) and dict(seen.set_headers)["x-ai-usage"] == "observe"
 
 
 CACHE_POLICY = """\
