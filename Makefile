@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@# xds-protos ships an old copy of opentelemetry/proto/*, the same files opentelemetry-proto owns;
+	@# whichever pip installs last wins. Reinstall the real one so the OTLP trace exporters import.
+	$(BIN)/pip install --quiet --no-deps --force-reinstall "opentelemetry-proto==$$($(BIN)/python -c \
+	  'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $@
 
 $(ENVOY_DIR)/.installed:

@@ -54,6 +54,9 @@ def run_server(options: ServeOptions) -> int:
     except OSError as exc:
         print(f"extproc: {exc}", file=sys.stderr)
         return 1
+    except (RuntimeError, ValueError) as exc:  # telemetry set-up: a bad redaction pattern, a broken exporter
+        print(f"extproc: refusing to start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

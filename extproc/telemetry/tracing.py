@@ -138,6 +138,15 @@ def build_tracer_provider(exporter: str = "none", endpoint: str | None = None, *
 
 
 def _otlp_exporter(exporter: str, endpoint: str | None) -> SpanExporter:
+    try:
+        from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope  # noqa: F401
+    except ImportError as exc:
+        # xds-protos ships an old copy of these files; if pip installed it after opentelemetry-proto
+        # the exporters cannot load. Say how to fix it rather than fail somewhere inside them.
+        raise RuntimeError(
+            "the OTLP exporters cannot import opentelemetry.proto (an older copy from xds-protos replaced "
+            "opentelemetry-proto's files): run `pip install --no-deps --force-reinstall "
+            "opentelemetry-proto==<the installed version>`, as `make setup` and the Dockerfile do") from exc
     # Imported lazily: the gRPC/HTTP exporter stacks are only loaded when tracing is on.
     if exporter == "otlp-grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
