@@ -8,8 +8,10 @@ routing by :authority rewrite, credential injection, body rewrite (logical → u
 Two more sections price what the closing note quotes: the latency a caller pays when its provider
 fails and the call falls back to another (Anthropic 503 or reset, answered by OpenAI, translated back),
 and the per-call cost of telemetry (access log, usage events on NATS JetStream and a file, OTLP traces).
+The isolation section shows one service's provider failing 100% of its calls while another service,
+sharing the processor and the provider, keeps succeeding at the same latency.
 
-Usage: python -m bench.run [--duration 10] [--concurrency 1 16] [--only overhead,fallback,telemetry]
+Usage: python -m bench.run [--duration 10] [--concurrency 1 16] [--only overhead,fallback,isolation,telemetry]
 """
 
 from __future__ import annotations
@@ -102,10 +104,28 @@ def _ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def run_wrk(url: str, script: Path, concurrency: int, duration: int) -> Result:
+def wrk_command(url: str, script: Path, concurrency: int, duration: int) -> list[str]:
     threads = min(concurrency, 2)
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration}s", "--latency", "-s", str(script),
-                          url], capture_output=True, text=True, check=True).stdout
+    return ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration}s", "--latency", "-s", str(script), url]
+
+
+def run_wrk(url: str, script: Path, concurrency: int, duration: int) -> Result:
+    return parse_wrk(subprocess.run(wrk_command(url, script, concurrency, duration), capture_output=True, text=True,
+                                    check=True).stdout)
+
+
+def run_wrk_parallel(*runs: tuple[str, Path, int, int]) -> list[Result]:
+    """Several wrk processes started together and waited for together: (url, script, concurrency, duration) each."""
+    procs = [subprocess.Popen(wrk_command(*run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for run in runs]
+    outputs = [proc.communicate() for proc in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, proc.args, stderr=err)
+    return [parse_wrk(out) for out, _ in outputs]
+
+
+def parse_wrk(out: str) -> Result:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
@@ -184,7 +204,7 @@ def policy_dir(work: Path, label: str, service_policy: str, backend: str, redis_
     return directory
 
 
-SECTIONS = ("overhead", "streaming", "cache", "fallback", "telemetry")
+SECTIONS = ("overhead", "streaming", "cache", "fallback", "isolation", "telemetry")
 
 
 def sections(text: str) -> tuple[str, ...]:
@@ -206,6 +226,9 @@ def main() -> int:
     parser.add_argument("--stream-calls", type=int, default=200, help="sequential streamed calls per variant")
     parser.add_argument("--fallback-duration", type=int, default=5, help="seconds per fallback measurement")
     parser.add_argument("--fallback-concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--isolation-duration", type=int, default=5, help="seconds per isolation measurement")
+    parser.add_argument("--isolation-concurrency", type=int, default=4,
+                        help="connections for service B's wrk, and for service A's running beside it")
     parser.add_argument("--telemetry-duration", type=int, default=5, help="seconds per telemetry measurement")
     parser.add_argument("--telemetry-concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222",
@@ -221,6 +244,8 @@ def main() -> int:
             run_overhead(args, work)
         if "fallback" in args.only:
             print_fallback(args, work)
+        if "isolation" in args.only:
+            print_isolation(args, work)
         if "telemetry" in args.only:
             print_telemetry(args, work)
     finally:

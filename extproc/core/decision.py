@@ -252,7 +252,8 @@ class Exchange:
         job = Job.new(service=self._scope[1], namespace=self._scope[0], api=self.endpoint.api, path=self.request.path,
                       headers=headers, body=body, reservation=reservation, policy_version=self.policy.version)
         try:
-            submitted = await jobs.submit(job)
+            limits = self.service.proxy.async_calls
+            submitted = await jobs.submit(job, max_queued=limits.max_queued, max_body_bytes=limits.max_body_bytes)
         except JobError as exc:
             return self.reject(exc.api_error())
         except Exception as exc:  # NATS unreachable: a clear 503, the call is not lost silently

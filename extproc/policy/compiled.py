@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,6 +21,11 @@ class ServiceModels:
     # (namespace or None, service) of the policy: what its quota counters are kept under. None for the
     # mesh default policy, whose counters are kept per calling service.
     scope: tuple[str | None, str] | None = None
+
+    @property
+    def version(self) -> str:
+        """A digest of this service's own policy: it changes exactly when that policy does."""
+        return hashlib.sha256(self.proxy.model_dump_json().encode()).hexdigest()[:12]
 
     @classmethod
     def build(cls, source: str, proxy: AIProxy, scope: tuple[str | None, str] | None = None) -> ServiceModels:

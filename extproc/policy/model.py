@@ -250,6 +250,15 @@ class ModelRoute(_Frozen):
         return self
 
 
+class AsyncLimits(_Frozen):
+    """Bounds on a service's asynchronous calls (``Prefer: respond-async``)."""
+
+    max_queued: int | None = Field(default=None, ge=1, description="Jobs not yet finished (queued, backing "
+                                   "off or running); more get a 429 job_queue_full. Default: the job store's (1000).")
+    max_body_bytes: int | None = Field(default=None, ge=1, description="Largest request body of one job; larger "
+                                       "gets a 413 job_too_large. Default: the job store's (512 KiB).")
+
+
 class AIProxy(_Frozen):
     models: tuple[ModelRoute, ...] = Field(min_length=1)
     limits: Limits | None = Field(default=None, description="Quotas for the whole service.")
@@ -266,6 +275,8 @@ class AIProxy(_Frozen):
     on_processor_failure: Literal["open", "closed"] | None = Field(
         default=None, description="When the processor cannot be reached: let calls pass untouched (open) or "
         "answer 503 (closed). Applied in the service's sidecar. Default: the mesh setting.")
+    async_calls: AsyncLimits = Field(default_factory=AsyncLimits,
+                                     description="Limits on the service's asynchronous calls.")
 
     @model_validator(mode="after")
     def _unique(self) -> AIProxy:

@@ -58,8 +58,10 @@ class AdminServer:
             "policy_version": policy.version,
             "quota_backend": self._quota.backend_name,
             "providers": {name: {"api": p.api, "authority": p.authority} for name, p in policy.providers.items()},
-            "services": {f"{ns}/{name}" if ns else name: [m.name for m in models.proxy.models]
-                         for (ns, name), models in policy.services.items()},
+            "services": {f"{ns}/{name}" if ns else name: {
+                "version": models.version, "source": models.source,
+                "models": [m.name for m in models.proxy.models]}
+                for (ns, name), models in policy.services.items()},
         })
 
     async def _prometheus(self, request: web.Request) -> web.Response:

@@ -35,6 +35,7 @@ ai_proxy:
 ---
 service: user-service
 ai_proxy:
+  async_calls: {max_queued: 1, max_body_bytes: 2000}
   models:
   - {name: fraud_detector, provider: claude, model: claude-3}
 """
@@ -182,3 +183,19 @@ def test_a_worker_killed_mid_job_gives_exactly_one_result(setup: tuple[Stack, st
     assert [e["status"] for e in events if e.get("job_id") == job_id] == [200]
     view = poll(stack, f"/v1/ai-jobs/{job_id}")
     assert view.status_code == 200
+
+
+def test_payload_and_queue_limits_are_clear_errors(setup: tuple[Stack, str]) -> None:
+    stack, _ = setup
+    client = anthropic.Anthropic(base_url=stack.base_url("user-service"), api_key="x", max_retries=0)
+    with pytest.raises(anthropic.APIStatusError) as too_large:
+        client.messages.with_raw_response.create(model="fraud_detector", max_tokens=5, extra_headers=ASYNC,
+                                                 messages=[{"role": "user", "content": "x" * 3000}])
+    assert too_large.value.status_code == 413
+    assert "asynchronous jobs are limited to 2000 bytes" in too_large.value.message
+    slow = submit(stack, service="user-service", **{"x-mock-latency-ms": "2000"})  # holds user-service's one slot
+    assert slow.status_code == 202
+    with pytest.raises(anthropic.RateLimitError) as full:
+        submit(stack, service="user-service")
+    assert "already has 1 asynchronous job(s) waiting or running; the limit is 1" in full.value.message
+    assert poll(stack, slow.json()["location"], service="user-service").status_code == 200

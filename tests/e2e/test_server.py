@@ -95,10 +95,17 @@ def test_bad_policy_update_keeps_last_good(own_stack: tuple[Stack, Path]) -> Non
     assert "policy update rejected" in log
     assert "user-service.yaml:5: ai_proxy.models[0].provider: unknown provider 'nowhere'" in log
     assert chat(stack, "auth_assistant").model == "gpt-4"  # still served by the last good policy
-    # A good update takes effect without a restart.
+    before = httpx.get(f"http://127.0.0.1:{stack.admin_port}/config").json()["services"]
+    # A good update takes effect without a restart, and /config shows the new version of that
+    # service's policy only.
     user.write_text(good.replace("model: gpt-4\n", "model: gpt-4.1\n"))
     time.sleep(1.0)
     assert chat(stack, "auth_assistant").model == "gpt-4.1"
+    after = httpx.get(f"http://127.0.0.1:{stack.admin_port}/config").json()["services"]
+    assert after["user-service"]["version"] != before["user-service"]["version"]
+    assert after["order-service"] == before["order-service"]
+    assert after["user-service"]["models"] == ["auth_assistant"]
+    assert "sk-" not in str(after)  # no secrets
 
 
 def test_refuses_to_start_on_invalid_policy(tmp_path: Path) -> None:
