@@ -443,6 +443,171 @@ def print_fallback(args: argparse.Namespace, work: Path) -> None:
     print("before the second attempt. errors = non-2xx plus wrk socket errors (both should be 0).")
 
 
+ISOLATION_A, ISOLATION_B = "service-a", "service-b"
+ISOLATION_POLICIES = {
+    "mesh.yaml": """\
+providers:
+- {name: openai, api: openai, base_url: http://api.openai.com/v1, credential: {env: OPENAI_API_KEY}}
+- {name: claude, api: anthropic, base_url: http://api.anthropic.com/v1, credential: {env: ANTHROPIC_API_KEY}}
+""",
+    # The mesh's default circuit breaker guards fraud_detector (it has a fallback); chat has none.
+    f"{ISOLATION_A}.yaml": f"""\
+service: {ISOLATION_A}
+ai_proxy:
+  models: [{{name: fraud_detector, provider: claude, model: claude-3, fallback: [openai/gpt-4o]}}]
+""",
+    f"{ISOLATION_B}.yaml": f"""\
+service: {ISOLATION_B}
+ai_proxy:
+  models: [{{name: chat, provider: claude, model: claude-3}}]
+""",
+}
+ISOLATION_B_BODY = json.dumps({"model": "chat", "max_tokens": 30,
+                               "messages": [{"role": "user", "content": "Summarise ticket 7 in one line."}]})
+CLAUDE_503 = {"x-mock-only": "anthropic", "x-mock-status": "503"}
+
+
+def processor_samples(admin_port: int, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample called ``name`` on the processor's admin /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families  # the processor's own dependency
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics").read().decode()
+    return [(sample.labels, sample.value) for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name]
+
+
+def fallbacks(admin_port: int, service: str) -> dict[str, int]:
+    """ai_extproc_fallbacks_total for one service, by reason (upstream_error: via the relay after the
+    provider failed; breaker_open: the provider skipped, its breaker open)."""
+    counts: dict[str, int] = {}
+    for labels, value in processor_samples(admin_port, "ai_extproc_fallbacks_total"):
+        if labels.get("service") == service:
+            counts[labels["reason"]] = counts.get(labels["reason"], 0) + int(value)
+    return counts
+
+
+def breaker_states(admin_port: int) -> dict[str, str]:
+    """ai_extproc_breaker_state per service, as 'provider/model=state' (0 closed, 1 half-open, 2 open)."""
+    names = {0: "closed", 1: "half-open", 2: "open"}
+    states: dict[str, list[str]] = {}
+    for labels, value in processor_samples(admin_port, "ai_extproc_breaker_state"):
+        states.setdefault(labels["service"], []).append(
+            f"{labels['gen_ai_provider_name']}/{labels['gen_ai_request_model']}={int(value)} "
+            f"({names.get(int(value), '?')})")
+    return {service: ", ".join(sorted(found)) for service, found in states.items()}
+
+
+def check_isolation(url_a: str, url_b: str) -> str | None:
+    """One call each through httpx: B answered by claude, A by claude, A with claude failing by openai."""
+    cases = (("service-b", url_b, ISOLATION_B_BODY, {}, None),
+             ("service-a", url_a, ANTHROPIC_BODY, {}, None),
+             ("service-a, claude 503", url_a, ANTHROPIC_BODY, CLAUDE_503, FALLBACK_HOPS))
+    with httpx.Client(timeout=10) as client:
+        for label, url, body, faults, hops in cases:
+            response = client.post(url, content=body, headers={**ANTHROPIC_HEADERS, **faults})
+            got = response.headers.get("x-ai-fallback-hops")
+            if response.status_code != 200 or got != hops or response.json().get("type") != "message":
+                return (f"{label}: expected an Anthropic-format 200 with x-ai-fallback-hops {hops!r}, got "
+                        f"{response.status_code} with {got!r}: {response.text[:200]}")
+    return None
+
+
+def print_isolation(args: argparse.Namespace, work: Path) -> None:
+    """Service A's provider failing every one of A's calls while service B, on the same processor and the same
+    provider, keeps succeeding: B's latency with A failing vs A succeeding (control) vs B alone."""
+    policies = work / "policy-isolation"
+    policies.mkdir()
+    for name, text in ISOLATION_POLICIES.items():
+        (policies / name).write_text(text)
+    logs = work / "isolation"
+    logs.mkdir()
+    duration, concurrency = args.isolation_duration, args.isolation_concurrency
+    print(f"\nIsolation: POST /v1/messages (Anthropic format, not streamed) through each service's own Envoy, one "
+          f"processor, one mock per provider;\n{ISOLATION_B} chat = claude/claude-3 (no fallback), {ISOLATION_A} "
+          f"fraud_detector = claude/claude-3 with fallback openai/gpt-4o (default breaker);\nc={concurrency} per "
+          f"service, {duration}s per cell, both wrk processes started together", flush=True)
+    stack = Stack(policies, logs, services=[ISOLATION_A, ISOLATION_B], processor_args=["--watch", "0"])
+    admin = stack.admin_port
+    script_b = wrk_script(work / "isolation-b.lua", ISOLATION_B_BODY, ANTHROPIC_HEADERS)
+    script_a_ok = wrk_script(work / "isolation-a-ok.lua", ANTHROPIC_BODY, ANTHROPIC_HEADERS)
+    script_a_503 = wrk_script(work / "isolation-a-503.lua", ANTHROPIC_BODY, {**ANTHROPIC_HEADERS, **CLAUDE_503})
+    results: dict[str, tuple[Result, Result | None, dict[str, int], dict[str, int]]] = {}
+    try:
+        url_a = f"{stack.base_url(ISOLATION_A)}/v1/messages"
+        url_b = f"{stack.base_url(ISOLATION_B)}/v1/messages"
+        problem = check_isolation(url_a, url_b)
+        if problem:
+            print(f"isolation: SKIPPED, a call is not answered as it should be: {problem}", flush=True)
+            return
+        print(f"  checked: both services answered by claude; {ISOLATION_A} with claude 503 answered 200 with "
+              f"x-ai-fallback-hops: {FALLBACK_HOPS}")
+        run_wrk_parallel((url_b, script_b, concurrency, 1), (url_a, script_a_ok, concurrency, 1))  # warm-up
+        breakers_before = breaker_states(admin)
+        # Order 1, 3, 2: after (2) A's breaker stays open (30 s by default) and would change the control.
+        for key, script_a in (("alone", None), ("control", script_a_ok), ("failing", script_a_503)):
+            before_a, before_b = fallbacks(admin, ISOLATION_A), fallbacks(admin, ISOLATION_B)
+            if script_a is None:
+                b, a = run_wrk(url_b, script_b, concurrency, duration), None
+            else:
+                b, a = run_wrk_parallel((url_b, script_b, concurrency, duration),
+                                        (url_a, script_a, concurrency, duration))
+            after_a, after_b = fallbacks(admin, ISOLATION_A), fallbacks(admin, ISOLATION_B)
+            results[key] = (b, a, {k: v - before_a.get(k, 0) for k, v in after_a.items()},
+                            {k: v - before_b.get(k, 0) for k, v in after_b.items()})
+        breakers_after = breaker_states(admin)
+    finally:
+        stack.close()
+    labels = {"alone": f"(1) {ISOLATION_B} alone",
+              "failing": f"(2) + {ISOLATION_A}, claude 503 for all of A",
+              "control": f"(3) + {ISOLATION_A} succeeding (control)"}
+    header = (f"{'':<42}{'B RPS':>8}{'B p50 ms':>10}{'B p99 ms':>10}{'B non-2xx':>11}{'B errors':>10}"
+              f"{'A RPS':>8}{'A non-2xx':>11}{'A fallbacks':>13}")
+    print(header)
+    print("-" * len(header))
+    for key in ("alone", "failing", "control"):
+        b, a, fb_a, _ = results[key]
+        a_cols = (f"{a.rps:>8.0f}{a.non2xx:>11}{sum(fb_a.values()):>13}" if a else f"{'-':>8}{'-':>11}{'-':>13}")
+        print(f"{labels[key]:<42}{b.rps:>8.0f}{b.p50_ms:>10.3f}{b.p99_ms:>10.3f}{b.non2xx:>11}{b.errors:>10}{a_cols}")
+    alone, failing, control = (results[k][0] for k in ("alone", "failing", "control"))
+    for text, x, y in (("(2) vs (3), A's failures", failing, control), ("(2) vs (1)", failing, alone),
+                       ("(3) vs (1), sharing the CPU", control, alone)):
+        print(f"  B p50 {text:<28}{x.p50_ms - y.p50_ms:+8.3f} ms  x{x.p50_ms / y.p50_ms:.2f}   "
+              f"(p99 {x.p99_ms - y.p99_ms:+.3f} ms, x{x.p99_ms / y.p99_ms:.2f}; RPS x{x.rps / y.rps:.2f})")
+    _, a_fail, fb_fail, _ = results["failing"]
+    assert a_fail is not None
+    print(f"  {ISOLATION_A} in (2): {a_fail.requests} calls counted by wrk, {a_fail.non2xx} non-2xx; fallbacks "
+          f"taken {sum(fb_fail.values())}: " + (", ".join(f"{reason} {n}" for reason, n in sorted(fb_fail.items()))
+                                                or "none")
+          + " (upstream_error = claude tried, 503, relayed to openai; breaker_open = claude skipped)")
+    print(f"  {ISOLATION_A} fallbacks in (1)/(3): {sum(results['alone'][2].values())}/"
+          f"{sum(results['control'][2].values())}; {ISOLATION_B} fallbacks in (1)/(2)/(3): "
+          + "/".join(str(sum(results[k][3].values())) for k in ("alone", "failing", "control")))
+    for when, states in (("before (1)", breakers_before), ("after (2)", breakers_after)):
+        print(f"  ai_extproc_breaker_state {when}: " + "; ".join(
+            f"{service}: {states.get(service, 'no series')}" for service in (ISOLATION_A, ISOLATION_B)))
+    problems = [f"{labels[k].split(')')[0]}) {ISOLATION_B} had {results[k][0].errors} errors"
+                for k in results if results[k][0].errors]
+    problems += [f"{labels[k].split(')')[0]}) {ISOLATION_A} had {results[k][1].non2xx} non-2xx"  # type: ignore[union-attr]
+                 for k in ("failing", "control") if results[k][1].non2xx]  # type: ignore[union-attr]
+    b_broken = [s for s in breakers_after.get(ISOLATION_B, "").split(", ") if s and "=0 " not in s]
+    if b_broken:
+        problems.append(f"{ISOLATION_B}'s breaker is not closed: {', '.join(b_broken)}")
+    if not sum(fb_fail.values()):
+        problems.append(f"{ISOLATION_A}'s calls did not fall back in (2)")
+    for problem in problems:
+        print(f"WARNING: {problem}")
+    print(f"\n(2) and (3) put the same closed-loop load (c={concurrency}) of {ISOLATION_A} beside {ISOLATION_B}; only "
+          "whether claude fails A's calls differs,\nso B's p50 in (2) minus (3) is what A's provider failing at "
+          "100% costs B: A's breaker is A's own (per service, provider\nand model), B's calls still go to claude and "
+          "succeed, and A's failures only change what A's calls cost (a relay hop and\nthe OpenAI<->Anthropic "
+          "translation; once A's breaker opens, claude is skipped and A's calls go straight to openai).\n(3) minus "
+          "(1) is not isolation but CPU sharing: this machine's cores are shared by both wrk processes, two Envoys,\n"
+          "the mocks and the one processor, so any second service's load slows B there, failing or not. Both rows "
+          "with A\nalso differ from each other in A's RPS; a 5 s cell on a shared machine moves p50 by a few "
+          "tenths of a ms run to run.")
+
+
+
 class OtlpSink:
     """A local OTLP/HTTP trace endpoint that accepts every export with a 200 and counts them."""
 

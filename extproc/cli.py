@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -85,8 +86,9 @@ def add_telemetry_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--events-stream", default="AI_USAGE", help="JetStream stream (created if missing)")
     group.add_argument("--events-file", metavar="PATH", help="append usage events to a JSON-lines file")
     jobs = parser.add_argument_group("asynchronous calls (Prefer: respond-async)")
-    jobs.add_argument("--jobs-nats", metavar="URL", help="accept asynchronous calls as jobs in NATS JetStream, "
-                      "e.g. nats://127.0.0.1:4222 (run `extproc worker` to execute them)")
+    jobs.add_argument("--jobs-nats", metavar="URL", default=os.environ.get("EXTPROC_JOBS_NATS") or None,
+                      help="accept asynchronous calls as jobs in NATS JetStream, e.g. nats://127.0.0.1:4222 "
+                      "(run `extproc worker` to execute them; default: $EXTPROC_JOBS_NATS)")
     jobs.add_argument("--jobs-prefix", default="", help="prefix of the job streams and buckets (as the worker's)")
     jobs.add_argument("--jobs-worker", action="append", metavar="SERVICE",
                       help="identity of the worker's sidecar, whose replays act as the submitting service "

@@ -166,3 +166,28 @@ def test_the_image_ships_every_data_file() -> None:
     assert data
     for path in data:
         assert any(path.match(g.replace("**/", "")) or path.match(g) for g in globs), f"{path} is not in package-data"
+
+
+def test_async_jobs_install_wires_processor_and_worker(install: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """istio/async-jobs: the worker replays jobs through an opted-in sidecar with the processors' key,
+    and the ConfigMap it ships is the one the processor reads its NATS URL from."""
+    jobs = {(o["kind"], o["metadata"]["name"]): o for o in kustomize(ISTIO / "async-jobs")}
+    worker = jobs[("Deployment", "ai-extproc-worker")]["spec"]["template"]
+    assert worker["metadata"]["labels"]["ai.extproc.io/enabled"] == "true"
+    envoy_filter = install[("EnvoyFilter", "ai-extproc")]
+    assert all(worker["metadata"]["labels"].get(k) == v
+               for k, v in envoy_filter["spec"]["workloadSelector"]["labels"].items())
+    (container,) = worker["spec"]["containers"]
+    assert container["args"][0] == "worker"
+    processor = install[("Deployment", "ai-extproc")]["spec"]["template"]["spec"]
+    (extproc,) = processor["containers"]
+    env = {e["name"]: e for e in extproc["env"]}
+    key_file = env["EXTPROC_SIGNING_KEY_FILE"]["value"]
+    assert {e["name"]: e["value"] for e in container["env"]}["EXTPROC_SIGNING_KEY_FILE"] == key_file
+    assert {v["secret"]["secretName"] for v in worker["spec"]["volumes"] if "secret" in v} == {
+        v["secret"]["secretName"] for v in processor["volumes"] if v["name"] == "signing-key"}
+    ref = env["EXTPROC_JOBS_NATS"]["valueFrom"]["configMapKeyRef"]
+    config = jobs[("ConfigMap", ref["name"])]
+    assert config["metadata"]["namespace"] == "ai-system" and ref["key"] in config["data"]
+    nats_arg = next(a for a in container["args"] if a.startswith("--nats="))
+    assert nats_arg == f"--nats={config['data'][ref['key']]}"  # both sides talk to the same NATS
