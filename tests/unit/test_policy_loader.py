@@ -64,6 +64,19 @@ def test_issue_shape_loads_exactly_as_written(tmp_path: Path) -> None:
     assert service.resolve("claude-3") is model
 
 
+def test_fallback_shapes_load(tmp_path: Path) -> None:
+    write(tmp_path, "mesh.yaml", MESH)
+    write(tmp_path, "order.yaml", ORDER_SERVICE.replace("timeout: 2000ms", """timeout: 2000ms
+    first_byte_timeout: 800ms
+    fallback: [openai/gpt-4o, {provider: claude, model: claude-3-haiku}]
+    circuit_breaker: {consecutive_failures: 3, open_for: 10s}"""))
+    route = load_policy([tmp_path]).for_caller("order-service", None).resolve("fraud_detector")  # type: ignore[union-attr]
+    assert route is not None
+    assert [(f.provider, f.model) for f in route.fallback] == [("openai", "gpt-4o"), ("claude", "claude-3-haiku")]
+    assert route.first_byte_timeout == 800 and route.circuit_breaker is not None
+    assert route.circuit_breaker.open_for == 10_000 and route.circuit_breaker.consecutive_failures == 3
+
+
 def test_samples_load() -> None:
     policy = load_policy([sample_policy_dir()])
     assert set(policy.service_names) == {"user-service", "product-service", "order-service"}
@@ -94,6 +107,14 @@ def test_version_changes_with_content(tmp_path: Path) -> None:
          "order.yaml:7: ai_proxy.models[0].purpse: unknown field"),
         ("    model: claude-3\n", "",
          "order.yaml:4: ai_proxy.models[0].model: Field required"),
+        ("timeout: 2000ms", "timeout: 2000ms\n    fallback: [gemini/pro]",
+         "order.yaml:11: ai_proxy.models[0].fallback[0].provider: unknown provider 'gemini' (known: claude, openai)"),
+        ("timeout: 2000ms", "timeout: 2000ms\n    first_byte_timeout: 3s",
+         "order.yaml:4: ai_proxy.models[0]: first_byte_timeout must not exceed timeout"),
+        ("timeout: 2000ms", "timeout: 2000ms\n    fallback_on_context_length: true",
+         "order.yaml:4: ai_proxy.models[0]: fallback_on_context_length needs a fallback list"),
+        ("timeout: 2000ms", "timeout: 2000ms\n    circuit_breaker: {error_rate: 2}",
+         "order.yaml:11: ai_proxy.models[0].circuit_breaker.error_rate: Input should be less than or equal to 1"),
     ],
 )
 def test_field_errors_name_file_line_and_path(tmp_path: Path, replace: str, by: str, expected: str) -> None:
