@@ -75,7 +75,7 @@ def ext_proc_filter(
     }
 
 
-def _usage_ext_proc(cluster_name: str, authority: str, *, observe: bool) -> dict[str, Any]:
+def _usage_ext_proc(cluster_name: str, authority: str, *, observe: bool, required: bool = False) -> dict[str, Any]:
     mode: dict[str, str] = {
         "request_header_mode": "SKIP",
         "request_body_mode": "NONE",
@@ -97,7 +97,9 @@ def _usage_ext_proc(cluster_name: str, authority: str, *, observe: bool) -> dict
         config["observability_mode"] = True
         config["deferred_close_timeout"] = "2s"
     else:
-        config["failure_mode_allow"] = True  # a settlement problem must not break the caller's stream
+        # Stripping our usage chunk is a nicety: a processor problem must not break the caller's
+        # stream. A translation is not: an untranslated answer would be in the wrong API format.
+        config["failure_mode_allow"] = not required
         config["message_timeout"] = "5s"
     return config
 
@@ -110,11 +112,12 @@ def usage_filter(*, cluster_name: str, authority: str) -> dict[str, Any]:
     usage chunk we requested on the caller's behalf, ``translate`` a full-duplex one that rewrites a
     fallback provider's response into the caller's API format.
     """
-    def action(name: str, observe: bool) -> dict[str, Any]:
+    def action(name: str, observe: bool, required: bool = False) -> dict[str, Any]:
         return {"action": {"name": name, "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
             "typed_config": {"name": f"{USAGE_FILTER_NAME}.{name}",
-                             "typed_config": _usage_ext_proc(cluster_name, authority, observe=observe)},
+                             "typed_config": _usage_ext_proc(cluster_name, authority, observe=observe,
+                                                             required=required)},
         }}}
 
     return {
@@ -132,7 +135,7 @@ def usage_filter(*, cluster_name: str, authority: str) -> dict[str, Any]:
                 }},
                 "exact_match_map": {"map": {USAGE_OBSERVE: action("observe", True),
                                             USAGE_STRIP: action("strip", False),
-                                            USAGE_TRANSLATE: action("translate", False)}},
+                                            USAGE_TRANSLATE: action("translate", False, required=True)}},
             }},
         },
     }
