@@ -8,8 +8,8 @@ routing by :authority rewrite, credential injection, body rewrite (logical → u
 Two more sections price what the closing note quotes: the latency a caller pays when its provider
 fails and the call falls back to another (Anthropic 503 or reset, answered by OpenAI, translated back),
 and the per-call cost of telemetry (access log, usage events on NATS JetStream and a file, OTLP traces).
-The isolation section shows one service's provider failing 100% of its calls while another service,
-sharing the processor and the provider, keeps succeeding at the same latency.
+The isolation section fails every call of one service at its provider while another service, sharing
+the processor and the provider, is measured: alone, beside that failing load, and beside the same load succeeding.
 
 Usage: python -m bench.run [--duration 10] [--concurrency 1 16] [--only overhead,fallback,isolation,telemetry]
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import shutil
 import socket
@@ -229,6 +230,8 @@ def main() -> int:
     parser.add_argument("--isolation-duration", type=int, default=5, help="seconds per isolation measurement")
     parser.add_argument("--isolation-concurrency", type=int, default=4,
                         help="connections for service B's wrk, and for service A's running beside it")
+    parser.add_argument("--isolation-rounds", type=int, default=1,
+                        help="repeat the isolation cells this many times, each on a fresh stack (~20 s each)")
     parser.add_argument("--telemetry-duration", type=int, default=5, help="seconds per telemetry measurement")
     parser.add_argument("--telemetry-concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222",
@@ -512,35 +515,37 @@ def check_isolation(url_a: str, url_b: str) -> str | None:
     return None
 
 
-def print_isolation(args: argparse.Namespace, work: Path) -> None:
-    """Service A's provider failing every one of A's calls while service B, on the same processor and the same
-    provider, keeps succeeding: B's latency with A failing vs A succeeding (control) vs B alone."""
-    policies = work / "policy-isolation"
-    policies.mkdir()
-    for name, text in ISOLATION_POLICIES.items():
-        (policies / name).write_text(text)
-    logs = work / "isolation"
-    logs.mkdir()
-    duration, concurrency = args.isolation_duration, args.isolation_concurrency
-    print(f"\nIsolation: POST /v1/messages (Anthropic format, not streamed) through each service's own Envoy, one "
-          f"processor, one mock per provider;\n{ISOLATION_B} chat = claude/claude-3 (no fallback), {ISOLATION_A} "
-          f"fraud_detector = claude/claude-3 with fallback openai/gpt-4o (default breaker);\nc={concurrency} per "
-          f"service, {duration}s per cell, both wrk processes started together", flush=True)
+@dataclass(frozen=True)
+class IsolationCell:
+    b: Result
+    a: Result | None  # None: B alone
+    fallbacks_a: dict[str, int]  # by reason, during the cell
+    fallbacks_b: dict[str, int]
+
+
+ISOLATION_CASES = ("alone", "failing", "control")  # printed in this order; measured as alone, control, failing
+ISOLATION_LABELS = {"alone": f"(1) {ISOLATION_B} alone",
+                    "failing": f"(2) + {ISOLATION_A}, claude 503 for all of A",
+                    "control": f"(3) + {ISOLATION_A} succeeding (control)"}
+
+
+def measure_isolation(args: argparse.Namespace, work: Path, policies: Path, logs: Path
+                      ) -> tuple[dict[str, IsolationCell], dict[str, str], dict[str, str]] | None:
+    """One round on a fresh Stack: the cells, and the breaker states before (1) and after (2)."""
+    concurrency, duration = args.isolation_concurrency, args.isolation_duration
     stack = Stack(policies, logs, services=[ISOLATION_A, ISOLATION_B], processor_args=["--watch", "0"])
     admin = stack.admin_port
     script_b = wrk_script(work / "isolation-b.lua", ISOLATION_B_BODY, ANTHROPIC_HEADERS)
     script_a_ok = wrk_script(work / "isolation-a-ok.lua", ANTHROPIC_BODY, ANTHROPIC_HEADERS)
     script_a_503 = wrk_script(work / "isolation-a-503.lua", ANTHROPIC_BODY, {**ANTHROPIC_HEADERS, **CLAUDE_503})
-    results: dict[str, tuple[Result, Result | None, dict[str, int], dict[str, int]]] = {}
+    cells: dict[str, IsolationCell] = {}
     try:
         url_a = f"{stack.base_url(ISOLATION_A)}/v1/messages"
         url_b = f"{stack.base_url(ISOLATION_B)}/v1/messages"
         problem = check_isolation(url_a, url_b)
         if problem:
             print(f"isolation: SKIPPED, a call is not answered as it should be: {problem}", flush=True)
-            return
-        print(f"  checked: both services answered by claude; {ISOLATION_A} with claude 503 answered 200 with "
-              f"x-ai-fallback-hops: {FALLBACK_HOPS}")
+            return None
         run_wrk_parallel((url_b, script_b, concurrency, 1), (url_a, script_a_ok, concurrency, 1))  # warm-up
         breakers_before = breaker_states(admin)
         # Order 1, 3, 2: after (2) A's breaker stays open (30 s by default) and would change the control.
@@ -552,60 +557,102 @@ def print_isolation(args: argparse.Namespace, work: Path) -> None:
                 b, a = run_wrk_parallel((url_b, script_b, concurrency, duration),
                                         (url_a, script_a, concurrency, duration))
             after_a, after_b = fallbacks(admin, ISOLATION_A), fallbacks(admin, ISOLATION_B)
-            results[key] = (b, a, {k: v - before_a.get(k, 0) for k, v in after_a.items()},
-                            {k: v - before_b.get(k, 0) for k, v in after_b.items()})
-        breakers_after = breaker_states(admin)
+            cells[key] = IsolationCell(b, a, {k: v - before_a.get(k, 0) for k, v in after_a.items()},
+                                       {k: v - before_b.get(k, 0) for k, v in after_b.items()})
+        return cells, breakers_before, breaker_states(admin)
     finally:
         stack.close()
-    labels = {"alone": f"(1) {ISOLATION_B} alone",
-              "failing": f"(2) + {ISOLATION_A}, claude 503 for all of A",
-              "control": f"(3) + {ISOLATION_A} succeeding (control)"}
+
+
+def print_isolation(args: argparse.Namespace, work: Path) -> None:
+    """Service A's provider failing every one of A's calls while service B, on the same processor and the same
+    provider, keeps succeeding: B's latency with A failing vs A succeeding (control) vs B alone."""
+    policies = work / "policy-isolation"
+    policies.mkdir()
+    for name, text in ISOLATION_POLICIES.items():
+        (policies / name).write_text(text)
+    duration, concurrency, rounds = args.isolation_duration, args.isolation_concurrency, args.isolation_rounds
+    print(f"\nIsolation: POST /v1/messages (Anthropic format, not streamed) through each service's own Envoy, one "
+          f"processor, one mock per provider;\n{ISOLATION_B} chat = claude/claude-3 (no fallback), {ISOLATION_A} "
+          f"fraud_detector = claude/claude-3 with fallback openai/gpt-4o (default breaker);\nc={concurrency} per "
+          f"service, {duration}s per cell, both wrk processes started together; measured in the order 1, 3, 2"
+          + (f"; {rounds} rounds, each on a fresh stack" if rounds > 1 else ""), flush=True)
     header = (f"{'':<42}{'B RPS':>8}{'B p50 ms':>10}{'B p99 ms':>10}{'B non-2xx':>11}{'B errors':>10}"
               f"{'A RPS':>8}{'A non-2xx':>11}{'A fallbacks':>13}")
-    print(header)
-    print("-" * len(header))
-    for key in ("alone", "failing", "control"):
-        b, a, fb_a, _ = results[key]
-        a_cols = (f"{a.rps:>8.0f}{a.non2xx:>11}{sum(fb_a.values()):>13}" if a else f"{'-':>8}{'-':>11}{'-':>13}")
-        print(f"{labels[key]:<42}{b.rps:>8.0f}{b.p50_ms:>10.3f}{b.p99_ms:>10.3f}{b.non2xx:>11}{b.errors:>10}{a_cols}")
-    alone, failing, control = (results[k][0] for k in ("alone", "failing", "control"))
-    for text, x, y in (("(2) vs (3), A's failures", failing, control), ("(2) vs (1)", failing, alone),
-                       ("(3) vs (1), sharing the CPU", control, alone)):
-        print(f"  B p50 {text:<28}{x.p50_ms - y.p50_ms:+8.3f} ms  x{x.p50_ms / y.p50_ms:.2f}   "
-              f"(p99 {x.p99_ms - y.p99_ms:+.3f} ms, x{x.p99_ms / y.p99_ms:.2f}; RPS x{x.rps / y.rps:.2f})")
-    _, a_fail, fb_fail, _ = results["failing"]
-    assert a_fail is not None
-    print(f"  {ISOLATION_A} in (2): {a_fail.requests} calls counted by wrk, {a_fail.non2xx} non-2xx; fallbacks "
-          f"taken {sum(fb_fail.values())}: " + (", ".join(f"{reason} {n}" for reason, n in sorted(fb_fail.items()))
-                                                or "none")
-          + " (upstream_error = claude tried, 503, relayed to openai; breaker_open = claude skipped)")
-    print(f"  {ISOLATION_A} fallbacks in (1)/(3): {sum(results['alone'][2].values())}/"
-          f"{sum(results['control'][2].values())}; {ISOLATION_B} fallbacks in (1)/(2)/(3): "
-          + "/".join(str(sum(results[k][3].values())) for k in ("alone", "failing", "control")))
-    for when, states in (("before (1)", breakers_before), ("after (2)", breakers_after)):
-        print(f"  ai_extproc_breaker_state {when}: " + "; ".join(
-            f"{service}: {states.get(service, 'no series')}" for service in (ISOLATION_A, ISOLATION_B)))
-    problems = [f"{labels[k].split(')')[0]}) {ISOLATION_B} had {results[k][0].errors} errors"
-                for k in results if results[k][0].errors]
-    problems += [f"{labels[k].split(')')[0]}) {ISOLATION_A} had {results[k][1].non2xx} non-2xx"  # type: ignore[union-attr]
-                 for k in ("failing", "control") if results[k][1].non2xx]  # type: ignore[union-attr]
-    b_broken = [s for s in breakers_after.get(ISOLATION_B, "").split(", ") if s and "=0 " not in s]
-    if b_broken:
-        problems.append(f"{ISOLATION_B}'s breaker is not closed: {', '.join(b_broken)}")
-    if not sum(fb_fail.values()):
-        problems.append(f"{ISOLATION_A}'s calls did not fall back in (2)")
+    comparisons = (("(2) vs (3), A's failures", "failing", "control"), ("(2) vs (1)", "failing", "alone"),
+                   ("(3) vs (1), sharing the CPU", "control", "alone"))
+    p50_diffs: dict[str, list[float]] = {text: [] for text, _, _ in comparisons}
+    p50_ratios: dict[str, list[float]] = {text: [] for text, _, _ in comparisons}
+    problems: list[str] = []
+    for number in range(1, rounds + 1):
+        logs = work / f"isolation-{number}"
+        logs.mkdir()
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        measured = measure_isolation(args, work, policies, logs)
+        if measured is None:
+            return
+        cells, breakers_before, breakers_after = measured
+        if number == 1:
+            print(f"  checked: both services answered by claude; {ISOLATION_A} with claude 503 answered 200 with "
+                  f"x-ai-fallback-hops: {FALLBACK_HOPS}")
+        print(f"{f'round {number}, ' if rounds > 1 else ''}load average before: {load} ({os.cpu_count()} CPUs)")
+        print(header)
+        print("-" * len(header))
+        for key in ISOLATION_CASES:
+            cell = cells[key]
+            b, a = cell.b, cell.a
+            a_cols = (f"{a.rps:>8.0f}{a.non2xx:>11}{sum(cell.fallbacks_a.values()):>13}" if a
+                      else f"{'-':>8}{'-':>11}{'-':>13}")
+            print(f"{ISOLATION_LABELS[key]:<42}{b.rps:>8.0f}{b.p50_ms:>10.3f}{b.p99_ms:>10.3f}{b.non2xx:>11}"
+                  f"{b.errors:>10}{a_cols}")
+        for text, x_key, y_key in comparisons:
+            x, y = cells[x_key].b, cells[y_key].b
+            p50_diffs[text].append(x.p50_ms - y.p50_ms)
+            p50_ratios[text].append(x.p50_ms / y.p50_ms)
+            print(f"  B p50 {text:<28}{x.p50_ms - y.p50_ms:+8.3f} ms  x{x.p50_ms / y.p50_ms:.2f}   "
+                  f"(p99 {x.p99_ms - y.p99_ms:+.3f} ms, x{x.p99_ms / y.p99_ms:.2f}; RPS x{x.rps / y.rps:.2f})")
+        failing = cells["failing"]
+        assert failing.a is not None
+        print(f"  {ISOLATION_A} in (2): {failing.a.requests} calls counted by wrk (calls cut off at the end are not), "
+              f"{failing.a.non2xx} non-2xx; fallbacks taken {sum(failing.fallbacks_a.values())}: "
+              + (", ".join(f"{reason} {n}" for reason, n in sorted(failing.fallbacks_a.items())) or "none"))
+        print("    (upstream_error = claude tried, answered 503, relayed to openai; breaker_open = claude skipped, "
+              "straight to openai)")
+        print(f"  {ISOLATION_A} fallbacks in (1)/(3): {sum(cells['alone'].fallbacks_a.values())}/"
+              f"{sum(cells['control'].fallbacks_a.values())}; {ISOLATION_B} fallbacks in (1)/(2)/(3): "
+              + "/".join(str(sum(cells[k].fallbacks_b.values())) for k in ISOLATION_CASES))
+        for when, states in (("before (1)", breakers_before), ("after (2)", breakers_after)):
+            print(f"  ai_extproc_breaker_state {when}: " + "; ".join(
+                f"{service}: {states.get(service, 'no series')}" for service in (ISOLATION_A, ISOLATION_B)))
+        tag = f"round {number}: " if rounds > 1 else ""
+        problems += [f"{tag}{ISOLATION_LABELS[k].split(')')[0]}) {ISOLATION_B} had {cells[k].b.errors} errors"
+                     for k in ISOLATION_CASES if cells[k].b.errors]
+        problems += [f"{tag}{ISOLATION_LABELS[k].split(')')[0]}) {ISOLATION_A} had {a.errors} errors"
+                     for k in ("failing", "control") if (a := cells[k].a) is not None and a.errors]
+        b_open = [s for s in breakers_after.get(ISOLATION_B, "").split(", ") if s and "=0 " not in s]
+        if b_open:
+            problems.append(f"{tag}{ISOLATION_B}'s breaker is not closed: {', '.join(b_open)}")
+        if not sum(failing.fallbacks_a.values()):
+            problems.append(f"{tag}{ISOLATION_A}'s calls did not fall back in (2)")
+    if rounds > 1:
+        print(f"\nOver {rounds} rounds, median (min .. max):")
+        for text, _, _ in comparisons:
+            d, r = p50_diffs[text], p50_ratios[text]
+            print(f"  B p50 {text:<28}{statistics.median(d):+8.3f} ms ({min(d):+.3f} .. {max(d):+.3f})  "
+                  f"x{statistics.median(r):.2f} (x{min(r):.2f} .. x{max(r):.2f})")
     for problem in problems:
         print(f"WARNING: {problem}")
-    print(f"\n(2) and (3) put the same closed-loop load (c={concurrency}) of {ISOLATION_A} beside {ISOLATION_B}; only "
-          "whether claude fails A's calls differs,\nso B's p50 in (2) minus (3) is what A's provider failing at "
-          "100% costs B: A's breaker is A's own (per service, provider\nand model), B's calls still go to claude and "
-          "succeed, and A's failures only change what A's calls cost (a relay hop and\nthe OpenAI<->Anthropic "
-          "translation; once A's breaker opens, claude is skipped and A's calls go straight to openai).\n(3) minus "
-          "(1) is not isolation but CPU sharing: this machine's cores are shared by both wrk processes, two Envoys,\n"
-          "the mocks and the one processor, so any second service's load slows B there, failing or not. Both rows "
-          "with A\nalso differ from each other in A's RPS; a 5 s cell on a shared machine moves p50 by a few "
-          "tenths of a ms run to run.")
-
+    print(f"\n(2) and (3) run the same closed-loop load of {ISOLATION_A} (c={concurrency}) beside {ISOLATION_B}; only "
+          "whether claude fails A's calls\ndiffers, so B's p50 in (2) vs (3) is what A's provider at 100% errors "
+          "costs B. A's breaker is A's own (per service,\nprovider and model): B's calls keep going to claude and "
+          "succeed, B's breaker stays closed (or never exists: chat\nhas no fallback). A's failures change only what "
+          "A's own calls cost and where they go: the first few take the relay\nhop and the OpenAI<->Anthropic "
+          "translation, then A's breaker opens and they go straight to openai (translated),\nwhich also moves A's "
+          "load off the claude mock B uses. (3) vs (1) is not isolation but CPU sharing: "
+          f"{os.cpu_count()} cores\nrun both wrk processes, both Envoys, the mocks and the one processor, so any "
+          "second service's load slows B,\nfailing or not. A's RPS differs between (2) and (3), and a single "
+          f"{duration} s cell on a shared machine moves B's p50 by\nmilliseconds (see the load average), so judge "
+          "(2) vs (3) against that spread (--isolation-rounds N repeats it).")
 
 
 class OtlpSink:

@@ -32,8 +32,8 @@ ai_proxy:
   - name: fraud_detector
     provider: claude
     model: claude-3
-    timeout: 5000ms
-    first_byte_timeout: 400ms
+    timeout: 8000ms
+    first_byte_timeout: 1500ms        # generous: a loaded CI machine must not time out the fallback too
     fallback: [openai/gpt-4o]
     circuit_breaker: {consecutive_failures: 1000}
   - name: assistant
@@ -108,7 +108,7 @@ def openai_client(stack: Stack, service: str = "order-service") -> openai.OpenAI
     ({"x-mock-status": "429"}, "upstream_error"),
     ({"x-mock-status": "529"}, "upstream_error"),  # Anthropic's "overloaded"
     ({"x-mock-reset": "1"}, "upstream_error"),
-    ({"x-mock-latency-ms": "1500"}, "timeout"),  # first_byte_timeout is 400ms
+    ({"x-mock-latency-ms": "4000"}, "timeout"),  # first_byte_timeout is 1500ms
 ])
 def test_every_trigger_falls_back_in_the_callers_format(stack: Stack, mock: Mock, fault: dict[str, str],
                                                         reason: str) -> None:
