@@ -214,19 +214,26 @@ class Exchange:
                 self.decider.bulkhead.leave(self._scope, call_id)
             return charge
         now = time.time()
+        store = cache if cache is not None and cache.write else None
         settle = SettleInfo(
-            charge.reservation if charge is not None and charge.settles_tokens else None, str(self.endpoint.api),
-            charge.input_tokens if charge is not None else estimate_request_tokens(data, self.endpoint.api),
-            target.provider.name, target.model, cache.key if cache is not None and cache.write else None,
-            cache.ttl_s if cache is not None and cache.write else 0, self.endpoint.operation, route.name, now,
-            self._scope[1], self._scope[0], str(self.endpoint.api), _asks_usage(data), requested,
-            target.variant or "", self.policy.version, (), call_id if limit is not None else "",
-            self.request.headers.get("x-request-id", ""), self.request.headers.get("traceparent", ""),
-            _b3_of(self.request.headers), self._prompt(data), self.claim.job_id if self.claim else "")
+            reservation=charge.reservation if charge is not None and charge.settles_tokens else None,
+            api=str(self.endpoint.api),
+            input_estimate=charge.input_tokens if charge is not None else estimate_request_tokens(
+                data, self.endpoint.api),
+            provider=target.provider.name, model=target.model,  # the hop actually used is set by _forward
+            cache_key=store.key if store else None, cache_ttl_s=store.ttl_s if store else 0,
+            operation=self.endpoint.operation, route=route.name, decided_at=now,
+            service=self._scope[1], namespace=self._scope[0], caller_api=str(self.endpoint.api),
+            include_usage=_asks_usage(data), requested=requested, variant=target.variant or "",
+            policy_version=self.policy.version, call_id=call_id if limit is not None else "",
+            request_id=self.request.headers.get("x-request-id", ""),
+            traceparent=self.request.headers.get("traceparent", ""), b3=_b3_of(self.request.headers),
+            prompt=self._prompt(data), job_id=self.claim.job_id if self.claim else "")
         state = fallback.HopState(
-            self._scope[0], self._scope[1], route.name, requested, str(self.endpoint.api),
-            (target.provider.name, target.model), target.variant or "", start, skipped, now, now, call_id,
-            settle.encode(), self.policy.version)
+            namespace=self._scope[0], service=self._scope[1], route=route.name, requested=requested,
+            caller_api=str(self.endpoint.api), first=(target.provider.name, target.model),
+            variant=target.variant or "", index=start, hops=skipped, started_at=now, hop_started_at=now,
+            call_id=call_id, settle=settle.encode(), policy_version=self.policy.version)
         extra = dict(charge.headers) if charge is not None else {}
         if cache is not None:
             extra["cache"] = "miss"
