@@ -24,7 +24,7 @@ from extproc.core import fallback
 from extproc.core.apis import ENDPOINTS, Api, ApiError, Endpoint, ErrorKind, api_of_caller, classify, split_path
 from extproc.core.async_calls import JOB_HEADER, JOBS_PATH, JobClaim, JobLookup, accepted, wants_async
 from extproc.core.breaker import BreakerKey, Breakers, State
-from extproc.core.bulkhead import Bulkhead
+from extproc.core.bulkhead import LocalBulkhead, SharedBulkhead
 from extproc.core.credentials import CredentialStore
 from extproc.core.identity import Caller, identify
 from extproc.core.routing import Target, choose_target
@@ -201,7 +201,7 @@ class Exchange:
         limit = self.service.proxy.max_in_flight or self.policy.mesh.resilience.max_in_flight
         if self.claim is not None:
             limit = None  # the worker bounds each service's jobs itself
-        if limit is not None and not self.decider.bulkhead.enter(self._scope, call_id, limit):
+        if limit is not None and not await self.decider.bulkhead.enter(self._scope, call_id, limit):
             self.decider.metrics.bulkhead_rejections.labels(*self.caller_labels).inc()
             return self.reject(ApiError(
                 ErrorKind.RATE_LIMIT, f"{self.caller.describe()} already has {limit} AI calls in flight (its "
@@ -211,7 +211,7 @@ class Exchange:
         charge = self._job_charge(data) if self.claim is not None else await self._charge(data, route, hops[start])
         if isinstance(charge, LocalReply):
             if limit is not None:
-                self.decider.bulkhead.leave(self._scope, call_id)
+                await self.decider.bulkhead.leave(self._scope, call_id)
             return charge
         now = time.time()
         store = cache if cache is not None and cache.write else None
@@ -486,7 +486,7 @@ class Decider:
 
     def __init__(self, policies: Callable[[], PolicySet], credentials: CredentialStore, quota: QuotaEngine,
                  cache: ResponseCache, metrics: Metrics | None = None, *, signer: Signer | None = None,
-                 breakers: Breakers | None = None, bulkhead: Bulkhead | None = None,
+                 breakers: Breakers | None = None, bulkhead: LocalBulkhead | SharedBulkhead | None = None,
                  telemetry: CallSink | None = None, jobs: JobStore | None = None,
                  job_workers: frozenset[str] = frozenset({"ai-extproc-worker"})) -> None:
         self._policies = policies
@@ -496,7 +496,7 @@ class Decider:
         self.metrics = metrics or Metrics()
         self.signer = signer or Signer.from_environment()
         self.breakers = breakers or Breakers(on_change=self._breaker_changed)
-        self.bulkhead = bulkhead or Bulkhead()
+        self.bulkhead = bulkhead or LocalBulkhead()
         self.telemetry = telemetry
         # With a telemetry sink every call is read to its end (one record per call); without, only
         # calls whose policy needs their response, since that second stream costs processor CPU.

@@ -169,7 +169,7 @@ class Settlement:
                                          Estimate(usage.input_tokens, usage.output_tokens, cost))
             except Exception:  # settlement must never break a response
                 log.exception("settlement failed")
-        self._resilience(complete)
+        await self._resilience(complete)
         self._observe(usage, cost)
         if complete and self._body is not None and self._status == 200 and self.info.cache_key:
             # Only whole successful answers: never an error, never a cut stream (no end of stream).
@@ -183,10 +183,10 @@ class Settlement:
     def failed(self) -> bool:
         return self._status >= 500 or self._status == 429 or self._status == 0
 
-    def _resilience(self, complete: bool) -> None:
+    async def _resilience(self, complete: bool) -> None:
         info = self.info
         if info.call_id:
-            self._decider.bulkhead.leave((info.namespace, info.service), info.call_id)
+            await self._decider.bulkhead.leave((info.namespace, info.service), info.call_id)
         settings = self._policy.breaker_settings(info.namespace, info.service, info.route)
         if settings is not None:
             self._decider.breakers.record((info.namespace, info.service, info.provider, info.model), settings,

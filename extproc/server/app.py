@@ -15,6 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.cache.store import ResponseCache
+from extproc.core.bulkhead import LocalBulkhead, SharedBulkhead
 from extproc.core.credentials import CredentialStore
 from extproc.core.decision import Decider
 from extproc.events.sinks import build_event_sinks
@@ -28,6 +29,7 @@ from extproc.telemetry.telemetry import TelemetryOptions, build_telemetry
 
 if TYPE_CHECKING:
     from extproc.jobs.store import JobStore
+    from extproc.policy.model import MeshSettings
     from extproc.server.kube_source import KubeOptions
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     telemetry = build_telemetry(options.telemetry, extra_sinks=events)
     jobs, jobs_task = await _job_store(options, metrics)
     decider = Decider(store.current, CredentialStore(), quota, cache, metrics, telemetry=telemetry, jobs=jobs,
-                      job_workers=frozenset(options.jobs_workers))
+                      job_workers=frozenset(options.jobs_workers), bulkhead=_bulkhead(store.current().mesh))
     pb_grpc.add_ExternalProcessorServicer_to_server(AsyncExternalProcessor(decider), server)
     relay = RelayServer(decider)
     if options.relay is not None:
@@ -129,6 +131,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
                 await watcher
         await server.stop(options.grace_seconds)
         await quota.close()
+        await decider.bulkhead.close()
         await cache.close()
         await admin.stop()
         await relay.stop()
@@ -144,6 +147,14 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped")
+
+
+def _bulkhead(mesh: MeshSettings) -> LocalBulkhead | SharedBulkhead:
+    """Bulkhead slots live where quota counters do: shared in Redis, or in this replica."""
+    if mesh.quota.backend == "redis":
+        settings = mesh.quota
+        return SharedBulkhead(settings.redis_url, settings.key_prefix, settings.timeout_ms / 1000)
+    return LocalBulkhead()
 
 
 async def _job_store(options: ServeOptions, metrics: Metrics) -> tuple[JobStore | None, asyncio.Task[None] | None]:

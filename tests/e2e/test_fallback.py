@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+import redis
 
 from extproc.launch import free_port
 from extproc.stack import ANTHROPIC_KEY, OPENAI_KEY, Stack
@@ -374,3 +376,45 @@ def test_killing_one_of_two_replicas_under_load(envoy_binary: str, tmp_path: Pat
     # Only calls that were on the killed replica, or reached it before Envoy noticed, may fail.
     assert set(failed) <= {"status_503"}
     assert late and all(o == "ok" for o in late), f"calls still failing a second after the kill: {late}"
+
+
+def test_bulkhead_is_shared_by_replicas_through_redis(envoy_binary: str, redis_url: str, tmp_path: Path) -> None:
+    """With two replicas, a call's slot is taken on one and often given back on the other: in Redis
+    neither leaks nor doubles the cap."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    prefix = f"bh{uuid.uuid4().hex[:8]}"
+    (policies / "policy.yaml").write_text(
+        f"mesh:\n  quota: {{backend: redis, redis_url: '{redis_url}', key_prefix: {prefix}}}\n" + POLICY)
+    own = Stack(policies, tmp_path, services=["user-service"], replicas=2)
+    try:
+        client = claude_client(own, "user-service")
+        ask = {"model": "guarded", "max_tokens": 5, "messages": [{"role": "user", "content": "r"}]}
+        key = f"{prefix}:bulkhead:{{demo/user-service}}"
+        redis_client = redis.Redis.from_url(redis_url)
+        for _ in range(12):  # more than the cap, one after another: every slot is given back
+            client.messages.create(**ask)
+            time.sleep(0.05)  # a slot is freed once the response has been read, just after the caller has it
+        deadline = time.monotonic() + 3
+        while redis_client.zcard(key) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert redis_client.zcard(key) == 0  # nothing leaked, whichever replica read each response
+        done: list[object] = []
+        threads = [threading.Thread(target=lambda: done.append(client.messages.create(
+            **ask, extra_headers={"x-mock-latency-ms": "1500"}))) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.7)  # both slow calls hold the service's two slots, wherever they were decided
+        assert redis_client.zcard(key) == 2
+        refused = 0
+        for _ in range(4):
+            try:
+                client.messages.create(**ask)
+            except anthropic.RateLimitError:
+                refused += 1
+        for thread in threads:
+            thread.join()
+        assert refused == 4 and len(done) == 2
+        redis_client.close()
+    finally:
+        own.close()

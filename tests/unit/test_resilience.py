@@ -824,7 +824,7 @@ def test_bulkhead_refuses_the_second_concurrent_call_and_refunds_its_tokens(tmp_
     decider = make_decider(tmp_path, BULKHEAD_POLICY)
     first = decide(decider, CHAT, headers={"x-request-id": "call-1"})
     assert isinstance(first, Forward)
-    assert decider.bulkhead.in_flight(SCOPE) == 1
+    assert decider.bulkhead.slots.in_flight(SCOPE) == 1
     assert orjson.loads(first.metadata["settle"])["id"] == "call-1"  # so the response side can leave
     remaining = int(first.metadata["remaining_tokens"])
     used = 1000 - remaining
@@ -835,7 +835,7 @@ def test_bulkhead_refuses_the_second_concurrent_call_and_refunds_its_tokens(tmp_
     assert (body["error"]["code"], body["error"]["type"]) == ("too_many_calls_in_flight", "requests")  # type: ignore[index]
     assert "max_in_flight" in body["error"]["message"]  # type: ignore[index]
     assert bulkhead_rejections(decider) == 1.0
-    assert decider.bulkhead.in_flight(SCOPE) == 1
+    assert decider.bulkhead.slots.in_flight(SCOPE) == 1
     anthropic = decide(decider, {**CHAT, "model": "fraud_detector"}, path="/v1/messages",
                        headers={"x-request-id": "call-3"})
     status, body = error_of(anthropic)
@@ -843,12 +843,12 @@ def test_bulkhead_refuses_the_second_concurrent_call_and_refunds_its_tokens(tmp_
     assert isinstance(anthropic, LocalReply) and anthropic.details == "ai_too_many_calls_in_flight"
     assert bulkhead_rejections(decider) == 2.0
     # The first call ends; the refused ones gave their token reservations back, so a third fits the 1000/min.
-    decider.bulkhead.leave(SCOPE, "call-1")
+    decider.bulkhead.slots.leave(SCOPE, "call-1")
     third = decide(decider, CHAT, headers={"x-request-id": "call-4"})
     assert isinstance(third, Forward)
     assert int(third.metadata["remaining_tokens"]) == remaining - used
     # Another service is not held back by order-service's bulkhead.
-    assert decider.bulkhead.in_flight(OTHER_SCOPE) == 0
+    assert decider.bulkhead.slots.in_flight(OTHER_SCOPE) == 0
 
 
 def test_bulkhead_refusal_refunds_the_request_count(tmp_path: Path) -> None:
@@ -857,7 +857,7 @@ def test_bulkhead_refusal_refunds_the_request_count(tmp_path: Path) -> None:
     first = decide(decider, body, path="/v1/messages", headers={"x-request-id": "call-1"})
     assert isinstance(first, Forward) and first.metadata["remaining_requests"] == "1"
     assert error_of(decide(decider, body, path="/v1/messages", headers={"x-request-id": "call-2"}))[0] == 429
-    decider.bulkhead.leave(SCOPE, "call-1")
+    decider.bulkhead.slots.leave(SCOPE, "call-1")
     third = decide(decider, body, path="/v1/messages", headers={"x-request-id": "call-3"})
     assert isinstance(third, Forward), third  # 2/min: call-2 was never sent, so one request is left
     assert third.metadata["remaining_requests"] == "0"
