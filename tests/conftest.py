@@ -6,12 +6,13 @@ When a real dependency is missing, tests skip with the reason; with EXTPROC_REQU
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -36,15 +37,22 @@ def redis_url() -> Iterator[str]:
     if binary is None:
         missing("no Redis on 127.0.0.1:6379 and no redis-server binary to start one")
     port = free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                                "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with _private_server(command, lambda: _redis_answers(port), "redis-server"):
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@contextlib.contextmanager
+def _private_server(command: list[str], answers: Callable[[], bool], name: str) -> Iterator[None]:
+    """Run a server binary for the test session; skip (or fail in CI) if it does not come up."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while not _redis_answers(port):
+        while not answers():
             if time.monotonic() > deadline:
-                missing("a private redis-server did not start")
+                missing(f"a private {name} did not start")
             time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield
     finally:
         process.terminate()
         process.wait(10)
@@ -80,16 +88,6 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if binary is None:
         missing("no NATS JetStream on 127.0.0.1:4222 and no nats-server binary to start one")
     port = free_port()
-    store = tmp_path_factory.mktemp("nats")
-    process = subprocess.Popen([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not jetstream_answers(port):
-            if time.monotonic() > deadline:
-                missing("a private nats-server did not start")
-            time.sleep(0.05)
+    command = [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path_factory.mktemp("nats"))]
+    with _private_server(command, lambda: jetstream_answers(port), "nats-server"):
         yield f"nats://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
