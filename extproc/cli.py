@@ -120,7 +120,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"ok: {len(policy.providers)} provider(s), {len(policy.services)} service polic(ies), "
           f"version {policy.version}")
     for (namespace, service), models in sorted(policy.services.items(), key=lambda i: (i[0][1], i[0][0] or "")):
-        names = ", ".join(f"{m.name}→{m.provider}/{m.model}" for m in models.proxy.models)
+        names = ", ".join(f"{m.name}→{m.provider}/{m.model}" + "".join(f"→{f}" for f in m.fallback)
+                          for m in models.proxy.models)
         print(f"  {namespace + '/' if namespace else ''}{service}: {names}")
     return 0
 
