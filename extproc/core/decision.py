@@ -427,7 +427,9 @@ class Exchange:
         ]
         remove = [*self._strip, *_UNTRUSTED]
         remove.append("authorization" if provider.api == Api.ANTHROPIC else "x-api-key")
-        if provider.api != Api.ANTHROPIC:
+        if provider.api != Api.ANTHROPIC and caller_api != Api.ANTHROPIC:
+            # Left by an earlier Anthropic hop. (An Anthropic caller keeps it: Envoy's own error
+            # replies pick the caller's format by this header.)
             remove.append("anthropic-version")
         if route.timeout is not None:
             # The timeout is the budget of the whole call, fallbacks included.

@@ -572,7 +572,9 @@ def test_open_breaker_sends_the_fresh_call_straight_to_the_fallback(tmp_path: Pa
     assert isinstance(forward, Forward) and forward.body is not None
     assert headers[":authority"] == "api.openai.com" and headers[":path"] == "/v1/chat/completions"
     assert headers["authorization"] == "Bearer sk-openai"
-    assert "x-api-key" in forward.remove_headers and "anthropic-version" in forward.remove_headers
+    assert "x-api-key" in forward.remove_headers
+    # The Anthropic caller's anthropic-version stays: Envoy's own error replies pick the caller's format by it.
+    assert "anthropic-version" not in forward.remove_headers
     assert orjson.loads(forward.body) == OPENAI_TRANSLATED
     assert headers["content-length"] == str(len(forward.body))
     assert headers["x-ai-usage"] == "translate"
@@ -634,7 +636,7 @@ def test_re_entry_goes_to_the_next_hop_without_charging_again(tmp_path: Path, mo
     assert isinstance(again, Forward) and again.body is not None
     assert headers[":authority"] == "api.openai.com" and headers[":path"] == "/v1/chat/completions"
     assert headers["authorization"] == "Bearer sk-openai"
-    assert "x-api-key" in again.remove_headers and "anthropic-version" in again.remove_headers
+    assert "x-api-key" in again.remove_headers and "anthropic-version" not in again.remove_headers
     assert orjson.loads(again.body) == OPENAI_TRANSLATED
     assert headers["content-length"] == str(len(again.body))
     assert headers["x-ai-usage"] == "translate"
