@@ -92,6 +92,7 @@ class LocalReply:
     body: bytes
     details: str  # short token for Envoy's %RESPONSE_CODE_DETAILS%
     headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
+    hops: tuple[Hop, ...] = ()  # providers tried (or skipped) before the processor answered itself
 
 
 Decision = Forward | LocalReply
@@ -233,11 +234,11 @@ class Exchange:
             namespace=self._scope[0], service=self._scope[1], route=route.name, requested=requested,
             caller_api=str(self.endpoint.api), first=(target.provider.name, target.model),
             variant=target.variant or "", index=start, hops=skipped, started_at=now, hop_started_at=now,
-            call_id=call_id, settle=settle.encode(), policy_version=self.policy.version)
+            call_id=call_id, settle=settle, policy_version=self.policy.version)
         extra = dict(charge.headers) if charge is not None else {}
         if cache is not None:
             extra["cache"] = "miss"
-        return self._forward(data, self.endpoint.api, route, hops, state, settle, extra)
+        return self._forward(data, self.endpoint.api, route, hops, state, extra)
 
     def _job_charge(self, data: dict[str, object]) -> Charge:
         assert self.claim is not None
@@ -297,9 +298,8 @@ class Exchange:
         if start is None:
             return self._all_failed(skipped, caller_api)
         state = replace(state, index=start, hops=skipped)
-        settle = SettleInfo.decode(state.settle)
         # The body is in the format of the provider it was last sent to, which its path tells.
-        return self._forward(data, self.endpoint.api, route, hops, state, settle, {})
+        return self._forward(data, self.endpoint.api, route, hops, state, {})
 
     def _prompt(self, data: dict[str, object]) -> str:
         """The request's messages for the call record, redacted, only when content capture is on."""
@@ -331,7 +331,7 @@ class Exchange:
         reply = _reject(api or self.endpoint.api, ApiError(
             ErrorKind.UNAVAILABLE, f"no provider is available for this call: {tried}", "providers_unavailable"))
         return LocalReply(reply.status, reply.body, reply.details,
-                          (*reply.headers, ("x-ai-fallback-hops", fallback.hops_header(hops, None))))
+                          (*reply.headers, ("x-ai-fallback-hops", fallback.hops_header(hops, None))), hops)
 
     def _cache_plan(self, data: dict[str, object], route: ModelRoute, target: Target) -> CachePlan | None:
         namespace, service = self.service.scope or (self.caller.namespace, self.caller.service or "unknown")
@@ -406,7 +406,7 @@ class Exchange:
         return Charge(admission.reservation, admission.headers, input_tokens)
 
     def _forward(self, data: dict[str, object], body_api: Api, route: ModelRoute, hops: list[Target],
-                 state: fallback.HopState, settle: SettleInfo, extra: Mapping[str, str]) -> Decision:
+                 state: fallback.HopState, extra: Mapping[str, str]) -> Decision:
         """Send the call to ``hops[state.index]``, in that provider's format, ready to fall back further."""
         target = hops[state.index]
         provider = target.provider
@@ -446,10 +446,11 @@ class Exchange:
         else:
             remove.append(fallback.HEADER)
         same_api = caller_api == provider.api
-        if same_api and settle.reservation is not None and provider.api == Api.OPENAI:
+        if same_api and state.settle.reservation is not None and provider.api == Api.OPENAI:
             # Token quotas settle on the provider's own count: ask a stream for it.
             rewrite = _inject_stream_usage(data, operation) or rewrite
-        settle = replace(settle, api=str(provider.api), provider=provider.name, model=target.model, hops=state.hops)
+        settle = replace(state.settle, api=str(provider.api), provider=provider.name, model=target.model,
+                         hops=state.hops)
         if not same_api:
             usage_mode: str | None = USAGE_TRANSLATE
         elif data.get("stream") is True and _asks_usage(data) and not settle.include_usage:
@@ -602,7 +603,6 @@ def reply_record(request: HttpRequest, caller: Caller, endpoint: Endpoint, reply
     now = time.time()
     headers = dict(reply.headers)
     code = reply.details.removeprefix("ai_")
-    hops = headers.get("x-ai-fallback-hops", "")
     return CallRecord(
         service=caller.service or "", namespace=caller.namespace or "", operation=endpoint.operation,
         caller_api=str(endpoint.api), requested_model=requested, route=headers.get("x-ai-route", ""),
@@ -610,7 +610,7 @@ def reply_record(request: HttpRequest, caller: Caller, endpoint: Endpoint, reply
         status=reply.status, outcome=_LOCAL_OUTCOMES.get(code, f"refused:{code}"),
         streamed=headers.get("content-type", "").startswith("text/event-stream"), started_at=now, ended_at=now,
         cache="hit" if code == "cache_hit" else "", variant=headers.get("x-ai-variant", ""),
-        hops=tuple(Hop(*h.split("=", 1)[0].split("/", 1), h.split("=", 1)[1]) for h in hops.split(", ") if "=" in h),
+        hops=reply.hops,
         policy_version=policy.version, request_id=request.headers.get("x-request-id", ""),
         traceparent=request.headers.get("traceparent", ""), b3=_b3_of(request.headers),
         error="" if code in _LOCAL_OUTCOMES else code)

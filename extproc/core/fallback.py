@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from extproc.core.routing import Target
+from extproc.core.settlement import SettleInfo
 from extproc.core.tokens import Signer
 from extproc.policy.model import ModelRoute, Provider
 from extproc.telemetry.record import Hop
@@ -42,7 +43,7 @@ class HopState:
     started_at: float  # epoch seconds of the first decision
     hop_started_at: float  # epoch seconds this hop was sent
     call_id: str
-    settle: str  # the encoded SettleInfo template: quota reservation, cache key, estimates
+    settle: SettleInfo  # what the response side needs: quota reservation, cache key, estimates
     policy_version: str
 
     def encode(self, signer: Signer) -> str:
@@ -50,7 +51,7 @@ class HopState:
             "ns": self.namespace, "sv": self.service, "rt": self.route, "rq": self.requested, "ca": self.caller_api,
             "f": list(self.first), "va": self.variant, "i": self.index,
             "h": [[h.provider, h.model, h.outcome, h.started_at] for h in self.hops],
-            "t0": self.started_at, "th": self.hop_started_at, "id": self.call_id, "st": self.settle,
+            "t0": self.started_at, "th": self.hop_started_at, "id": self.call_id, "st": self.settle.encode(),
             "pv": self.policy_version,
         }, _TOKEN_TTL_S)
 
@@ -65,7 +66,7 @@ class HopState:
                 str(raw["ns"]), str(raw["sv"]), str(raw["rt"]), str(raw["rq"]), str(raw["ca"]),
                 (str(first[0]), str(first[1])), str(raw["va"]), int(raw["i"]),
                 tuple(Hop(str(p), str(m), str(o), float(t)) for p, m, o, t in raw["h"]),
-                float(raw["t0"]), float(raw["th"]), str(raw["id"]), str(raw["st"]), str(raw["pv"]))
+                float(raw["t0"]), float(raw["th"]), str(raw["id"]), SettleInfo.decode(str(raw["st"])), str(raw["pv"]))
         except (KeyError, TypeError, ValueError, IndexError):
             return None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -59,3 +60,26 @@ class SinkCounters:
             self.dropped += n
         if self._dropped_metric is not None:
             self._dropped_metric.inc(n)
+
+
+class _Sized(Protocol):
+    def qsize(self) -> int: ...
+
+
+class CountedSink:
+    """The counts every event sink reports, from its ``counts`` and its ``_queue``."""
+
+    counts: SinkCounters
+    _queue: _Sized
+
+    @property
+    def published(self) -> int:
+        return self.counts.published
+
+    @property
+    def dropped(self) -> int:
+        return self.counts.dropped
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()

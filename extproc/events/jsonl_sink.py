@@ -25,7 +25,7 @@ from typing import TextIO
 
 from prometheus_client import CollectorRegistry
 
-from extproc.events.counters import SinkCounters
+from extproc.events.counters import CountedSink, SinkCounters
 from extproc.events.schema import event_to_json, to_event
 from extproc.telemetry.record import CallRecord
 
@@ -35,7 +35,7 @@ _STOP = object()  # queued by close(): everything before it is written, then the
 _MAX_BATCH = 1000
 
 
-class JsonlEventSink:
+class JsonlEventSink(CountedSink):
     """A ``CallSink`` appending usage events to ``path``. Lifecycle: construct, ``await start()``,
     ``emit()`` from any thread, ``await close(timeout)``. Events emitted before ``start()`` wait in
     the queue; after ``close()`` they are dropped."""
@@ -68,18 +68,6 @@ class JsonlEventSink:
             self._drop(1, f"the queue is full ({self._queue.maxsize})")
         except Exception:
             self._drop(1, "could not be queued", exc_info=True)
-
-    @property
-    def published(self) -> int:
-        return self.counts.published
-
-    @property
-    def dropped(self) -> int:
-        return self.counts.dropped
-
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize()
 
     async def start(self) -> None:
         if self._thread is not None or self._closed:

@@ -34,7 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from prometheus_client import CollectorRegistry
 
-from extproc.events.counters import SinkCounters
+from extproc.events.counters import CountedSink, SinkCounters
 from extproc.events.schema import SCHEMA_NAME, event_to_json, to_event
 from extproc.events.subjects import DEFAULT_PREFIX, DEFAULT_STREAM, check_prefix, stream_subjects, subject_for
 from extproc.telemetry.record import CallRecord
@@ -65,7 +65,7 @@ class _Outgoing:
     headers: dict[str, str]
 
 
-class NatsEventSink:
+class NatsEventSink(CountedSink):
     """A ``CallSink`` publishing usage events to JetStream. Lifecycle: construct, ``await start()``
     on the serving event loop, ``emit()`` freely, ``await close(timeout)`` at shutdown.
 
@@ -130,18 +130,6 @@ class NatsEventSink:
             self._drop(1, f"the queue is full ({self._queue.maxsize})")
 
     # -- state ----------------------------------------------------------------------------------
-
-    @property
-    def published(self) -> int:
-        return self.counts.published
-
-    @property
-    def dropped(self) -> int:
-        return self.counts.dropped
-
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize()
 
     @property
     def in_flight(self) -> int:

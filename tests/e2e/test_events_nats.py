@@ -31,18 +31,10 @@ from extproc.events.sinks import NatsEventSink
 from extproc.events.tail import TailOptions, format_line, tail_nats
 from extproc.launch import free_port
 from extproc.telemetry.record import CallRecord, Hop
-from tests.conftest import jetstream_answers, missing
+from tests.conftest import missing
 
-NATS_URL = "nats://127.0.0.1:4222"
 REPO = Path(__file__).resolve().parents[2]
 HANG = 30.0  # seconds: a deadline for "this never happened", far above any normal duration
-
-
-@pytest.fixture(scope="session")
-def nats_url() -> str:
-    if not jetstream_answers(4222):
-        missing("no NATS JetStream on 127.0.0.1:4222")
-    return NATS_URL
 
 
 @pytest.fixture

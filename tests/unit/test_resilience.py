@@ -24,6 +24,7 @@ from extproc.core.bulkhead import Bulkhead
 from extproc.core.credentials import CredentialStore
 from extproc.core.decision import Decider, Forward, LocalReply
 from extproc.core.routing import Target
+from extproc.core.settlement import SettleInfo
 from extproc.core.tokens import Signer
 from extproc.policy.compiled import PolicySet
 from extproc.policy.loader import load_policy
@@ -438,7 +439,8 @@ def hop_state(**changes: object) -> fallback.HopState:
     state = fallback.HopState(
         namespace="shop", service="order-service", route="fraud_detector", requested="fraud_detector",
         caller_api="anthropic", first=("claude", "claude-3"), variant="", index=0, hops=(),
-        started_at=1_700_000_000.25, hop_started_at=1_700_000_000.5, call_id="call-1", settle='{"r":null}',
+        started_at=1_700_000_000.25, hop_started_at=1_700_000_000.5, call_id="call-1",
+        settle=SettleInfo(None, "anthropic", 0, "claude", "claude-3"),
         policy_version="v1")
     return replace(state, **changes)  # type: ignore[arg-type]
 
