@@ -23,6 +23,14 @@ from extproc.quota.prices import PriceTable
 YAML_SUFFIXES = (".yaml", ".yml")
 M = TypeVar("M", bound=BaseModel)
 
+# Bounds on what one policy file may make us do. A Kubernetes ConfigMap holds at most 1 MiB; a policy
+# set of many services has a few thousand values; nobody nests a policy 64 levels deep.
+MAX_FILE_CHARS = 1024 * 1024
+MAX_VALUES = 100_000  # per document, counting each alias as often as it is used ("billion laughs")
+MAX_DEPTH = 64
+_CORE_TAG = "tag:yaml.org,2002:"
+_TIMESTAMP_TAG = _CORE_TAG + "timestamp"
+
 
 @dataclass(frozen=True, slots=True)
 class Problem:
@@ -84,26 +92,230 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def read_documents(files: Iterable[Path]) -> tuple[list[Document], list[Problem]]:
+    """Parse ``files`` into documents; whatever cannot be read becomes a :class:`Problem`, never an exception."""
     documents: list[Document] = []
     problems: list[Problem] = []
     for file in files:
-        name = str(file)
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(Problem(name, None, "", f"cannot read: {exc}"))
+        text = _read_text(file)
+        nodes = _compose(str(file), text) if isinstance(text, str) else text
+        if isinstance(nodes, Problem):
+            problems.append(nodes)
             continue
-        try:
-            nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark is not None else None
-            problems.append(Problem(name, line, "", f"invalid YAML: {getattr(exc, 'problem', exc)}"))
-            continue
-        for index, node in enumerate(n for n in nodes if n is not None):
-            data = yaml.SafeLoader(text).construct_document(node)
-            documents.append(Document(name, index, node, data))
+        for index, node in enumerate(nodes):
+            document = _construct(str(file), index, node)
+            (problems if isinstance(document, Problem) else documents).append(document)  # type: ignore[arg-type]
     return documents, problems
+
+
+class PolicyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, narrowed to what a policy file needs and hardened against what it must not do.
+
+    * Dates stay strings: ``2024-13-45`` is no longer an invalid date (PyYAML's SafeLoader makes
+      ``datetime.date`` objects of date-shaped scalars); no policy field is a date.
+    * A constructor failing on bad input (``!!float abc``, ``!!bool maybe``, ``!!int 0x``) raises a
+      :class:`yaml.constructor.ConstructorError` carrying the node's mark, like PyYAML's own errors.
+    * Nesting is bounded (:data:`MAX_DEPTH`): PyYAML's composer recurses once per level, and its scanner
+      slows quadratically with open brackets.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP_TAG]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        # Checked as early as the scanner: it keeps a pending key per open bracket and rescans them all
+        # for every token, so a line of 5000 '[' is slow long before the composer sees the 65th level.
+        if self.flow_level >= MAX_DEPTH:
+            raise yaml.scanner.ScannerError(None, None, f"nested more than {MAX_DEPTH} levels deep", self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except Exception as exc:  # a constructor's own ValueError, KeyError, OverflowError...
+            shown = repr(node.value if len(node.value) <= 40 else node.value[:40] + "…") \
+                if isinstance(node, yaml.ScalarNode) else "this value"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"invalid {_short_tag(node.tag)} value {shown}", node.start_mark) from exc
+
+    def construct_undefined(self, node: yaml.Node) -> Any:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"unknown tag {_short_tag(node.tag)!r}; policy files use plain YAML values",
+            node.start_mark)
+
+    def construct_timestamp_as_text(self, node: yaml.Node) -> str:
+        return str(self.construct_scalar(node))  # type: ignore[arg-type]
+
+
+PolicyLoader.add_constructor(_TIMESTAMP_TAG, PolicyLoader.construct_timestamp_as_text)
+PolicyLoader.add_constructor(None, PolicyLoader.construct_undefined)
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag.removeprefix(_CORE_TAG) if tag.startswith(_CORE_TAG) else tag
+
+
+def _read_text(file: Path) -> str | Problem:
+    name = str(file)
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        return Problem(name, None, "", f"cannot read: {exc.strerror or exc}")
+    if len(raw) > 4 * MAX_FILE_CHARS:  # UTF-8 takes at most 4 bytes a character
+        return Problem(name, None, "", f"file too large: over {MAX_FILE_CHARS} characters")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        return Problem(name, line, "", f"not UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}")
+    if len(text) > MAX_FILE_CHARS:
+        return Problem(name, None, "", f"file too large: over {MAX_FILE_CHARS} characters")
+    return text
+
+
+def _compose(name: str, text: str) -> list[yaml.Node] | Problem:
+    """The YAML node tree of each document in ``text`` (syntax only: nothing is constructed yet)."""
+    nodes: list[yaml.Node] = []
+    try:
+        loader = PolicyLoader(text)
+        try:
+            while loader.check_node():
+                nodes.append(loader.get_node())
+        finally:
+            loader.dispose()
+    except yaml.reader.ReaderError as exc:  # an unprintable character, e.g. NUL: has a position, no mark
+        line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else None
+        character = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        return Problem(name, line, "", f"invalid YAML: unacceptable character {character}: {exc.reason}")
+    except yaml.YAMLError as exc:
+        return Problem(name, _mark_line(exc), "", f"invalid YAML: {_yaml_message(exc)}")
+    except RecursionError:  # not expected with MAX_DEPTH, but never a traceback
+        return Problem(name, None, "", f"invalid YAML: nested more than {MAX_DEPTH} levels deep")
+    return nodes
+
+
+def _construct(name: str, index: int, node: yaml.Node) -> Document | Problem:
+    """Python values of one document, or the one problem that stops them being made."""
+    label = name if index == 0 else f"{name}#{index + 1}"
+    problem = _check_size(label, node)
+    if problem is not None:
+        return problem
+    try:
+        data = PolicyLoader("").construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = _mark(exc) or node.start_mark
+        return Problem(label, mark.line + 1, _dotted(_path_at(node, mark.index)), f"invalid YAML: {_yaml_message(exc)}")
+    except Exception as exc:  # not expected from PolicyLoader, but never a traceback
+        return Problem(label, node.start_mark.line + 1, "", f"invalid YAML: {exc}")
+    return Document(name, index, node, data)
+
+
+def _check_size(label: str, root: yaml.Node) -> Problem | None:
+    """Refuse a document that refers to itself, or that expands past :data:`MAX_VALUES` through aliases.
+
+    PyYAML composes and constructs an alias as a reference to the anchored value, so a few lines of
+    nested aliases ("billion laughs") cost nothing until something walks the values (the version
+    digest's ``repr``, a validator that descends into free-form data): then they would take forever. Today's
+    schema happens to reject such shapes early; this does not count on it. Counted on the node graph,
+    each node once, without recursion.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if children_done:
+            open_nodes.discard(key)
+            sizes[key] = min(MAX_VALUES + 1, 1 + sum(sizes[id(c)] for c in children))
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            return Problem(label, node.start_mark.line + 1, _dotted(_path_at(root, node.start_mark.index)),
+                           "an alias refers to a value that contains it (a recursive structure)")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children)
+    if sizes[id(root)] > MAX_VALUES:
+        return Problem(label, root.start_mark.line + 1, "",
+                       f"document too large: more than {MAX_VALUES} values once aliases are expanded")
+    return None
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _path_at(root: yaml.Node, index: int) -> tuple[Any, ...]:
+    """The field path of the deepest value whose text spans character ``index`` of the file."""
+    path: list[Any] = []
+    current = root
+    visited = {id(root)}  # an alias of an enclosing value spans the same text: never go round
+    for _ in range(MAX_DEPTH + 1):
+        found = None
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                if _spans(key, index):
+                    return tuple(path)  # in a key: the mapping holding it is as far as a path goes
+                if id(value) not in visited and _spans(value, index):
+                    path.append(key.value if isinstance(key, yaml.ScalarNode) else "?")
+                    found = value
+                    break
+        elif isinstance(current, yaml.SequenceNode):
+            for i, item in enumerate(current.value):
+                if id(item) not in visited and _spans(item, index):
+                    path.append(i)
+                    found = item
+                    break
+        if found is None:
+            break
+        visited.add(id(found))
+        current = found
+    return tuple(path)
+
+
+def _spans(node: yaml.Node, index: int) -> bool:
+    return bool(node.start_mark.index <= index <= node.end_mark.index)
+
+
+def _mark(exc: yaml.YAMLError) -> yaml.Mark | None:
+    return getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+
+
+def _mark_line(exc: yaml.YAMLError) -> int | None:
+    mark = _mark(exc)
+    return mark.line + 1 if mark is not None else None
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None)
+    if problem == "found unhashable key":
+        return "a mapping key must be a plain value, not a list or mapping"
+    context = getattr(exc, "context", None)
+    return str(problem or context or exc)
 
 
 def load_policy(paths: Iterable[str | Path], extra: Sequence[Document] = ()) -> PolicySet:
@@ -180,7 +392,7 @@ def _validate(model: type[M], doc: Document, problems: list[Problem]) -> M | Non
     try:
         return model.model_validate(doc.data)
     except ValidationError as exc:
-        errors = [(tuple(p for p in e["loc"] if not _is_union_tag(p)), e) for e in exc.errors()]
+        errors = [(_error_loc(e), e) for e in exc.errors()]
         for loc, error in errors:
             if error["type"] == "too_short" and any(len(o) > len(loc) and o[:len(loc)] == loc for o, _ in errors):
                 continue  # a list left short only because its invalid items were dropped: not news
@@ -189,6 +401,13 @@ def _validate(model: type[M], doc: Document, problems: list[Problem]) -> M | Non
                 message = "unknown field"
             problems.append(Problem(doc.label, _line(doc.node, loc), _dotted(loc), message))
         return None
+
+
+def _error_loc(error: Any) -> tuple[Any, ...]:
+    loc = tuple(p for p in error["loc"] if not _is_union_tag(p))
+    if error["type"] == "duplicate":  # a name listed twice: ctx['loc'] is the second item, below the model
+        loc += tuple(error.get("ctx", {}).get("loc", ()))
+    return loc
 
 
 def _is_union_tag(part: object) -> bool:

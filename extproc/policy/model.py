@@ -17,11 +17,13 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from extproc.policy.units import Rate, parse_duration_ms, parse_rate
+from extproc.policy.units import Rate, duration_range_error, parse_duration_ms, parse_rate
 
 ApiSchema = Literal["openai", "anthropic"]
 
@@ -29,10 +31,20 @@ _NAME = r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$"
 _HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 # A model timeout longer than this is almost certainly a bare number meant as milliseconds.
 _MAX_TIMEOUT_MS = 600_000
+_MAX_TIMEOUT_TEXT = "10m"
 
 
 def _duration(value: object) -> int:
     return parse_duration_ms(value)
+
+
+def _duplicate(message: str, loc: tuple[str | int, ...], **context: object) -> PydanticCustomError:
+    """A cross-item error (e.g. a name listed twice) that knows where, below the validated model, it is.
+
+    A model validator's errors are located at the model itself; the loader appends ``ctx['loc']``
+    so the problem points at the offending item's line (``ai_proxy.models[1].name``), not the list's.
+    """
+    return PydanticCustomError("duplicate", message, {**context, "loc": loc})
 
 
 DurationMs = Annotated[int, BeforeValidator(_duration), PlainSerializer(lambda v: f"{v}ms", return_type=str)]
@@ -74,6 +86,10 @@ class Provider(_Frozen):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http(s) URL such as http://api.openai.com/v1")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number in 0..65535
+        except ValueError:
+            raise ValueError("has an invalid port: use a number from 1 to 65535") from None
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query or fragment")
         return value.rstrip("/")
@@ -218,13 +234,14 @@ class ModelRoute(_Frozen):
             return self.circuit_breaker
         return mesh_default if self.fallback else None
 
-    @field_validator("timeout", "first_byte_timeout")
+    @field_validator("timeout", "first_byte_timeout", mode="wrap")
     @classmethod
-    def _sane_timeout(cls, value: int | None) -> int | None:
-        if value is not None and not 0 < value <= _MAX_TIMEOUT_MS:
-            hint = f"; did you mean {value // 1000}ms?" if value > _MAX_TIMEOUT_MS else ""
-            raise ValueError(f"must be between 1ms and 10m{hint}")
-        return value
+    def _sane_timeout(cls, value: object, handler: ValidatorFunctionWrapHandler) -> int | None:
+        # Wraps the parsing so the message can depend on how the value was written (2000 vs 20m).
+        ms = handler(value)
+        if ms is not None and not 0 < ms <= _MAX_TIMEOUT_MS:
+            raise ValueError(duration_range_error(value, ms, _MAX_TIMEOUT_MS, _MAX_TIMEOUT_TEXT))
+        return ms
 
     @field_validator("sticky_header")
     @classmethod
@@ -236,9 +253,12 @@ class ModelRoute(_Frozen):
     @model_validator(mode="after")
     def _split(self) -> ModelRoute:
         if self.variants:
-            names = [v.name for v in self.variants]
-            if len(set(names)) != len(names):
-                raise ValueError("variant names must be unique")
+            first: dict[str, int] = {}
+            for j, variant in enumerate(self.variants):
+                if variant.name in first:
+                    raise _duplicate("variant names must be unique ({name} is also variants[{first}])",
+                                    ("variants", j, "name"), name=repr(variant.name), first=first[variant.name])
+                first[variant.name] = j
             if sum(v.weight for v in self.variants) == 0:
                 raise ValueError("variant weights must not all be zero")
         elif self.sticky_header:
@@ -281,9 +301,9 @@ class AIProxy(_Frozen):
     @model_validator(mode="after")
     def _unique(self) -> AIProxy:
         seen: set[str] = set()
-        for model in self.models:
+        for i, model in enumerate(self.models):
             if model.name in seen:
-                raise ValueError(f"model name {model.name!r} is listed twice")
+                raise _duplicate("model name {name} is listed twice", ("models", i, "name"), name=repr(model.name))
             seen.add(model.name)
         return self
 
@@ -358,6 +378,16 @@ class ResilienceSettings(_Frozen):
         default=None, ge=1, description="Default bulkhead for services whose policy sets none; omit for none.")
     on_processor_failure: Literal["open", "closed"] = Field(
         default="closed", description="Default for every service's sidecar when the processor is unreachable.")
+    default_timeout: DurationMs = Field(
+        default=120_000, description="Whole-call timeout (fallbacks included) for models that set none, e.g. 120s; "
+        "a hung provider never holds a caller, a bulkhead slot or a reservation longer than this.")
+
+    @field_validator("default_timeout")
+    @classmethod
+    def _bounded_default_timeout(cls, value: int) -> int:
+        if not 0 < value <= _MAX_TIMEOUT_MS:
+            raise ValueError(f"must be between 1ms and {_MAX_TIMEOUT_TEXT}")
+        return value
 
 
 class MeshSettings(_Frozen):

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Protocol
 
 from extproc.policy.compiled import PolicySet
-from extproc.policy.loader import Document, PolicyError, build_policy, expand_paths, load_policy, read_documents
+from extproc.policy.loader import (
+    Document,
+    PolicyError,
+    Problem,
+    build_policy,
+    expand_paths,
+    load_policy,
+    read_documents,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +44,24 @@ class PolicyStore:
         return self._current
 
     def reload(self) -> bool:
-        """Load again; on any problem log it, keep serving the last good set and return False."""
+        """Load again; on any problem log it, keep serving the last good set and return False. Never raises:
+        it runs from the file watcher, SIGHUP and Kubernetes informer threads, none of which may die."""
         with self._lock:
             return self._reload()
 
     def _reload(self) -> bool:
-        self._fingerprint = self._stat()
+        serving = self._current.version
         try:
+            self._fingerprint = self._stat()
             fresh = self._load()
         except PolicyError as exc:
             self.last_error = exc
-            log.error("policy update rejected, still serving version %s:\n%s", self._current.version, exc)
+            for problem in exc.problems:  # one line each, as `extproc check` prints them
+                log.error("policy update rejected, still serving version %s: %s", serving, problem)
+            return False
+        except Exception as exc:  # a bug, not a bad policy: say where, keep serving
+            self.last_error = PolicyError([Problem("(policy reload)", None, "", f"internal error: {exc!r}")])
+            log.exception("policy reload failed, still serving version %s", serving)
             return False
         self.last_error = None
         if fresh.version != self._current.version:
@@ -66,11 +81,22 @@ class PolicyStore:
         return self._stat() != self._fingerprint
 
     async def watch(self, interval: float) -> None:
-        """Poll file metadata; also catches Kubernetes ConfigMap volumes' symlink swaps."""
+        """Poll file metadata; also catches Kubernetes ConfigMap volumes' symlink swaps.
+
+        Runs for the life of the processor: whatever goes wrong in one round is logged and the next
+        round polls again, so a later good edit is always picked up.
+        """
+        last_failure = ""
         while True:
             await asyncio.sleep(interval)
-            if self.changed():
-                self.reload()
+            try:
+                if self.changed():
+                    self.reload()
+                last_failure = ""
+            except Exception as exc:
+                if repr(exc) != last_failure:  # once per distinct failure, not every interval
+                    log.exception("policy watcher: checking for changes failed; will retry")
+                last_failure = repr(exc)
 
     def _stat(self) -> tuple[tuple[str, int, int], ...]:
         entries = []

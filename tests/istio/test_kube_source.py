@@ -116,7 +116,7 @@ def test_an_invalid_update_keeps_that_objects_last_good_version(cluster: Cluster
     status = eventually(lambda: cluster.status(POL, "demo", "user-service") if
                         cluster.status(POL, "demo", "user-service")["state"] == "Rejected" else None)
     assert status["observedGeneration"] == 2 and status["servingGeneration"] == 1
-    assert status["reason"] == ("spec.ai_proxy.models[0].timeout: must be between 1ms and 10m; did you mean 20000ms?"
+    assert status["reason"] == ("spec.ai_proxy.models[0].timeout: must be between 1ms and 10m (600000ms)"
                                 "; still serving generation 1")
     assert cluster.models("user-service") == {"auth_assistant": "gpt-4"}  # generation 1 still serves
     # Other objects keep being applied while this one is rejected.
