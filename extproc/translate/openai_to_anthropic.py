@@ -37,6 +37,14 @@ without ``message_stop`` ends the OpenAI stream with an error chunk (``data: {"e
 OpenAI itself sends mid-stream, and which makes the SDK raise) and no ``[DONE]``, as does an
 Anthropic ``error`` event. Anthropic has no timestamp, so ``created`` is the translation time unless
 given.
+
+Every request field read is type-checked (see ``_fields``): a wrong type raises
+:class:`TranslationError` naming the field (``'messages[2].content[0].text' must be a string``).
+An Anthropic answer of the wrong shape is never passed on half-translated: ``response`` raises
+:class:`TranslationError` for content it cannot read (ids, stop reasons and usage of the wrong type
+are defaulted instead, as they do not change the answer), and the stream translator ends the stream
+with an error chunk of code ``provider_response_untranslatable`` at the first event it cannot read,
+keeping what it already sent; ``error`` never raises.
 """
 
 from __future__ import annotations
@@ -48,10 +56,10 @@ from typing import Any, Final
 
 import orjson
 
-from extproc.translate import TranslationError
+from extproc.translate import TranslationError, _fields
 from extproc.translate.sse import SseParser, data_event
 
-__all__ = ["StreamTranslator", "error", "request", "response"]
+__all__ = ["StreamTranslator", "error", "request", "response", "untranslatable_body", "untranslatable_event"]
 
 _MEDIA_TYPES: Final = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
 _DATA_URL: Final = re.compile(r"data:([\w.+/-]+);base64,(.*)", re.DOTALL)
@@ -123,6 +131,10 @@ _ERROR_TYPES: Final = {
 }
 
 _CUT_MESSAGE: Final = "The upstream provider's stream ended before the response was complete."
+_UNTRANSLATABLE_MESSAGE: Final = (
+    "The upstream provider's response could not be translated to the OpenAI Chat Completions format."
+)
+_UNTRANSLATABLE_CODE: Final = "provider_response_untranslatable"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -130,7 +142,12 @@ _CUT_MESSAGE: Final = "The upstream provider's stream ended before the response 
 
 
 def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096) -> dict[str, Any]:
-    """OpenAI chat request → Anthropic Messages request for ``model``."""
+    """OpenAI chat request → Anthropic Messages request for ``model``.
+
+    Every field read is type-checked; a wrong type raises :class:`TranslationError` naming the field.
+    """
+    if not isinstance(body, dict):
+        raise TranslationError("the request body must be a JSON object")
     _refuse_unsupported(body)
     system, messages = _messages(body.get("messages"))
     out: dict[str, Any] = {"model": model}
@@ -138,33 +155,64 @@ def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096)
         out["system"] = system
     out["messages"] = messages
 
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
-    out["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
+    max_tokens = default_max_tokens
+    for key in ("max_tokens", "max_completion_tokens"):  # the newer name wins when both are given
+        value = body.get(key)
+        if value is not None:
+            max_tokens = _fields.max_tokens(value, key)
+    out["max_tokens"] = max_tokens
 
     stop = body.get("stop")
-    if stop:
-        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if stop is not None:
+        if isinstance(stop, str):
+            stops = [stop] if stop else []
+        elif isinstance(stop, list) and all(isinstance(item, str) for item in stop):
+            stops = list(stop)
+        else:
+            raise _fields.wrong("stop", "a string or an array of strings")
+        if stops:
+            out["stop_sequences"] = stops
     temperature = body.get("temperature")
     if temperature is not None:
+        if not _fields.is_number(temperature):
+            raise _fields.wrong("temperature", "a number")
         out["temperature"] = min(temperature, _MAX_TEMPERATURE)
     top_p = body.get("top_p")
     if top_p is not None:
+        if not _fields.is_number(top_p):
+            raise _fields.wrong("top_p", "a number")
         out["top_p"] = top_p
-    if body.get("stream"):
+    if _optional_bool(body, "stream"):
         out["stream"] = True
-    user = body.get("user") or body.get("safety_identifier")
+    user = _optional_str(body, "user") or _optional_str(body, "safety_identifier")
     if user is not None:
         out["metadata"] = {"user_id": user}
 
     tools = body.get("tools")
-    if tools:
-        out["tools"] = [_tool(tool) for tool in tools]
-    choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"), bool(tools))
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _fields.wrong("tools", "an array")
+        if tools:
+            out["tools"] = [_tool(tool, index) for index, tool in enumerate(tools)]
+    parallel = _optional_bool(body, "parallel_tool_calls")
+    choice = _tool_choice(body.get("tool_choice"), parallel, bool(tools))
     if choice is not None:
         out["tool_choice"] = choice
     return out
+
+
+def _optional_bool(body: dict[str, Any], key: str) -> bool | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise _fields.wrong(key, "a boolean")
+    return value
+
+
+def _optional_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise _fields.wrong(key, "a string")
+    return value
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
@@ -173,21 +221,41 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         if value is None or key in _DROPPED:
             continue
         if key not in _HANDLED:
-            raise TranslationError(f"'{key}' cannot be translated to the Anthropic Messages API")
+            raise TranslationError(f"{_fields.shown(key)} cannot be translated to the Anthropic Messages API")
     n = body.get("n")
-    if n is not None and n != 1:
-        raise TranslationError("'n' > 1 cannot be served by the Anthropic Messages API (one choice per call)")
-    if body.get("logprobs") or body.get("top_logprobs") is not None:
+    if n is not None:
+        if type(n) is not int:
+            raise _fields.wrong("n", "an integer")
+        if n != 1:
+            raise TranslationError("'n' > 1 cannot be served by the Anthropic Messages API (one choice per call)")
+    if _optional_bool(body, "logprobs") or body.get("top_logprobs") is not None:
         raise TranslationError("'logprobs' cannot be served by the Anthropic Messages API")
-    if body.get("logit_bias"):
-        raise TranslationError("'logit_bias' cannot be served by the Anthropic Messages API")
+    logit_bias = body.get("logit_bias")
+    if logit_bias is not None:
+        if not isinstance(logit_bias, dict):
+            raise _fields.wrong("logit_bias", "an object")
+        if logit_bias:
+            raise TranslationError("'logit_bias' cannot be served by the Anthropic Messages API")
     response_format = body.get("response_format")
-    kind = response_format.get("type") if isinstance(response_format, dict) else response_format
-    if response_format is not None and kind != "text":
-        raise TranslationError(f"'response_format' {kind!r} cannot be served by the Anthropic Messages API")
+    if response_format is not None:
+        if isinstance(response_format, dict):
+            kind = response_format.get("type")
+            if not isinstance(kind, str):
+                raise _fields.wrong("response_format.type", "a string")
+        elif isinstance(response_format, str):
+            kind = response_format
+        else:
+            raise _fields.wrong("response_format", "an object")
+        if kind != "text":
+            raise TranslationError(
+                f"'response_format' {_fields.shown(kind)} cannot be served by the Anthropic Messages API"
+            )
     modalities = body.get("modalities")
-    if modalities is not None and any(m != "text" for m in modalities):
-        raise TranslationError("audio output cannot be served by the Anthropic Messages API")
+    if modalities is not None:
+        if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
+            raise _fields.wrong("modalities", "an array of strings")
+        if any(m != "text" for m in modalities):
+            raise TranslationError("audio output cannot be served by the Anthropic Messages API")
 
 
 def _messages(raw: Any) -> tuple[str | list[dict[str, Any]] | None, list[dict[str, Any]]]:
@@ -200,7 +268,9 @@ def _messages(raw: Any) -> tuple[str | list[dict[str, Any]] | None, list[dict[st
     system_strings = 0
     turns: list[dict[str, Any]] = []
     for index, message in enumerate(raw):
-        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            raise _fields.wrong(f"messages[{index}]", "an object")
+        role = message.get("role")
         if role in ("system", "developer"):
             content = message.get("content")
             system_strings += isinstance(content, str)
@@ -211,8 +281,10 @@ def _messages(raw: Any) -> tuple[str | list[dict[str, Any]] | None, list[dict[st
             _append(turns, "assistant", _assistant_blocks(message, index))
         elif role == "tool":
             _append(turns, "user", [_tool_result(message, index)])
+        elif isinstance(role, str):
+            raise TranslationError(f"'messages[{index}].role' {_fields.shown(role)} cannot be translated")
         else:
-            raise TranslationError(f"'messages[{index}].role' {role!r} cannot be translated")
+            raise _fields.wrong(f"messages[{index}].role", "a string")
     if not system:
         return None, turns
     if system_strings == 1 and len(system) == 1:
@@ -235,58 +307,84 @@ def _append(turns: list[dict[str, Any]], role: str, content: str | list[dict[str
     turns.append({"role": role, "content": content})
 
 
+def _part(content: list[Any], position: int, where: str) -> tuple[dict[str, Any], str]:
+    """A content part and its type, both checked."""
+    part = content[position]
+    if not isinstance(part, dict):
+        raise _fields.wrong(f"{where}.content[{position}]", "an object")
+    kind = part.get("type")
+    if not isinstance(kind, str):
+        raise _fields.wrong(f"{where}.content[{position}].type", "a string")
+    return part, kind
+
+
+def _text_of(part: dict[str, Any], key: str, where: str, position: int) -> str:
+    text = part.get(key)
+    if not isinstance(text, str):
+        raise _fields.wrong(f"{where}.content[{position}].{key}", "a string")
+    return text
+
+
 def _text_blocks(content: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}] if content else []
     if not isinstance(content, list):
         raise TranslationError(f"'{where}.content' must be a string or an array of text parts")
     blocks: list[dict[str, Any]] = []
-    for part in content:
-        if not isinstance(part, dict) or part.get("type") != "text":
+    for position in range(len(content)):
+        part, kind = _part(content, position, where)
+        if kind != "text":
             raise TranslationError(f"'{where}.content' may only hold text parts here")
-        blocks.append({"type": "text", "text": part.get("text", "")})
+        blocks.append({"type": "text", "text": _text_of(part, "text", where, position)})
     return blocks
 
 
 def _user_content(content: Any, index: int) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
+    where = f"messages[{index}]"
     if not isinstance(content, list):
-        raise TranslationError(f"'messages[{index}].content' must be a string or an array")
+        raise TranslationError(f"'{where}.content' must be a string or an array")
     blocks: list[dict[str, Any]] = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
+    for position in range(len(content)):
+        part, kind = _part(content, position, where)
         if kind == "text":
-            blocks.append({"type": "text", "text": part.get("text", "")})
+            blocks.append({"type": "text", "text": _text_of(part, "text", where, position)})
         elif kind == "image_url":
             image = part.get("image_url")
+            # Officially {"url": ..., "detail": ...}; a bare URL string is accepted as well.
             url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise _fields.wrong(f"{where}.content[{position}].image_url.url", "a string")
             blocks.append(_image(url, index))
         elif kind == "file":
-            blocks.append(_document(part.get("file"), index))
+            file = part.get("file")
+            if not isinstance(file, dict):
+                raise _fields.wrong(f"{where}.content[{position}].file", "an object")
+            blocks.append(_document(file, f"{where}.content[{position}].file", index))
         else:
-            raise TranslationError(f"'messages[{index}].content' part type {kind!r} cannot be translated")
+            raise TranslationError(f"'{where}.content' part type {_fields.shown(kind)} cannot be translated")
     return blocks
 
 
-def _image(url: Any, index: int) -> dict[str, Any]:
-    if not isinstance(url, str):
-        raise TranslationError(f"'messages[{index}]' image_url has no url")
+def _image(url: str, index: int) -> dict[str, Any]:
     if url.startswith("data:"):
         match = _DATA_URL.fullmatch(url)
         if match is None:
             raise TranslationError(f"'messages[{index}]' image data URL must be base64")
         media_type, data = match.groups()
         if media_type not in _MEDIA_TYPES:
-            raise TranslationError(f"'messages[{index}]' image type {media_type!r} is not supported by Anthropic")
+            raise TranslationError(
+                f"'messages[{index}]' image type {_fields.shown(media_type)} is not supported by Anthropic"
+            )
         return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
     if url.startswith(("http://", "https://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
     raise TranslationError(f"'messages[{index}]' image url must be a data: or http(s) URL")
 
 
-def _document(file: Any, index: int) -> dict[str, Any]:
-    data_url = file.get("file_data") if isinstance(file, dict) else None
+def _document(file: dict[str, Any], where: str, index: int) -> dict[str, Any]:
+    data_url = file.get("file_data")
     match = _DATA_URL.fullmatch(data_url) if isinstance(data_url, str) else None
     if match is None or match.group(1) != "application/pdf":
         # file_id refers to OpenAI's file store, which Anthropic cannot read.
@@ -295,75 +393,117 @@ def _document(file: Any, index: int) -> dict[str, Any]:
         "type": "document",
         "source": {"type": "base64", "media_type": "application/pdf", "data": match.group(2)},
     }
-    if isinstance(file.get("filename"), str):
-        block["title"] = file["filename"]
+    filename = file.get("filename")
+    if filename is not None:
+        if not isinstance(filename, str):
+            raise _fields.wrong(f"{where}.filename", "a string")
+        block["title"] = filename
     return block
 
 
 def _assistant_blocks(message: dict[str, Any], index: int) -> list[dict[str, Any]]:
+    where = f"messages[{index}]"
     if message.get("audio") is not None or message.get("function_call") is not None:
-        raise TranslationError(f"'messages[{index}]' audio and legacy function_call cannot be translated")
+        raise TranslationError(f"'{where}' audio and legacy function_call cannot be translated")
     content = message.get("content")
     blocks: list[dict[str, Any]] = []
     if isinstance(content, str):
         if content:
             blocks.append({"type": "text", "text": content})
     elif isinstance(content, list):
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                blocks.append({"type": "text", "text": part.get("text", "")})
-            elif kind == "refusal":
-                blocks.append({"type": "text", "text": part.get("refusal", "")})
+        for position in range(len(content)):
+            part, kind = _part(content, position, where)
+            if kind in ("text", "refusal"):
+                blocks.append({"type": "text", "text": _text_of(part, kind, where, position)})
             else:
-                raise TranslationError(f"'messages[{index}].content' part type {kind!r} cannot be translated")
-    elif isinstance(message.get("refusal"), str):
-        blocks.append({"type": "text", "text": message["refusal"]})
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") if isinstance(call, dict) else None
-        if call.get("type", "function") != "function" or not isinstance(function, dict):
-            raise TranslationError(f"'messages[{index}].tool_calls' only function calls can be translated")
+                raise TranslationError(f"'{where}.content' part type {_fields.shown(kind)} cannot be translated")
+    elif content is None:
+        refusal = message.get("refusal")
+        if isinstance(refusal, str):
+            blocks.append({"type": "text", "text": refusal})
+        elif refusal is not None:
+            raise _fields.wrong(f"{where}.refusal", "a string")
+    else:
+        raise TranslationError(f"'{where}.content' must be a string, an array or null")
+    calls = message.get("tool_calls")
+    if calls is None:
+        return blocks
+    if not isinstance(calls, list):
+        raise _fields.wrong(f"{where}.tool_calls", "an array")
+    for position, call in enumerate(calls):
+        at = f"{where}.tool_calls[{position}]"
+        if not isinstance(call, dict):
+            raise _fields.wrong(at, "an object")
+        if call.get("type", "function") != "function":
+            raise TranslationError(f"'{where}.tool_calls' only function calls can be translated")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise _fields.wrong(f"{at}.function", "an object")
+        call_id, name = call.get("id"), function.get("name")
+        if not isinstance(call_id, str):
+            raise _fields.wrong(f"{at}.id", "a string")
+        if not isinstance(name, str):
+            raise _fields.wrong(f"{at}.function.name", "a string")
         blocks.append(
-            {
-                "type": "tool_use",
-                "id": call.get("id"),
-                "name": function.get("name"),
-                "input": _arguments(function.get("arguments"), index),
-            }
+            {"type": "tool_use", "id": call_id, "name": name, "input": _arguments(function.get("arguments"), at)}
         )
     return blocks
 
 
-def _arguments(raw: Any, index: int) -> dict[str, Any]:
+def _arguments(raw: Any, at: str) -> dict[str, Any]:
     if raw is None or raw == "":
         return {}
+    if not isinstance(raw, str):
+        raise _fields.wrong(f"{at}.function.arguments", "a string")
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise TranslationError(f"'messages[{index}].tool_calls' arguments are not valid JSON") from exc
+        raise TranslationError(f"'{at}.function.arguments' are not valid JSON") from exc
     if not isinstance(value, dict):
-        raise TranslationError(f"'messages[{index}].tool_calls' arguments must be a JSON object")
+        raise TranslationError(f"'{at}.function.arguments' must be a JSON object")
     return value
 
 
 def _tool_result(message: dict[str, Any], index: int) -> dict[str, Any]:
+    call_id = message.get("tool_call_id")
+    if not isinstance(call_id, str):
+        raise _fields.wrong(f"messages[{index}].tool_call_id", "a string")
     content = message.get("content")
-    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.get("tool_call_id")}
     # A string stays a string so the round trip is exact; text parts stay parts.
-    block["content"] = content if isinstance(content, str) else _text_blocks(content, f"messages[{index}]")
-    return block
+    if not isinstance(content, str):
+        content = _text_blocks(content, f"messages[{index}]")
+    return {"type": "tool_result", "tool_use_id": call_id, "content": content}
 
 
-def _tool(tool: Any) -> dict[str, Any]:
-    kind = tool.get("type") if isinstance(tool, dict) else None
-    function = tool.get("function") if isinstance(tool, dict) else None
-    if kind != "function" or not isinstance(function, dict):
-        raise TranslationError(f"tool type {kind!r} cannot be translated (only function tools)")
-    out: dict[str, Any] = {"name": function.get("name")}
-    if function.get("description") is not None:
-        out["description"] = function["description"]
-    # Anthropic requires an object schema; OpenAI allows leaving out parameters for a no-argument tool.
-    out["input_schema"] = function.get("parameters") or {"type": "object", "properties": {}}
+def _tool(tool: Any, index: int) -> dict[str, Any]:
+    where = f"tools[{index}]"
+    if not isinstance(tool, dict):
+        raise _fields.wrong(where, "an object")
+    kind = tool.get("type")
+    if kind != "function":
+        shown = _fields.shown(kind) if isinstance(kind, str) else "without a type"
+        raise TranslationError(f"tool type {shown} cannot be translated (only function tools)")
+    function = tool.get("function")
+    if not isinstance(function, dict):
+        raise _fields.wrong(f"{where}.function", "an object")
+    name = function.get("name")
+    if not isinstance(name, str):
+        raise _fields.wrong(f"{where}.function.name", "a string")
+    out: dict[str, Any] = {"name": name}
+    description = function.get("description")
+    if description is not None:
+        if not isinstance(description, str):
+            raise _fields.wrong(f"{where}.function.description", "a string")
+        out["description"] = description
+    parameters = function.get("parameters")
+    if parameters is None or parameters == {}:
+        # Anthropic requires an object schema; OpenAI allows leaving out parameters for a no-argument tool.
+        parameters = {"type": "object", "properties": {}}
+    elif not isinstance(parameters, dict):
+        raise _fields.wrong(f"{where}.function.parameters", "an object")
+    else:
+        _fields.writable(parameters, f"{where}.function.parameters")
+    out["input_schema"] = parameters
     return out
 
 
@@ -376,10 +516,23 @@ def _tool_choice(choice: Any, parallel: bool | None, has_tools: bool) -> dict[st
         return {"type": "none"}  # Anthropic's "none" takes no parallel flag
     elif choice == "required":
         out = {"type": "any"}
-    elif isinstance(choice, dict) and choice.get("type") == "function":
-        out = {"type": "tool", "name": choice.get("function", {}).get("name")}
+    elif isinstance(choice, str):
+        raise TranslationError(f"'tool_choice' {_fields.shown(choice)} cannot be translated")
+    elif isinstance(choice, dict):
+        kind = choice.get("type")
+        if not isinstance(kind, str):
+            raise _fields.wrong("tool_choice.type", "a string")
+        if kind != "function":
+            raise TranslationError(f"'tool_choice' type {_fields.shown(kind)} cannot be translated")
+        function = choice.get("function")
+        if not isinstance(function, dict):
+            raise _fields.wrong("tool_choice.function", "an object")
+        name = function.get("name")
+        if not isinstance(name, str):
+            raise _fields.wrong("tool_choice.function.name", "a string")
+        out = {"type": "tool", "name": name}
     else:
-        raise TranslationError(f"'tool_choice' {choice!r} cannot be translated")
+        raise _fields.wrong("tool_choice", '"auto", "none", "required" or an object')
     if out is not None and parallel is False:
         out["disable_parallel_tool_use"] = True
     return out
@@ -394,16 +547,20 @@ def completion_id(message_id: str) -> str:
     return "chatcmpl-" + message_id.removeprefix("msg_")
 
 
-def finish_reason(stop_reason: str | None) -> str:
-    return _FINISH_REASONS.get(stop_reason or "end_turn", "stop")
+def finish_reason(stop_reason: Any) -> str:
+    if not isinstance(stop_reason, str):
+        stop_reason = "end_turn"
+    return _FINISH_REASONS.get(stop_reason, "stop")
 
 
-def usage(raw: dict[str, Any]) -> dict[str, Any]:
+def usage(raw: Any) -> dict[str, Any]:
     """Anthropic usage → OpenAI usage; Anthropic's input_tokens leave out cache reads and writes."""
-    uncached = _count(raw.get("input_tokens"))
-    read = _count(raw.get("cache_read_input_tokens"))
-    written = _count(raw.get("cache_creation_input_tokens"))
-    output = _count(raw.get("output_tokens"))
+    if not isinstance(raw, dict):
+        raw = {}
+    uncached = _fields.count(raw.get("input_tokens"))
+    read = _fields.count(raw.get("cache_read_input_tokens"))
+    written = _fields.count(raw.get("cache_creation_input_tokens"))
+    output = _fields.count(raw.get("output_tokens"))
     prompt = uncached + read + written
     return {
         "prompt_tokens": prompt,
@@ -413,26 +570,34 @@ def usage(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+def response(body: Any, *, requested_model: str, created: int | None = None) -> dict[str, Any]:
+    """Anthropic message → OpenAI chat.completion, as if ``requested_model`` had answered.
 
-
-def response(body: dict[str, Any], *, requested_model: str, created: int | None = None) -> dict[str, Any]:
-    """Anthropic message → OpenAI chat.completion, as if ``requested_model`` had answered."""
+    Content of the wrong shape raises :class:`TranslationError` (the answer cannot be passed on);
+    an id, stop reason or usage of the wrong type is defaulted, as it does not change the answer.
+    """
+    if not isinstance(body, dict):
+        raise TranslationError("the answer is not a JSON object")
+    content = body.get("content")
+    if content is None:
+        content = []
+    elif not isinstance(content, list):
+        raise TranslationError("'content' is not an array")
     text: list[str] = []
     calls: list[dict[str, Any]] = []
-    for block in body.get("content") or ():
+    for position, block in enumerate(content):
+        if not isinstance(block, dict):
+            raise TranslationError(f"'content.{position}' is not an object")
         kind = block.get("type")
         if kind == "text":
-            text.append(block.get("text", ""))
+            text.append(_block_str(block, "text", position))
         elif kind == "tool_use":
+            call_id, name = _block_str(block, "id", position), _block_str(block, "name", position)
             calls.append(
-                {
-                    "id": block.get("id"),
-                    "type": "function",
-                    "function": {"name": block.get("name"), "arguments": _json(block.get("input") or {})},
-                }
+                {"id": call_id, "type": "function", "function": {"name": name, "arguments": _input(block, position)}}
             )
+        elif not isinstance(kind, str):
+            raise TranslationError(f"'content.{position}.type' is not a string")
         # thinking and server-tool blocks only come back when asked for, which this direction never does.
     message: dict[str, Any] = {
         "role": "assistant",
@@ -443,33 +608,66 @@ def response(body: dict[str, Any], *, requested_model: str, created: int | None 
     if calls:
         message["tool_calls"] = calls
     return {
-        "id": completion_id(str(body.get("id", ""))),
+        "id": completion_id(_str_or_empty(body.get("id"))),
         "object": "chat.completion",
         "created": int(time.time()) if created is None else created,
         "model": requested_model,
         "choices": [
             {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(body.get("stop_reason"))}
         ],
-        "usage": usage(body.get("usage") or {}),
+        "usage": usage(body.get("usage")),
         "system_fingerprint": None,
     }
 
 
-def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
+def _str_or_empty(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _block_str(block: dict[str, Any], key: str, position: int) -> str:
+    value = block.get(key)
+    if not isinstance(value, str):
+        raise TranslationError(f"'content.{position}.{key}' is not a string")
+    return value
+
+
+def _input(block: dict[str, Any], position: int) -> str:
+    """A tool_use block's input as OpenAI's JSON-string arguments; an object by Anthropic's contract."""
+    value = block.get("input")
+    if value is None:
+        return "{}"
+    if not isinstance(value, dict):
+        raise TranslationError(f"'content.{position}.input' is not an object")
+    return _fields.writable(value, f"content.{position}.input")
 
 
 def _openai_error(message: str, err_type: str, code: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": err_type, "param": None, "code": code}}
 
 
+_UNTRANSLATABLE: Final = _openai_error(_UNTRANSLATABLE_MESSAGE, "server_error", _UNTRANSLATABLE_CODE)
+
+
+def untranslatable_body() -> bytes:
+    """The OpenAI error body that replaces a provider answer this module could not translate."""
+    return orjson.dumps(_UNTRANSLATABLE)
+
+
+def untranslatable_event() -> bytes:
+    """The OpenAI stream's last event when the provider's stream could not be translated further."""
+    return data_event(_UNTRANSLATABLE)
+
+
 def error(status: int, body: bytes) -> bytes:
-    """Anthropic error body → OpenAI error body (the status is passed through by the caller)."""
+    """Anthropic error body → OpenAI error body (the status is passed through by the caller).
+
+    Never raises: a body that is not Anthropic's error shape gives a message naming the HTTP status.
+    """
     err_type, message = _anthropic_error_fields(body)
     if err_type is None:
         err_type = "api_error" if status >= 500 else "invalid_request_error"
     openai_type, code = _ERROR_TYPES.get(err_type, ("server_error" if status >= 500 else "invalid_request_error", None))
-    if message is None:
+    if not message:
         message = f"Upstream provider error (HTTP {status})"
     return orjson.dumps(_openai_error(message, openai_type, code))
 
@@ -479,7 +677,11 @@ def _anthropic_error_fields(body: bytes) -> tuple[str | None, str | None]:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None, None
-    inner = parsed.get("error") if isinstance(parsed, dict) else None
+    return _error_fields(parsed.get("error") if isinstance(parsed, dict) else None)
+
+
+def _error_fields(inner: Any) -> tuple[str | None, str | None]:
+    """(type, message) of Anthropic's inner error object, each None unless a string."""
     if not isinstance(inner, dict):
         return None, None
     err_type, message = inner.get("type"), inner.get("message")
@@ -497,6 +699,10 @@ class StreamTranslator:
     complete. ``message_delta`` gives the finish chunk, ``message_stop`` the usage chunk (when the
     caller asked for ``include_usage``) and ``[DONE]``; ``finish`` then has nothing left to add unless
     the source was cut, when it adds an error chunk and never ``[DONE]``.
+
+    An event that cannot be translated (not JSON, not an object, a known event type with fields of the
+    wrong shape) ends the stream with an error chunk (code ``provider_response_untranslatable``) after
+    the chunks already sent, and ``failure`` says why; event types this code does not know are skipped.
     """
 
     def __init__(self, *, requested_model: str, include_usage: bool, created: int | None = None) -> None:
@@ -506,9 +712,11 @@ class StreamTranslator:
         self._parser = SseParser()
         self._id = "chatcmpl-"
         self._usage: dict[str, Any] = {}
+        self._blocks: set[int] = set()  # Anthropic block indexes started so far
         self._tool_index: dict[int, int] = {}  # Anthropic block index → OpenAI tool_calls index
         self._tool_fed: set[int] = set()  # Anthropic tool blocks that streamed some input JSON
         self._ended = False  # message_stop or an error event: nothing more goes out
+        self.failure: str | None = None  # why the stream could not be translated, if it could not
 
     @property
     def complete(self) -> bool:
@@ -520,7 +728,13 @@ class StreamTranslator:
             return b""
         out: list[bytes] = []
         for event in self._parser.feed(chunk):
-            out.extend(self._event(event.event, event.data))
+            try:
+                out.extend(self._event(event.event, event.data))
+            except TranslationError as exc:
+                # What this event would have added is dropped whole; what went out before stays.
+                self._ended = True
+                self.failure = exc.message
+                out.append(untranslatable_event())
             if self._ended:
                 break
         return b"".join(out)
@@ -550,22 +764,33 @@ class StreamTranslator:
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
-            self._ended = True
-            return [data_event(_openai_error("The upstream provider sent an unreadable event.", "server_error", None))]
-        kind = payload.get("type", name) if isinstance(payload, dict) else name
+            raise TranslationError(f"a {_event_name(name)} event's data is not JSON") from None
+        if not isinstance(payload, dict):
+            raise TranslationError(f"a {_event_name(name)} event's data is not a JSON object")
+        kind = payload.get("type", name)
+        if not isinstance(kind, str):
+            raise TranslationError(f"a {_event_name(name)} event's type is not a string")
         if kind == "message_start":
-            message = payload.get("message") or {}
-            self._id = completion_id(str(message.get("id", "")))
-            self._usage = dict(message.get("usage") or {})
+            message = _object(payload, "message", kind)
+            if isinstance(message.get("id"), str):
+                self._id = completion_id(message["id"])
+            usage_so_far = message.get("usage")
+            self._usage = dict(usage_so_far) if isinstance(usage_so_far, dict) else {}
             return [self._chunk({"role": "assistant", "content": "", "refusal": None})]
         if kind == "content_block_start":
             return self._block_start(payload)
         if kind == "content_block_delta":
             return self._block_delta(payload)
         if kind == "message_delta":
-            delta = payload.get("delta") or {}
-            # message_delta usage counts are cumulative totals that overwrite message_start's.
-            self._usage.update({k: v for k, v in (payload.get("usage") or {}).items() if v is not None})
+            delta = payload.get("delta")
+            if delta is None:
+                delta = {}
+            elif not isinstance(delta, dict):
+                raise TranslationError("a message_delta event's 'delta' is not an object")
+            counts = payload.get("usage")
+            if isinstance(counts, dict):
+                # message_delta usage counts are cumulative totals that overwrite message_start's.
+                self._usage.update({k: v for k, v in counts.items() if v is not None})
             return [self._chunk({}, finish_reason(delta.get("stop_reason")))]
         if kind == "message_stop":
             self._ended = True
@@ -584,49 +809,87 @@ class StreamTranslator:
             out.append(b"data: [DONE]\n\n")
             return out
         if kind == "error":
+            # The provider's own error, passed on as such (not a translation failure), whatever its shape.
             self._ended = True
-            inner = payload.get("error") or {}
-            openai_type, code = _ERROR_TYPES.get(inner.get("type"), ("server_error", None))
-            message = inner.get("message") or "The upstream provider reported an error mid-stream."
+            err_type, message = _error_fields(payload.get("error"))
+            openai_type, code = _ERROR_TYPES.get(err_type or "api_error", ("server_error", None))
+            message = message or "The upstream provider reported an error mid-stream."
             return [data_event(_openai_error(message, openai_type, code))]
         if kind == "content_block_stop":
             return self._block_stop(payload)
         return ()  # ping and event types newer than this code
 
     def _block_start(self, payload: dict[str, Any]) -> list[bytes]:
-        block = payload.get("content_block") or {}
-        if block.get("type") == "tool_use":
-            index = len(self._tool_index)
-            self._tool_index[payload.get("index", 0)] = index
-            call = {
-                "index": index,
-                "id": block.get("id"),
-                "type": "function",
-                "function": {"name": block.get("name"), "arguments": ""},
-            }
+        block_index = _index(payload, "content_block_start")
+        if block_index in self._blocks:
+            raise TranslationError(f"content block {block_index} started twice")
+        self._blocks.add(block_index)
+        block = _object(payload, "content_block", "content_block_start")
+        kind = block.get("type")
+        if kind == "tool_use":
+            call_id, name = block.get("id"), block.get("name")
+            if not isinstance(call_id, str) or not isinstance(name, str):
+                raise TranslationError("a tool_use block's id or name is not a string")
+            index = self._tool_index[block_index] = len(self._tool_index)
+            call = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
             return [self._chunk({"tool_calls": [call]})]
-        if block.get("type") == "text" and block.get("text"):
-            return [self._chunk({"content": block["text"]})]
+        if kind == "text":
+            text = block.get("text")
+            if text is None:
+                return []
+            if not isinstance(text, str):
+                raise TranslationError("a text block's text is not a string")
+            return [self._chunk({"content": text})] if text else []
+        if not isinstance(kind, str):
+            raise TranslationError("a content block's type is not a string")
         return []
 
     def _block_delta(self, payload: dict[str, Any]) -> list[bytes]:
-        delta = payload.get("delta") or {}
+        block_index = _index(payload, "content_block_delta")
+        delta = _object(payload, "delta", "content_block_delta")
         kind = delta.get("type")
-        if kind == "text_delta" and delta.get("text"):
-            return [self._chunk({"content": delta["text"]})]
-        if kind == "input_json_delta" and delta.get("partial_json"):
-            index = self._tool_index.get(payload.get("index", 0))
-            if index is None:
+        if kind == "text_delta":
+            text = delta.get("text")
+            if not isinstance(text, str):
+                raise TranslationError("a text_delta's text is not a string")
+            return [self._chunk({"content": text})] if text else []
+        if kind == "input_json_delta":
+            fragment = delta.get("partial_json")
+            if not isinstance(fragment, str):
+                raise TranslationError("an input_json_delta's partial_json is not a string")
+            index = self._tool_index.get(block_index)
+            if index is None or not fragment:
                 return []
-            self._tool_fed.add(payload.get("index", 0))
-            return [self._chunk({"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]})]
-        return []
+            self._tool_fed.add(block_index)
+            return [self._chunk({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})]
+        if not isinstance(kind, str):
+            raise TranslationError("a content_block_delta's delta type is not a string")
+        return []  # thinking, signature and citations deltas
 
     def _block_stop(self, payload: dict[str, Any]) -> list[bytes]:
-        block = payload.get("index", 0)
+        block = _index(payload, "content_block_stop")
         index = self._tool_index.get(block)
         if index is None or block in self._tool_fed:
             return []
+        self._tool_fed.add(block)  # a repeated stop adds nothing
         # A tool without input streams no JSON at all (its input is {}); OpenAI clients json.loads the
         # accumulated arguments, which fails on "", so send what OpenAI sends for such a call.
         return [self._chunk({"tool_calls": [{"index": index, "function": {"arguments": "{}"}}]})]
+
+
+def _event_name(name: str | None) -> str:
+    return _fields.shown(name, 30) if name else "nameless"
+
+
+def _object(payload: dict[str, Any], key: str, event: str) -> dict[str, Any]:
+    value = payload.get(key)
+    if not isinstance(value, dict):
+        raise TranslationError(f"a {event} event's {key!r} is not an object")
+    return value
+
+
+def _index(payload: dict[str, Any], event: str) -> int:
+    index = payload.get("index", 0)
+    if type(index) is not int:
+        raise TranslationError(f"a {event} event's 'index' is not an integer")
+    return index

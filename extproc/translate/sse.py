@@ -40,7 +40,8 @@ class SseParser:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not line:
-                if self._data or self._event is not None:
+                # An event without data lines (a bare `event: ping`, say) is not dispatched, per the spec.
+                if self._data:
                     events.append(SseEvent(self._event, b"\n".join(self._data)))
                 self._event, self._data = None, []
                 continue
