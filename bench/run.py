@@ -57,11 +57,24 @@ REPLY = json.dumps({
                  "finish_reason": "stop", "logprobs": None}],
     "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
 })
+# wrk's own "Non-2xx or 3xx responses" counts only statuses >= 400: a 3xx (a fallback redirect that
+# leaked to the caller) would pass as a success. Every script counts every status outside 2xx itself.
+COUNT_NON_2XX = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) non2xx = 0 end
+function response(status, headers, body) if status < 200 or status > 299 then non2xx = non2xx + 1 end end
+function done(summary, latency, requests)
+  local n = 0
+  for _, t in ipairs(threads) do n = n + t:get("non2xx") end
+  io.write(string.format("Responses outside 2xx: %d\\n", n))
+end
+"""
 LUA = """wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"
 wrk.headers["Host"] = "api.openai.com"
 wrk.body = [[%s]]
-"""
+""" + COUNT_NON_2XX.replace("%", "%%")
 
 
 def fixed_upstream_config(port: int, admin: int) -> dict[str, object]:
@@ -130,7 +143,9 @@ def parse_wrk(out: str) -> Result:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    non2xx = re.search(r"Responses outside 2xx:\s+(\d+)", out)
+    if non2xx is None:
+        raise ValueError(f"wrk printed no count of responses outside 2xx (script without COUNT_NON_2XX?):\n{out}")
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     bad = int(non2xx.group(1)) if non2xx else 0
@@ -142,7 +157,7 @@ def wrk_script(path: Path, body: str, headers: dict[str, str]) -> Path:
     """A wrk script POSTing ``body`` with ``headers``."""
     lines = ['wrk.method = "POST"', *(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()),
              f"wrk.body = [[{body}]]"]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + COUNT_NON_2XX)
     return path
 
 

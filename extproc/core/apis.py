@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from enum import Enum, StrEnum
+from urllib.parse import unquote
 
 import orjson
 
@@ -33,8 +35,26 @@ def split_path(path: str) -> tuple[str, str]:
     return (path, "") if cut < 0 else (path[:cut], path[cut:])
 
 
+def canonical_path(path: str) -> str:
+    """The path part as a server that decodes it would read it: ``/v1//chat%2Fcompletions/`` → ``/v1/chat/completions``.
+
+    Percent-escapes (``%2F`` included) are decoded, repeated slashes merged and dot segments resolved, so
+    that an encoded or padded spelling of an AI endpoint is governed like the endpoint itself: an
+    upstream that decodes the path (most do) would otherwise serve a call the policy never saw.
+    Decoding repeats until stable, so a double-encoded ``%252F`` cannot pass either.
+    """
+    raw = split_path(path)[0]
+    for _ in range(3):
+        decoded = unquote(raw)
+        if decoded == raw:
+            break
+        raw = decoded
+    normal = posixpath.normpath("/" + raw.replace("\\", "/"))
+    return "/" + normal.lstrip("/")
+
+
 def classify(path: str) -> Endpoint | None:
-    return ENDPOINTS.get(split_path(path)[0].rstrip("/"))
+    return ENDPOINTS.get(canonical_path(path).rstrip("/"))
 
 
 def api_of_caller(path: str, headers: dict[str, str]) -> Api:

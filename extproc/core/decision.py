@@ -8,7 +8,9 @@ layer turns into one ext_proc response.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -21,12 +23,14 @@ from extproc.cache.entry import CacheEntry
 from extproc.cache.key import CachePlan, plan_cache
 from extproc.cache.store import ResponseCache
 from extproc.core import fallback
+from extproc.core.admission import release
 from extproc.core.apis import ENDPOINTS, Api, ApiError, Endpoint, ErrorKind, api_of_caller, classify, split_path
 from extproc.core.async_calls import JOB_HEADER, JOBS_PATH, JobClaim, JobLookup, accepted, wants_async
 from extproc.core.breaker import BreakerKey, Breakers, State
 from extproc.core.bulkhead import LocalBulkhead, SharedBulkhead
 from extproc.core.credentials import CredentialStore
 from extproc.core.identity import Caller, identify
+from extproc.core.inflight import GRACE_S, InFlightStore, MemoryInFlight, OpenCall
 from extproc.core.routing import Target, choose_target
 from extproc.core.settlement import SettleInfo
 from extproc.core.tokens import Signer
@@ -111,6 +115,20 @@ class Charge:
         return self.reservation is not None and any(m != METRIC_REQUESTS for m in self.reservation.metrics)
 
 
+@dataclass(frozen=True, slots=True)
+class Held:
+    """An admitted call: what it holds (released exactly once) and what it was charged."""
+
+    call: OpenCall
+    charge: Charge | None
+
+    @property
+    def tracked(self) -> bool:
+        """Whether anything must be given back when the call ends: a slot, or reserved tokens or cost."""
+        return self.call.slot or (self.charge is not None and self.charge.settles_tokens
+                                  and self.call.reservation is not None)
+
+
 @dataclass(slots=True)
 class Exchange:
     """One AI call between its headers and its body; holds the policy snapshot it started with."""
@@ -124,6 +142,7 @@ class Exchange:
     _strip: tuple[str, ...] = field(default=())
     claim: JobClaim | None = None  # this call executes an asynchronous job (verified x-ai-job token)
     _requested: str = ""
+    _rewrite: bool = False  # the body must be re-serialised even if nothing in it changes (duplicate keys)
 
     @property
     def max_body_bytes(self) -> int:
@@ -144,12 +163,24 @@ class Exchange:
         return _reject(self.endpoint.api, error)
 
     async def on_body(self, body: bytes) -> Decision:
-        decision = await self._decide(body)
+        try:
+            decision = await self._decide(body)
+        except Exception:
+            decision = self._failed()
         self.decider.count(decision, self.policy, self.caller)
         if isinstance(decision, LocalReply):
             self.decider.record(reply_record(self.request, self.caller, self.endpoint, decision, self.policy,
                                              self._requested))
         return decision
+
+    def _failed(self) -> LocalReply:
+        """A request we could not decide (a defect of ours, met by a crafted body): refused, never forwarded,
+        in the caller's format, without our internals; the traceback goes to our log under a reference."""
+        reference = uuid.uuid4().hex[:12]
+        log.exception("could not decide a call of %s (reference %s)", self.caller.describe(), reference)
+        return self.reject(ApiError(
+            ErrorKind.INVALID_REQUEST, f"this request could not be processed and was not sent to any provider "
+            f"(reference {reference})", "unprocessable_request"))
 
     @property
     def caller_labels(self) -> tuple[str, str]:
@@ -164,15 +195,20 @@ class Exchange:
     async def _decide(self, body: bytes) -> Decision:
         if len(body) > self.max_body_bytes:
             return self.too_large()
-        data = _parse_json(body)
-        if isinstance(data, ApiError):
-            return self.reject(data)
+        parsed = parse_body(body)
+        if isinstance(parsed, ApiError):
+            return self.reject(parsed)
+        data, self._rewrite = parsed
         token = self.request.headers.get(fallback.HEADER)
         if token is not None:
             state = fallback.HopState.decode(token, self.decider.signer)
-            if state is not None and state.index > 0 and self._owns(state):
+            if state is not None and state.index > 0 and self._owns(state) and await self.decider.inflight.first_use(
+                    state.nonce, fallback.nonce_ttl(state)):
                 return self._next_hop(data, state)
-            # A forged, expired or foreign token is ignored: the call is decided afresh (and charged).
+            # A forged, expired, replayed or foreign token is ignored: the call is decided afresh (and charged).
+            self.decider.metrics.tokens_refused.labels("fallback").inc()
+            log.warning("fallback token refused for %s (%s): deciding the call afresh", self.caller.describe(),
+                        "forged or expired" if state is None else "replayed, hop 0 or another caller's")
         requested = data.get("model")
         self._requested = requested if isinstance(requested, str) else ""
         if not isinstance(requested, str) or not requested:
@@ -198,7 +234,26 @@ class Exchange:
             return self._all_failed(skipped)
         if self.claim is None and self.decider.jobs is not None and wants_async(self.request.headers):
             return await self._submit(body, data, route, hops[start])
-        call_id = self.request.headers.get("x-request-id") or uuid.uuid4().hex
+        held = await self._admit(data, route, hops[start])
+        if isinstance(held, LocalReply):
+            return held
+        opened = False
+        try:
+            decision = self._send(data, route, hops, start, skipped, target, cache, held)
+            if isinstance(decision, Forward) and held.tracked:
+                await self.decider.inflight.open(held.call)
+                opened = True
+        except BaseException:  # a defect, or the caller gone mid-decision: give back what it holds
+            await self._release(held, opened)
+            raise
+        if isinstance(decision, LocalReply):
+            await self._release(held, opened)
+        return decision
+
+    async def _admit(self, data: dict[str, object], route: ModelRoute, target: Target) -> Held | LocalReply:
+        """Take what the call needs, bulkhead slot then quota, or refuse it; nothing is kept on a refusal."""
+        # Made here, never taken from the caller: a caller-chosen id could share one slot among many calls.
+        call_id = uuid.uuid4().hex
         limit = self.service.proxy.max_in_flight or self.policy.mesh.resilience.max_in_flight
         if self.claim is not None:
             limit = None  # the worker bounds each service's jobs itself
@@ -207,15 +262,39 @@ class Exchange:
             return self.reject(ApiError(
                 ErrorKind.RATE_LIMIT, f"{self.caller.describe()} already has {limit} AI calls in flight (its "
                 "max_in_flight); retry when one has finished", "too_many_calls_in_flight", openai_type="requests"))
-        # Quota last: a call refused for any other reason must not consume it. A job was charged when
-        # it was submitted: its execution settles that reservation instead.
-        charge = self._job_charge(data) if self.claim is not None else await self._charge(data, route, hops[start])
+        try:
+            # Quota last: a call refused for any other reason must not consume it. A job was charged when
+            # it was submitted: its execution settles that reservation instead.
+            charge = self._job_charge(data) if self.claim is not None else await self._charge(data, route, target)
+        except BaseException:
+            if limit is not None:
+                await self.decider.bulkhead.leave(self._scope, call_id)
+            raise
         if isinstance(charge, LocalReply):
             if limit is not None:
                 await self.decider.bulkhead.leave(self._scope, call_id)
             return charge
+        # A job's reservation belongs to the job (its worker retries): it is not ours to release.
+        reservation = charge.reservation if charge is not None and self.claim is None else None
+        timeout = route.timeout or self.policy.mesh.resilience.default_timeout
+        call = OpenCall(call_id, self._scope[0], self._scope[1], time.time() + timeout / 1000 + GRACE_S,
+                        slot=limit is not None, reservation=reservation,
+                        input_estimate=charge.input_tokens if charge is not None else 0,
+                        provider=target.provider.name, model=target.model)
+        return Held(call, charge)
+
+    async def _release(self, held: Held, opened: bool) -> None:
+        """Undo an admission the call will not use; once opened, only if no one else released it first."""
+        if not opened or await self.decider.inflight.close(held.call.call_id):
+            await release(held.call, quota=self.decider.quota, bulkhead=self.decider.bulkhead, used=None)
+
+    def _send(self, data: dict[str, object], route: ModelRoute, hops: list[Target], start: int,
+              skipped: tuple[Hop, ...], target: Target, cache: CachePlan | None, held: Held) -> Decision:
+        """The forward to the first live hop, carrying what the response side and later hops need."""
+        charge = held.charge
         now = time.time()
         store = cache if cache is not None and cache.write else None
+        requested = self._requested
         settle = SettleInfo(
             reservation=charge.reservation if charge is not None and charge.settles_tokens else None,
             api=str(self.endpoint.api),
@@ -226,15 +305,16 @@ class Exchange:
             operation=self.endpoint.operation, route=route.name, decided_at=now,
             service=self._scope[1], namespace=self._scope[0], caller_api=str(self.endpoint.api),
             include_usage=_asks_usage(data), requested=requested, variant=target.variant or "",
-            policy_version=self.policy.version, call_id=call_id if limit is not None else "",
+            policy_version=self.policy.version, call_id=held.call.call_id if held.tracked else "",
             request_id=self.request.headers.get("x-request-id", ""),
             traceparent=self.request.headers.get("traceparent", ""), b3=_b3_of(self.request.headers),
             prompt=self._prompt(data), job_id=self.claim.job_id if self.claim else "")
+        timeout = route.timeout or self.policy.mesh.resilience.default_timeout
         state = fallback.HopState(
             namespace=self._scope[0], service=self._scope[1], route=route.name, requested=requested,
             caller_api=str(self.endpoint.api), first=(target.provider.name, target.model),
             variant=target.variant or "", index=start, hops=skipped, started_at=now, hop_started_at=now,
-            call_id=call_id, settle=settle, policy_version=self.policy.version)
+            call_id=held.call.call_id, settle=settle, policy_version=self.policy.version, timeout_ms=timeout)
         extra = dict(charge.headers) if charge is not None else {}
         if cache is not None:
             extra["cache"] = "miss"
@@ -247,14 +327,25 @@ class Exchange:
 
     async def _submit(self, body: bytes, data: dict[str, object], route: ModelRoute, target: Target) -> LocalReply:
         """Check and charge the call as a synchronous one, then queue it as a job: 202 at once."""
+        charge = await self._charge(data, route, target)
+        if isinstance(charge, LocalReply):
+            return charge
+        try:
+            reply = await self._queue(body, charge)
+        except BaseException:
+            if charge is not None and charge.reservation is not None:
+                await self.decider.quota.refund(charge.reservation)
+            raise
+        if reply.status != 202 and charge is not None and charge.reservation is not None:
+            await self.decider.quota.refund(charge.reservation)  # not queued: nothing will settle it
+        return reply
+
+    async def _queue(self, body: bytes, charge: Charge | None) -> LocalReply:
         from extproc.jobs.errors import JobError
         from extproc.jobs.model import Job
 
         jobs = self.decider.jobs
         assert jobs is not None
-        charge = await self._charge(data, route, target)
-        if isinstance(charge, LocalReply):
-            return charge
         reservation = charge.reservation.encode() if charge is not None and charge.settles_tokens else None
         headers = [(":authority", self.request.authority), *self.request.headers.items()]
         job = Job.new(service=self._scope[1], namespace=self._scope[0], api=self.endpoint.api, path=self.request.path,
@@ -280,9 +371,8 @@ class Exchange:
                     or route.breaker(self.policy.mesh.resilience.circuit_breaker) is not None)
 
     def _owns(self, state: fallback.HopState) -> bool:
-        """A hop token is honoured only for the call it was made for: same caller, same request id."""
-        request_id = self.request.headers.get("x-request-id")
-        return (state.namespace, state.service) == self._scope and request_id in (None, state.call_id)
+        """A hop token is honoured only for its own caller (and only once: its nonce, checked next)."""
+        return (state.namespace, state.service) == self._scope
 
     def _next_hop(self, data: dict[str, object], state: fallback.HopState) -> Decision:
         """A fallback attempt, re-entering after the relay moved the call on: no second charge, no cache."""
@@ -418,6 +508,7 @@ class Exchange:
         if isinstance(body, ApiError):
             return _reject(caller_api, body)
         data, rewrite = body
+        rewrite = rewrite or self._rewrite
         operation = _CHAT_OPERATION[Api(provider.api)] if self.endpoint.operation in _CHAT else self.endpoint.operation
         suffix = next(e.suffix for e in ENDPOINTS.values() if e.api == provider.api and e.operation == operation)
         headers: list[tuple[str, str]] = [
@@ -431,16 +522,21 @@ class Exchange:
             # Left by an earlier Anthropic hop. (An Anthropic caller keeps it: Envoy's own error
             # replies pick the caller's format by this header.)
             remove.append("anthropic-version")
-        if route.timeout is not None:
-            # The timeout is the budget of the whole call, fallbacks included.
-            left = route.timeout - int((time.time() - state.started_at) * 1000)
-            headers.append((TIMEOUT_HEADER, str(max(left, 1))))
+        # The timeout is the budget of the whole call, fallbacks included; the mesh's default when the
+        # model sets none, so that a hung provider never holds the caller (or its slot) for long.
+        left = state.timeout_ms - int((time.time() - state.started_at) * 1000)
+        headers.append((TIMEOUT_HEADER, str(max(left, 1))))
         if route.first_byte_timeout is not None:
             headers.append((PER_TRY_TIMEOUT_HEADER, str(route.first_byte_timeout)))
         more = state.index + 1 < len(hops)
+        hop_token = ""
         if more:
             # Envoy retries only calls carrying this header; the retry reaches the relay, which moves on.
-            headers.append((fallback.HEADER, replace(state, hop_started_at=time.time()).encode(self.decider.signer)))
+            # The provider sees only the marker: the state itself rides in the call's metadata, and
+            # Envoy puts it on the relay's attempt alone (filter.failover_protocol_options).
+            hop_token = replace(state, hop_started_at=time.time(), nonce=fallback.new_nonce()).encode(
+                self.decider.signer)
+            headers.append((fallback.HEADER, fallback.MARKER))
             if route.fallback_on_context_length:
                 headers.append((RETRIABLE_CODES_HEADER, "400"))
         else:
@@ -473,13 +569,14 @@ class Exchange:
             "variant": state.variant,
             "policy_version": self.policy.version,
             SETTLE_KEY: settle.encode(),
+            **({fallback.STATE_KEY: hop_token} if hop_token else {}),
             **extra,
         }
         if state.hops:
             metadata["fallback_hops"] = fallback.hops_header(state.hops, target)
         new_body: bytes | None = None
         if rewrite:
-            new_body = orjson.dumps(data)
+            new_body = dump_json(data)
             headers.append(("content-length", str(len(new_body))))
         return Forward(tuple(headers), tuple(remove), new_body, metadata)
 
@@ -491,7 +588,8 @@ class Decider:
                  cache: ResponseCache, metrics: Metrics | None = None, *, signer: Signer | None = None,
                  breakers: Breakers | None = None, bulkhead: LocalBulkhead | SharedBulkhead | None = None,
                  telemetry: CallSink | None = None, jobs: JobStore | None = None,
-                 job_workers: frozenset[str] = frozenset({"ai-extproc-worker"})) -> None:
+                 job_workers: frozenset[str] = frozenset({"ai-extproc-worker"}),
+                 inflight: InFlightStore | None = None) -> None:
         self._policies = policies
         self.credentials = credentials
         self.quota = quota
@@ -500,6 +598,7 @@ class Decider:
         self.signer = signer or Signer.from_environment()
         self.breakers = breakers or Breakers(on_change=self._breaker_changed)
         self.bulkhead = bulkhead or LocalBulkhead()
+        self.inflight: InFlightStore = inflight or MemoryInFlight()  # what admitted calls hold, until they end
         self.telemetry = telemetry
         # With a telemetry sink every call is read to its end (one record per call); without, only
         # calls whose policy needs their response, since that second stream costs processor CPU.
@@ -675,10 +774,68 @@ def _reject(api: Api, error: ApiError) -> LocalReply:
     return LocalReply(error.kind.status, error.render(api), f"ai_{error.code}")
 
 
+# Deeper nesting than any real request needs; orjson reads up to 1024 levels but writes only 254, and
+# a deep body costs every stage that walks it.
+MAX_JSON_DEPTH = 64
+# Integers orjson cannot hold exactly (it reads them as floats): such bodies are read by the stdlib.
+_BIG_INT = re.compile(rb"\d{20}|-\d{19}")
+# Fields the decision reads: if one appears twice, the provider might read the other copy than we did
+# (first key wins in some parsers, last in ours), so such a body is always re-serialised with one copy.
+_DECISIVE_KEYS = (b'"model"', b'"stream"', b'"stream_options"', b'"max_tokens"', b'"max_completion_tokens"')
+
+
+def parse_body(body: bytes) -> tuple[dict[str, object], bool] | ApiError:
+    """The request object, and whether it must be re-serialised before it is sent on."""
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _too_deep(body):
+        return ApiError(ErrorKind.INVALID_REQUEST, f"request body nests deeper than {MAX_JSON_DEPTH} levels",
+                        "invalid_json")
+    data = _parse_json(body)
+    if isinstance(data, ApiError):
+        return data
+    return data, any(body.count(key) > 1 for key in _DECISIVE_KEYS)
+
+
+def _too_deep(body: bytes) -> bool:
+    """Bracket depth outside strings: a byte scan, run only for bodies with many brackets."""
+    depth = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+def dump_json(data: object) -> bytes:
+    try:
+        return orjson.dumps(data)
+    except TypeError:  # an integer beyond 64 bits, read exactly by the stdlib
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _parse_json(body: bytes) -> dict[str, object] | ApiError:
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        if _BIG_INT.search(body) is not None:
+            data = json.loads(body, parse_constant=_no_constant)
+        else:
+            data = orjson.loads(body)
+    except (orjson.JSONDecodeError, ValueError) as exc:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as bad:

@@ -12,6 +12,7 @@ between attempts, so each attempt may reach any replica.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -23,8 +24,21 @@ from extproc.policy.model import ModelRoute, Provider
 from extproc.telemetry.record import Hop
 
 HEADER = "x-ai-fallback"
-# A token outlives any call: the longest model timeout is 10 minutes.
-_TOKEN_TTL_S = 900.0
+# What a provider's attempt carries in HEADER: only that the call may fall back. The signed state
+# goes in the call's metadata under STATE_KEY, copied into HEADER only on the relay's attempt.
+MARKER = "1"
+STATE_KEY = "fallback_state"
+# A token lives as long as its call may: the call's whole timeout, plus the time Envoy takes to retry.
+_TOKEN_GRACE_S = 5.0
+
+
+def new_nonce() -> str:
+    return secrets.token_urlsafe(12)
+
+
+def nonce_ttl(state: HopState) -> float:
+    """How long a used nonce must be remembered: until its token would have expired anyway."""
+    return max(1.0, state.started_at + state.timeout_ms / 1000 + _TOKEN_GRACE_S - time.time())
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +59,8 @@ class HopState:
     call_id: str
     settle: SettleInfo  # what the response side needs: quota reservation, cache key, estimates
     policy_version: str
+    timeout_ms: int  # the whole call's budget, every hop included
+    nonce: str = ""  # single use: each hop's token is honoured once (the in-flight store remembers it)
 
     def encode(self, signer: Signer) -> str:
         return signer.sign({
@@ -52,8 +68,8 @@ class HopState:
             "f": list(self.first), "va": self.variant, "i": self.index,
             "h": [[h.provider, h.model, h.outcome, h.started_at] for h in self.hops],
             "t0": self.started_at, "th": self.hop_started_at, "id": self.call_id, "st": self.settle.encode(),
-            "pv": self.policy_version,
-        }, _TOKEN_TTL_S)
+            "pv": self.policy_version, "to": self.timeout_ms, "n": self.nonce,
+        }, max(1.0, self.started_at + self.timeout_ms / 1000 + _TOKEN_GRACE_S - time.time()))
 
     @classmethod
     def decode(cls, token: str, signer: Signer) -> HopState | None:
@@ -66,14 +82,16 @@ class HopState:
                 str(raw["ns"]), str(raw["sv"]), str(raw["rt"]), str(raw["rq"]), str(raw["ca"]),
                 (str(first[0]), str(first[1])), str(raw["va"]), int(raw["i"]),
                 tuple(Hop(str(p), str(m), str(o), float(t)) for p, m, o, t in raw["h"]),
-                float(raw["t0"]), float(raw["th"]), str(raw["id"]), SettleInfo.decode(str(raw["st"])), str(raw["pv"]))
+                float(raw["t0"]), float(raw["th"]), str(raw["id"]), SettleInfo.decode(str(raw["st"])), str(raw["pv"]),
+                int(raw["to"]), str(raw["n"]))
         except (KeyError, TypeError, ValueError, IndexError):
             return None
 
     def failed(self, target: Target, reason: str, now: float | None = None) -> HopState:
         """The state for the next hop, after ``target`` (this hop) failed for ``reason``."""
         hop = Hop(target.provider.name, target.model, reason, self.hop_started_at)
-        return replace(self, index=self.index + 1, hops=(*self.hops, hop), hop_started_at=now or time.time())
+        return replace(self, index=self.index + 1, hops=(*self.hops, hop), hop_started_at=now or time.time(),
+                       nonce=new_nonce())
 
 
 def chain(route: ModelRoute, first: Target, providers: Mapping[str, Provider]) -> list[Target]:

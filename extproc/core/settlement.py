@@ -163,15 +163,18 @@ class Settlement:
         cost = price.micro_usd(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens) if price else 0
         # A job's failed attempt keeps its reservation: the worker retries, and one attempt settles it.
         retried = bool(self.info.job_id) and (self.failed or not complete)
-        if self.info.reservation is not None and not retried:
+        # Whoever closes the call releases what it holds; False: the backstop already released it.
+        owned = await self._decider.inflight.close(self.info.call_id) if self.info.call_id else True
+        if self.info.reservation is not None and not retried and owned:
             try:
                 await self._quota.settle(self.info.reservation,
                                          Estimate(usage.input_tokens, usage.output_tokens, cost))
             except Exception:  # settlement must never break a response
                 log.exception("settlement failed")
-        await self._resilience(complete)
+        await self._resilience(complete, owned)
         self._observe(usage, cost)
-        if complete and self._body is not None and self._status == 200 and self.info.cache_key:
+        cacheable = self._status == 200 and self.info.cache_key and not self._untranslatable
+        if complete and self._body is not None and cacheable:
             # Only whole successful answers: never an error, never a cut stream (no end of stream).
             entry = CacheEntry(self._status, self._content_type, bytes(self._body), usage.input_tokens,
                                usage.output_tokens, time.time())
@@ -180,12 +183,17 @@ class Settlement:
         return usage
 
     @property
-    def failed(self) -> bool:
-        return self._status >= 500 or self._status == 429 or self._status == 0
+    def _untranslatable(self) -> bool:
+        """The provider's answer could not be put in the caller's format: the caller got an error instead."""
+        return self._translator is not None and self._translator.failed
 
-    async def _resilience(self, complete: bool) -> None:
+    @property
+    def failed(self) -> bool:
+        return self._status >= 500 or self._status == 429 or self._status == 0 or self._untranslatable
+
+    async def _resilience(self, complete: bool, owned: bool) -> None:
         info = self.info
-        if info.call_id:
+        if info.call_id and owned:
             await self._decider.bulkhead.leave((info.namespace, info.service), info.call_id)
         settings = self._policy.breaker_settings(info.namespace, info.service, info.route)
         if settings is not None:
@@ -194,7 +202,8 @@ class Settlement:
 
     def _record(self, usage: Usage, cost_micro_usd: int, complete: bool) -> CallRecord:
         info = self.info
-        outcome = "error" if self._status >= 400 or self._status == 0 else ("ok" if complete else "cut")
+        outcome = "error" if self._status >= 400 or self._status == 0 or self._untranslatable else (
+            "ok" if complete else "cut")
         return CallRecord(
             service=info.service, namespace=info.namespace, operation=info.operation,
             caller_api=info.caller_api or info.api, requested_model=info.requested or info.route, route=info.route,
@@ -210,6 +219,8 @@ class Settlement:
     def _error(self, outcome: str) -> str:
         if outcome == "ok":
             return ""
+        if self._untranslatable:
+            return "provider_response_untranslatable"
         if outcome == "cut":
             return "stream_cut"
         return f"status_{self._status}" if self._status else "no_response"

@@ -22,7 +22,9 @@ from extproc.envoy_config.filter import (
     failover_route_settings,
     local_reply_config,
     processor_failover,
+    processor_http2_options,
     processor_http_filters,
+    provider_vhost_settings,
     response_headers_to_add,
 )
 from extproc.policy.model import Provider
@@ -148,6 +150,7 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
     virtual_hosts = [
         {
             "name": upstream.vhost_name,
+            **provider_vhost_settings(),
             "domains": [upstream.authority, f"{upstream.authority}:*"] if ":" not in upstream.authority
             else [upstream.authority],
             "routes": [{
@@ -183,6 +186,11 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
             "response_headers_to_add": response_headers_to_add(),
             "request_headers_to_remove": list(INTERNAL_REQUEST_HEADERS),
         },
+        # Filters and routes see the path a provider would read: %2F decoded, // merged, dot segments
+        # resolved (the processor classifies the same canonical form).
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD",
         "http_filters": [
             *(processor_http_filters(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_AUTHORITY,
                                      failure_mode_allow=spec.failure_mode_allow) if spec.with_processor else []),
@@ -237,7 +245,7 @@ def _http2_options() -> dict[str, Any]:
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}},
+            "explicit_http_config": {"http2_protocol_options": processor_http2_options()},
         }
     }
 

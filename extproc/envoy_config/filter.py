@@ -141,11 +141,64 @@ def usage_filter(*, cluster_name: str, authority: str) -> dict[str, Any]:
     }
 
 
+# The largest request a call with a fallback chain may have: Envoy must hold it whole to re-send it
+# to the next provider (the policy's own, usually smaller, max_body_bytes is checked first).
+MAX_FALLBACK_REQUEST_BYTES = 8 * 1024 * 1024
+COMPLETE_REQUEST_FILTER_NAME = "ai.complete_request"
+
+
+def complete_request_filter() -> dict[str, Any]:
+    """Hold a call that may fall back until its request has fully arrived, then hand it to the router.
+
+    Envoy follows the relay's redirect only for a complete downstream request ("Internal redirect
+    failed: request incomplete" otherwise), and the decision may be answered at content-length,
+    before the caller's end of stream (or an HTTP/2 caller may hold END_STREAM back): without this
+    the failed attempt's 307 could reach the caller. Matched on the fallback header the decision
+    sets, so calls without a chain, and pass-through uploads, keep streaming.
+    """
+    buffer = {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+              "max_request_bytes": MAX_FALLBACK_REQUEST_BYTES}
+    return {
+        "name": COMPLETE_REQUEST_FILTER_NAME,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {
+                "name": "composite",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"},
+            },
+            "xds_matcher": {"matcher_list": {"matchers": [{
+                "predicate": {"single_predicate": {
+                    "input": {"name": "fallback-state", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                        "header_name": fallback.HEADER,
+                    }},
+                    "value_match": {"safe_regex": {"google_re2": {}, "regex": ".+"}},
+                }},
+                "on_match": {"action": {"name": "buffer", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
+                    "typed_config": {"name": f"{COMPLETE_REQUEST_FILTER_NAME}.buffer", "typed_config": buffer},
+                }}},
+            }]}},
+        },
+    }
+
+
 def processor_http_filters(*, cluster_name: str, authority: str, failure_mode_allow: bool = False
                            ) -> list[dict[str, Any]]:
-    """Both of our HTTP filters, in order, for an HCM's http_filters (before the router)."""
+    """Our HTTP filters, in order, for an HCM's http_filters (before the router)."""
     return [ext_proc_filter(cluster_name=cluster_name, authority=authority, failure_mode_allow=failure_mode_allow),
-            usage_filter(cluster_name=cluster_name, authority=authority)]
+            usage_filter(cluster_name=cluster_name, authority=authority),
+            complete_request_filter()]
+
+
+# A replica that stops answering (frozen, or its host gone) is noticed within a few seconds by HTTP/2
+# pings, even mid-stream: a full-duplex stream (translation) has no per-message timer to notice it.
+PROCESSOR_KEEPALIVE = {"interval": "1s", "timeout": "2s"}
+
+
+def processor_http2_options() -> dict[str, Any]:
+    """``http2_protocol_options`` for the processor's cluster."""
+    return {"connection_keepalive": dict(PROCESSOR_KEEPALIVE)}
 
 
 def processor_failover() -> dict[str, Any]:
@@ -191,12 +244,20 @@ def failover_cluster(provider_cluster: str, relay_cluster: str) -> dict[str, Any
         # Every fallback is a retry of this cluster: Envoy's default of 3 concurrent retries would
         # hand most failing calls their error instead of the fallback under load (measured in bench/).
         "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": MAX_CONCURRENT_FALLBACKS}]},
+        "typed_extension_protocol_options": failover_protocol_options(),
         "cluster_type": {
             "name": "envoy.clusters.aggregate",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
                              "clusters": [provider_cluster, relay_cluster]},
         },
     }
+
+
+def provider_vhost_settings() -> dict[str, Any]:
+    """VirtualHost fields for a provider host: the attempt count our upstream filters read, and the
+    fallback state kept from callers (even in a 307 Envoy could not follow)."""
+    return {"include_request_attempt_count": True,
+            "response_headers_to_remove": list(INTERNAL_RESPONSE_HEADERS)}
 
 
 def failover_route_settings() -> dict[str, Any]:
@@ -232,6 +293,67 @@ def failover_route_settings() -> dict[str, Any]:
 
 # The usage switch is for Envoy only: never sent to providers (route_config.request_headers_to_remove).
 INTERNAL_REQUEST_HEADERS: tuple[str, ...] = (USAGE_HEADER,)
+# The relay's fallback state is for Envoy and the processor only: never shown to a caller, even in a
+# 307 that Envoy could not follow (route_config.response_headers_to_remove).
+INTERNAL_RESPONSE_HEADERS: tuple[str, ...] = (fallback.HEADER,)
+
+
+def failover_protocol_options() -> dict[str, Any]:
+    """The failover cluster's upstream filters: the fallback state reaches the relay and nothing else.
+
+    Envoy retries only calls whose request carries the fallback header, so the decision sets it to a
+    bare marker and leaves the signed state in the call's metadata. Upstream filters belong to the
+    aggregate cluster and so run for both of its members; the attempt count tells them apart (the
+    provider is attempt 1, the relay attempt 2, as previous_priorities sends the one retry there):
+    the provider's attempt goes without the marker, the relay's gets the state. Both mutate the one
+    request the attempts share, which is why the relay's sets the header rather than keeps it.
+    """
+    strip = {"name": "ai.fallback_marker", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+        "mutations": {"request_mutations": [{"remove": fallback.HEADER}]},
+    }}
+    state = {"name": "ai.fallback_state", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+        "mutations": {"request_mutations": [{"append": {
+            "header": {"key": fallback.HEADER,
+                       "value": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{fallback.STATE_KEY})%"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
+    }}
+    first_attempt = {
+        "name": "ai.first_attempt",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {
+                "name": "composite",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"},
+            },
+            "xds_matcher": {"matcher_tree": {
+                "input": {"name": "attempt", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                    "header_name": "x-envoy-attempt-count",
+                }},
+                "exact_match_map": {"map": {
+                    "1": {"action": {"name": "provider", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
+                        "typed_config": strip}}},
+                    "2": {"action": {"name": "relay", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
+                        "typed_config": state}}},
+                }},
+            }},
+        },
+    }
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http_protocol_options": {}},
+            "http_filters": [
+                first_attempt,
+                {"name": "envoy.filters.http.upstream_codec", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}},
+            ],
+        }
+    }
 
 
 def response_headers_to_add() -> list[dict[str, Any]]:

@@ -30,7 +30,9 @@ from extproc.envoy_config.filter import (
     failover_cluster_name,
     failover_route_settings,
     local_reply_config,
+    processor_http2_options,
     processor_http_filters,
+    provider_vhost_settings,
     response_headers_to_add,
 )
 from extproc.policy.crd import API_VERSION
@@ -138,6 +140,18 @@ def envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
                 "local_reply_config": provider_calls_only(local_reply_config(), hosts),
             }}}},
         )
+    # HTTP/2 pings on the connection to the processor: a frozen replica is left within seconds, even
+    # mid-stream (Istio sets http2_protocol_options on a gRPC port's cluster; this adds the pings).
+    patches.append({
+        "applyTo": "CLUSTER",
+        "match": {"context": "SIDECAR_OUTBOUND", "cluster": {"service": spec.processor_host,
+                                                              "portNumber": spec.processor_port}},
+        "patch": {"operation": "MERGE", "value": {"typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": processor_http2_options()},
+            }}}},
+    })
     for host in hosts:
         # Fallback: the provider's route targets [provider, relay], retrying a failed attempt of a
         # call with a fallback chain to the relay and following its redirect (docs/design/fallback.md).
@@ -159,6 +173,7 @@ def envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
                                         for f in processor_filters(spec)},
             "response_headers_to_add": response_headers_to_add(),
             "request_headers_to_remove": list(INTERNAL_REQUEST_HEADERS),
+            **provider_vhost_settings(),
         }
         patches.append({
             "applyTo": "VIRTUAL_HOST",

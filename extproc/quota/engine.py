@@ -137,6 +137,15 @@ class QuotaEngine:
             self._mark_down(exc)
             log.warning("could not settle %d counter(s): %s", len(keys), exc)
 
+    async def refund(self, reservation: Reservation) -> None:
+        """Give back everything a call reserved, requests included: it was never sent."""
+        backend = self._local if reservation.backend == self._local.name or self._shared is None else self._shared
+        try:
+            await backend.adjust(list(reservation.keys), [-a for a in reservation.amounts])
+        except BackendDown as exc:
+            self._mark_down(exc)
+            log.warning("could not refund %d counter(s): %s", len(reservation.keys), exc)
+
     async def read(self, keys: Sequence[str]) -> list[int]:
         return await (self._shared or self._local).read(keys)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -15,9 +14,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.cache.store import ResponseCache
+from extproc.core.admission import sweep_forever
 from extproc.core.bulkhead import LocalBulkhead, SharedBulkhead
 from extproc.core.credentials import CredentialStore
 from extproc.core.decision import Decider
+from extproc.core.inflight import InFlightStore, MemoryInFlight, RedisInFlight
 from extproc.events.sinks import build_event_sinks
 from extproc.quota.engine import QuotaEngine
 from extproc.server.admin import AdminServer
@@ -92,7 +93,14 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     telemetry = build_telemetry(options.telemetry, extra_sinks=events)
     jobs, jobs_task = await _job_store(options, metrics)
     decider = Decider(store.current, CredentialStore(), quota, cache, metrics, telemetry=telemetry, jobs=jobs,
-                      job_workers=frozenset(options.jobs_workers), bulkhead=_bulkhead(store.current().mesh))
+                      job_workers=frozenset(options.jobs_workers), bulkhead=_bulkhead(store.current().mesh),
+                      inflight=_inflight(store.current().mesh))
+    # The backstop for calls whose end is never seen (caller gone, response lost): their slots and
+    # reservations are given back after their deadline.
+    sweeper = asyncio.create_task(sweep_forever(decider.inflight, quota=quota, bulkhead=decider.bulkhead,
+                                                policy=store.current, on_swept=metrics.calls_swept.inc),
+                                  name="in-flight sweeper")
+    sweeper.add_done_callback(_report_unexpected_end)
     pb_grpc.add_ExternalProcessorServicer_to_server(AsyncExternalProcessor(decider), server)
     relay = RelayServer(decider)
     if options.relay is not None:
@@ -113,7 +121,10 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, store.reload)
-    watcher = asyncio.create_task(store.watch(options.watch_seconds)) if options.watch_seconds > 0 else None
+    watcher = None
+    if options.watch_seconds > 0:
+        watcher = asyncio.create_task(store.watch(options.watch_seconds), name="policy watcher")
+        watcher.add_done_callback(_report_unexpected_end)
     admin.ready = True
     if ready is not None:
         ready.set()
@@ -125,11 +136,10 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         # Health first, so load balancers and probes stop sending new work before the port closes.
         admin.ready = False
         await health_servicer.enter_graceful_shutdown()
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        await _stop_task(watcher)  # a watcher that died must not cut the drain short
         await server.stop(options.grace_seconds)
+        await _stop_task(sweeper)
+        await decider.inflight.aclose()
         await quota.close()
         await decider.bulkhead.close()
         await cache.close()
@@ -137,8 +147,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         await relay.stop()
         for sink in events:
             await sink.close(timeout=min(5.0, options.grace_seconds))
-        if jobs_task is not None:
-            jobs_task.cancel()
+        await _stop_task(jobs_task)
         if jobs is not None:
             await jobs.close()
         await asyncio.to_thread(telemetry.close)  # flushes trace batches: may block for an export timeout
@@ -147,6 +156,37 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped")
+
+
+def _inflight(mesh: MeshSettings) -> InFlightStore:
+    """Open calls and token nonces live where quota counters do: shared in Redis, or in this replica."""
+    settings = mesh.quota
+    if settings.backend == "redis":
+        return RedisInFlight(settings.redis_url, settings.key_prefix, settings.timeout_ms / 1000)
+    return MemoryInFlight()
+
+
+def _report_unexpected_end(task: asyncio.Task[None]) -> None:
+    """A task meant to run until shutdown ended early: say so at once, rather than leave it silently gone."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s died; it is not restarted", task.get_name(), exc_info=task.exception())
+
+
+async def _stop_task(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background task and wait for it. Whatever it ended with is logged, never raised: shutdown
+    (the drain) must go on. Our own cancellation still propagates (``asyncio.wait`` does not swallow it)."""
+    if task is None:
+        return
+    if task.done():  # ended before shutdown: reported then (or finished its job, as the job store's connect)
+        if not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" at exit
+        return
+    task.cancel()
+    await asyncio.wait({task}, timeout=5.0)
+    if not task.done():
+        log.warning("%s did not stop within 5s; shutting down without it", task.get_name())
+    elif not task.cancelled() and task.exception() is not None:
+        log.error("%s failed while stopping", task.get_name(), exc_info=task.exception())
 
 
 def _bulkhead(mesh: MeshSettings) -> LocalBulkhead | SharedBulkhead:

@@ -28,10 +28,13 @@ class RelayAnswer:
     body: bytes = b""
 
 
-def relay(decider: Decider, headers: dict[str, str], authority: str, path: str) -> RelayAnswer:
+async def relay(decider: Decider, headers: dict[str, str], authority: str, path: str) -> RelayAnswer:
     """The answer to one failed attempt: a redirect to the same URL with the next hop's state."""
     api = api_of_caller(path, headers)
     state = fallback.HopState.decode(headers.get(fallback.HEADER, ""), decider.signer)
+    if state is not None and not await decider.inflight.first_use(state.nonce, fallback.nonce_ttl(state)):
+        decider.metrics.tokens_refused.labels("fallback").inc()
+        state = None  # a replayed token: each attempt is moved on once
     policy = decider.policy()
     models = policy.for_caller(state.service, state.namespace or None) if state is not None else None
     route = models.resolve(state.route) if state is not None and models is not None else None
@@ -78,5 +81,5 @@ class RelayServer:
 
     async def _handle(self, request: web.Request) -> web.Response:
         headers = {k.lower(): v for k, v in request.headers.items()}
-        answer = relay(self._decider, headers, request.host, request.path_qs)
+        answer = await relay(self._decider, headers, request.host, request.path_qs)
         return web.Response(status=answer.status, headers=answer.headers, body=answer.body or None)

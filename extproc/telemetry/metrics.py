@@ -59,6 +59,11 @@ class Metrics:
                                                                            "gen_ai_request_model"], registry=r)
         self.bulkhead_rejections = Counter("ai_extproc_bulkhead_rejections", "Calls refused because the service "
                                            "had too many AI calls in flight.", caller, registry=r)
+        self.calls_swept = Counter("ai_extproc_calls_swept", "Admitted calls whose end was never seen (caller "
+                                   "gone, response lost): slot and reservation released after their deadline.",
+                                   registry=r)
+        self.tokens_refused = Counter("ai_extproc_tokens_refused", "Signed tokens refused: forged, expired, "
+                                      "replayed or of another caller.", ["kind"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -132,6 +132,9 @@ def test_every_trigger_falls_back_in_the_callers_format(stack: Stack, mock: Mock
     assert second["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"  # type: ignore[index]
     assert "x-api-key" not in second["headers"]  # type: ignore[operator]
     assert "x-ai-fallback" not in second["headers"]  # type: ignore[operator]  # the last hop carries no state
+    # The state a failed attempt carries reaches neither the provider it was sent to, nor the caller.
+    assert "x-ai-fallback" not in first["headers"]  # type: ignore[operator]
+    assert "x-ai-fallback" not in raw.headers
 
 
 def test_connect_failure_falls_through_a_chain_of_three(stack: Stack, mock: Mock) -> None:

@@ -9,7 +9,7 @@ local mock providers instead of DNS + TLS origination; names, order and shapes a
 
 ``apply_envoy_filter`` applies an EnvoyFilter's configPatches the way istiod does for the patch
 kinds our renderer uses (HTTP_FILTER insert before a sub-filter or merge into one, NETWORK_FILTER,
-VIRTUAL_HOST and HTTP_ROUTE merge, CLUSTER add); anything else raises, so the renderer cannot
+VIRTUAL_HOST and HTTP_ROUTE merge, CLUSTER add and merge); anything else raises, so the renderer cannot
 silently use a patch this test does not model.
 """
 
@@ -191,6 +191,13 @@ def apply_envoy_filter(bootstrap: dict[str, Any], envoy_filter: Mapping[str, Any
         elif kind == "CLUSTER" and operation == "ADD":
             patched["static_resources"]["clusters"].append(copy.deepcopy(value))
             applied += 1
+        elif kind == "CLUSTER" and operation == "MERGE":
+            wanted = match["cluster"]
+            name = f"outbound|{wanted['portNumber']}||{wanted['service']}"
+            for cluster in patched["static_resources"]["clusters"]:
+                if cluster["name"] == name:
+                    proto_merge(cluster, value)  # istiod merges an Any of the same type field by field
+                    applied += 1
         elif kind == "HTTP_ROUTE" and operation == "MERGE":
             route = match["routeConfiguration"]
             assert route["vhost"]["route"] == {"action": "ROUTE"}

@@ -84,8 +84,11 @@ def test_envoyfilter_reaches_the_rendered_service(install: dict[tuple[str, str],
     assert grpc and all(g == {"cluster_name": f"outbound|{port['port']}||{host}", "authority": host} for g in grpc)
     # The fallback relay the provider routes retry to is the Service's relay port, which the pod serves.
     relays = {p["patch"]["value"]["cluster_type"]["typed_config"]["clusters"][1] for p in patches
-              if p["applyTo"] == "CLUSTER"}
+              if p["applyTo"] == "CLUSTER" and p["patch"]["operation"] == "ADD"}
     assert relays == {f"outbound|{relay['port']}||{host}"}
+    # The processor's own cluster gets HTTP/2 pings (a frozen replica is left within seconds).
+    (keepalive,) = [p for p in patches if p["applyTo"] == "CLUSTER" and p["patch"]["operation"] == "MERGE"]
+    assert keepalive["match"]["cluster"] == {"service": host, "portNumber": port["port"]}
     (container,) = install[("Deployment", "ai-extproc")]["spec"]["template"]["spec"]["containers"]
     assert f"--relay=0.0.0.0:{relay['port']}" in container["args"]
     assert relay["targetPort"] in {p["name"] for p in container["ports"]}

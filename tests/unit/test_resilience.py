@@ -7,9 +7,11 @@ assertion depends on how fast the test runs.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +33,8 @@ from extproc.policy.loader import load_policy
 from extproc.policy.model import BreakerSettings, CacheSettings, QuotaSettings
 from extproc.quota.engine import QuotaEngine
 from extproc.server import relay as relay_module
-from extproc.server.relay import relay
+from extproc.server.relay import RelayAnswer
+from extproc.server.relay import relay as relay_async
 from extproc.telemetry.record import Hop
 from tests.unit.test_decision import ENV, decide, error_of, headers_of
 
@@ -435,13 +438,17 @@ def make_decider(tmp_path: Path, text: str = FALLBACK_POLICY, clock: Clock | Non
                    breakers=Breakers(clock=clock or Clock()))
 
 
+def relay(decider: Decider, headers: dict[str, str], authority: str, path: str) -> RelayAnswer:
+    return asyncio.run(relay_async(decider, headers, authority, path))
+
+
 def hop_state(**changes: object) -> fallback.HopState:
     state = fallback.HopState(
         namespace="shop", service="order-service", route="fraud_detector", requested="fraud_detector",
         caller_api="anthropic", first=("claude", "claude-3"), variant="", index=0, hops=(),
         started_at=1_700_000_000.25, hop_started_at=1_700_000_000.5, call_id="call-1",
         settle=SettleInfo(None, "anthropic", 0, "claude", "claude-3"),
-        policy_version="v1")
+        policy_version="v1", timeout_ms=8000, nonce="n-1")
     return replace(state, **changes)  # type: ignore[arg-type]
 
 
@@ -463,7 +470,9 @@ def test_hop_state_failed_advances_and_records_the_hop(tmp_path: Path) -> None:
     assert after.index == 1
     assert after.hops == (Hop("claude", "claude-3", "upstream_error", state.hop_started_at),)
     assert after.hop_started_at == 1_700_000_002.0
-    assert replace(after, index=0, hops=(), hop_started_at=state.hop_started_at) == state  # nothing else changed
+    assert after.nonce and after.nonce != state.nonce  # a new token, honoured once
+    # Nothing else changed.
+    assert replace(after, index=0, hops=(), hop_started_at=state.hop_started_at, nonce=state.nonce) == state
     second = after.failed(Target(policy.providers["openai"], "gpt-4o", None), "timeout", now=1_700_000_003.0)
     assert second.index == 2
     assert second.hops == (*after.hops, Hop("openai", "gpt-4o", "timeout", 1_700_000_002.0))
@@ -545,7 +554,8 @@ def test_fresh_decision_forwards_to_the_first_hop_with_fallback_state(tmp_path: 
     assert headers["x-envoy-upstream-rq-per-try-timeout-ms"] == "1500"
     assert headers["x-ai-usage"] == "observe"
     assert "x-ai-fallback" not in forward.remove_headers
-    state = fallback.HopState.decode(headers["x-ai-fallback"], decider.signer)
+    assert headers["x-ai-fallback"] == fallback.MARKER  # what Envoy retries on; the state is in the metadata
+    state = fallback.HopState.decode(forward.metadata["fallback_state"], decider.signer)
     assert state is not None
     assert (state.namespace, state.service, state.route, state.requested, state.caller_api) == (
         "shop", "order-service", "fraud_detector", "fraud_detector", "anthropic")
@@ -624,7 +634,7 @@ def test_re_entry_goes_to_the_next_hop_without_charging_again(tmp_path: Path, mo
     decider = make_decider(tmp_path)
     first = decide(decider, ANTHROPIC_BODY, path="/v1/messages", headers={"authorization": "Bearer app-key"})
     assert isinstance(first, Forward) and first.body is not None
-    token = headers_of(first)["x-ai-fallback"]
+    token = first.metadata["fallback_state"]
     state = fallback.HopState.decode(token, decider.signer)
     assert state is not None
     monkeypatch.setattr(relay_module, "time", SimpleNamespace(time=lambda: state.hop_started_at + 0.25))
@@ -656,7 +666,7 @@ def test_re_entry_goes_to_the_next_hop_without_charging_again(tmp_path: Path, mo
 def test_re_entry_skips_a_next_hop_whose_breaker_is_open(tmp_path: Path) -> None:
     decider = make_decider(tmp_path)
     first = decide(decider, ANTHROPIC_BODY, path="/v1/messages")
-    answer = relay(decider, {"x-ai-fallback": headers_of(first)["x-ai-fallback"]}, "h", "/v1/messages")
+    answer = relay(decider, {"x-ai-fallback": first.metadata["fallback_state"]}, "h", "/v1/messages")
     open_breaker(decider, OPENAI_KEY)
     refused = decide(decider, ANTHROPIC_BODY, path="/v1/messages", headers={"x-ai-fallback": answer.headers[
         "x-ai-fallback"]})
@@ -678,7 +688,7 @@ def test_forged_fallback_header_on_a_fresh_call_is_ignored(tmp_path: Path, forge
     headers = headers_of(forward)
     assert isinstance(forward, Forward)
     assert headers[":authority"] == "api.anthropic.com"  # hop 0, decided afresh
-    assert headers["x-ai-fallback"] != forged
+    assert forward.metadata["fallback_state"] != forged
     assert forward.metadata["limit_requests"] == "1" and forward.metadata["remaining_requests"] == "0"  # charged
     assert error_of(decide(decider, ANTHROPIC_BODY, path="/v1/messages"))[0] == 429
 
@@ -688,7 +698,7 @@ def test_replayed_first_hop_token_is_decided_and_charged_afresh(tmp_path: Path) 
     decider = make_decider(tmp_path)
     first = decide(decider, {"model": "chat", "messages": []})
     assert isinstance(first, Forward)
-    token = headers_of(decide(decider, ANTHROPIC_BODY, path="/v1/messages"))["x-ai-fallback"]
+    token = decide(decider, ANTHROPIC_BODY, path="/v1/messages").metadata["fallback_state"]
     replayed = decide(decider, ANTHROPIC_BODY, path="/v1/messages", headers={"x-ai-fallback": token})
     assert error_of(replayed)[0] == 429
 
@@ -696,7 +706,7 @@ def test_replayed_first_hop_token_is_decided_and_charged_afresh(tmp_path: Path) 
 def test_re_entry_token_of_another_service_is_not_honoured(tmp_path: Path) -> None:
     decider = make_decider(tmp_path)
     first = decide(decider, ANTHROPIC_BODY, path="/v1/messages")
-    token = relay(decider, {"x-ai-fallback": headers_of(first)["x-ai-fallback"]}, "h", "/v1/messages"
+    token = relay(decider, {"x-ai-fallback": first.metadata["fallback_state"]}, "h", "/v1/messages"
                   ).headers["x-ai-fallback"]
     borrowed = decide(decider, ANTHROPIC_BODY, path="/v1/messages", service="user-service",
                       headers={"x-ai-fallback": token})
@@ -711,7 +721,7 @@ def test_re_entry_token_of_another_service_is_not_honoured(tmp_path: Path) -> No
 
 def fresh_token(decider: Decider) -> tuple[str, fallback.HopState]:
     forward = decide(decider, ANTHROPIC_BODY, path="/v1/messages")
-    token = headers_of(forward)["x-ai-fallback"]
+    token = forward.metadata["fallback_state"]
     state = fallback.HopState.decode(token, decider.signer)
     assert state is not None and state.index == 0
     return token, state
@@ -730,7 +740,8 @@ def test_relay_answers_307_with_the_advanced_state(tmp_path: Path, monkeypatch: 
     assert answer.headers["content-length"] == "0"
     advanced = fallback.HopState.decode(answer.headers["x-ai-fallback"], decider.signer)
     left = Hop("claude", "claude-3", "upstream_error", state.hop_started_at)
-    assert advanced == replace(state, index=1, hops=(left,), hop_started_at=now)
+    assert advanced is not None and advanced.nonce and advanced.nonce != state.nonce  # each hop's token: its own
+    assert advanced == replace(state, index=1, hops=(left,), hop_started_at=now, nonce=advanced.nonce)
     # One failure recorded against claude for order-service: the breaker (2 in a row) is one failure from opening.
     assert decider.breakers.state(CLAUDE_KEY) == State.CLOSED
     decider.breakers.record(CLAUDE_KEY, route_breaker(decider), failed=True)
@@ -794,8 +805,10 @@ def test_relay_exhausted_chain_is_a_502(tmp_path: Path) -> None:
     error = orjson.loads(answer.body)["error"]
     assert (error["code"], error["type"]) == ("fallback_exhausted", "server_error")
     assert error["message"] == "the provider failed and no fallback is left"
+    # The same token once more is a replay: refused as invalid state, in the path's format.
     anthropic = relay(decider, {"x-ai-fallback": last}, "h", "/v1/messages")
     assert anthropic.status == 502 and orjson.loads(anthropic.body)["type"] == "error"
+    assert "fallback state is missing" in orjson.loads(anthropic.body)["error"]["message"]
     # Neither the last hop's breaker nor the fallback count moved.
     assert decider.breakers.snapshot() == {CLAUDE_KEY: State.CLOSED}
     assert fallbacks_total(decider) == 1.0
@@ -829,7 +842,8 @@ def test_bulkhead_refuses_the_second_concurrent_call_and_refunds_its_tokens(tmp_
     first = decide(decider, CHAT, headers={"x-request-id": "call-1"})
     assert isinstance(first, Forward)
     assert decider.bulkhead.slots.in_flight(SCOPE) == 1
-    assert orjson.loads(first.metadata["settle"])["id"] == "call-1"  # so the response side can leave
+    call_id = orjson.loads(first.metadata["settle"])["id"]  # so the response side can leave
+    assert call_id != "call-1" and len(call_id) == 32  # made by the processor, not the caller's request id
     remaining = int(first.metadata["remaining_tokens"])
     used = 1000 - remaining
     assert 400 < used < 500  # max_tokens plus the prompt estimate
@@ -847,7 +861,7 @@ def test_bulkhead_refuses_the_second_concurrent_call_and_refunds_its_tokens(tmp_
     assert isinstance(anthropic, LocalReply) and anthropic.details == "ai_too_many_calls_in_flight"
     assert bulkhead_rejections(decider) == 2.0
     # The first call ends; the refused ones gave their token reservations back, so a third fits the 1000/min.
-    decider.bulkhead.slots.leave(SCOPE, "call-1")
+    decider.bulkhead.slots.leave(SCOPE, call_id)
     third = decide(decider, CHAT, headers={"x-request-id": "call-4"})
     assert isinstance(third, Forward)
     assert int(third.metadata["remaining_tokens"]) == remaining - used
@@ -861,7 +875,74 @@ def test_bulkhead_refusal_refunds_the_request_count(tmp_path: Path) -> None:
     first = decide(decider, body, path="/v1/messages", headers={"x-request-id": "call-1"})
     assert isinstance(first, Forward) and first.metadata["remaining_requests"] == "1"
     assert error_of(decide(decider, body, path="/v1/messages", headers={"x-request-id": "call-2"}))[0] == 429
-    decider.bulkhead.slots.leave(SCOPE, "call-1")
+    decider.bulkhead.slots.leave(SCOPE, orjson.loads(first.metadata["settle"])["id"])
     third = decide(decider, body, path="/v1/messages", headers={"x-request-id": "call-3"})
     assert isinstance(third, Forward), third  # 2/min: call-2 was never sent, so one request is left
     assert third.metadata["remaining_requests"] == "0"
+
+
+def test_calls_sharing_one_request_id_each_take_their_own_slot(tmp_path: Path) -> None:
+    """The slot is keyed by an id the processor makes: a caller reusing x-request-id cannot share one slot."""
+    decider = make_decider(tmp_path, BULKHEAD_POLICY.replace("max_in_flight: 1", "max_in_flight: 2"))
+    answers = [decide(decider, CHAT, headers={"x-request-id": "same"}) for _ in range(8)]
+    forwarded = [a for a in answers if isinstance(a, Forward)]
+    assert len(forwarded) == 2
+    assert [error_of(a)[0] for a in answers[2:]] == [429] * 6
+    assert decider.bulkhead.slots.in_flight(SCOPE) == 2
+    ids = {orjson.loads(a.metadata["settle"])["id"] for a in forwarded}
+    assert len(ids) == 2 and "same" not in ids
+
+
+def reserved_tokens(decider: Decider) -> int:
+    keys = [k for k in decider.quota._local._values if k.endswith("total_tokens") or "tokens" in k]
+    return sum(asyncio.run(decider.quota.read(keys)))
+
+
+@pytest.mark.parametrize("extra", [{"stop": 5}, {"temperature": []}, {"tools": 2.5}])
+def test_a_call_refused_after_admission_gives_back_its_slot_and_tokens(tmp_path: Path, extra: dict[str, object]
+                                                                      ) -> None:
+    """Translation fails after the bulkhead and quota admitted the call: both are undone at once."""
+    policy = BULKHEAD_POLICY.replace("max_in_flight: 1", "max_in_flight: 2")
+    decider = make_decider(tmp_path, policy)
+    for _ in range(3):  # more than max_in_flight
+        refused = decide(decider, {**CHAT, "model": "fraud_detector", **extra})  # an OpenAI call to claude
+        status, body = error_of(refused)
+        assert status == 400, body
+        assert decider.bulkhead.slots.in_flight(SCOPE) == 0
+    assert reserved_tokens(decider) == 0
+    assert len(decider.inflight) == 0  # type: ignore[arg-type]
+
+
+def test_an_unexpected_failure_is_a_400_that_holds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    decider = make_decider(tmp_path, BULKHEAD_POLICY)
+
+    def broken(*_: object, **__: object) -> object:
+        raise KeyError("internal detail")
+
+    monkeypatch.setattr("extproc.core.decision._for_provider", broken)
+    refused = decide(decider, CHAT)
+    status, body = error_of(refused)
+    assert status == 400 and body["error"]["code"] == "unprocessable_request"  # type: ignore[index]
+    assert "internal detail" not in str(body) and "KeyError" not in str(body)
+    assert decider.bulkhead.slots.in_flight(SCOPE) == 0
+    assert reserved_tokens(decider) == 0
+
+
+def test_a_decided_call_is_tracked_until_its_response_is_read(tmp_path: Path) -> None:
+    decider = make_decider(tmp_path, BULKHEAD_POLICY)
+    forward = decide(decider, CHAT)
+    assert isinstance(forward, Forward)
+    assert len(decider.inflight) == 1  # type: ignore[arg-type]
+    call_id = orjson.loads(forward.metadata["settle"])["id"]
+    # The response is never read (the caller left): past the deadline the sweeper releases it, once.
+    from extproc.core.admission import sweep_once
+
+    def sweep(now: float) -> int:
+        return asyncio.run(sweep_once(decider.inflight, quota=decider.quota, bulkhead=decider.bulkhead,
+                                      policy=decider.policy, now=now))
+
+    assert sweep(time.time()) == 0  # not yet due
+    assert sweep(time.time() + 3600) == 1
+    assert decider.bulkhead.slots.in_flight(SCOPE) == 0
+    assert asyncio.run(decider.inflight.close(call_id)) is False  # a late settlement finds it released
+    assert sweep(time.time() + 3600) == 0
