@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from extproc.policy.loader import PolicyError, load_policy
 
@@ -40,7 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.server.app import ServeOptions
 
     return run_server(ServeOptions(args.listen, tuple(args.policy or [sample_policy_dir()]), args.grace,
-                                   args.watch, admin=args.admin, relay=args.relay, **telemetry_settings(args)))
+                                   args.watch, admin=args.admin, relay=args.relay, **telemetry_settings(args),
+                                   **trust_settings(args)))
 
 
 def run_server(options: ServeOptions) -> int:
@@ -64,6 +65,21 @@ def run_server(options: ServeOptions) -> int:
 def add_relay_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relay", type=_host_port, help="HOST:PORT of the fallback relay, where sidecars send "
                         "the retry of a failed provider attempt (off when absent: no cross-provider fallback)")
+
+
+def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("trust (the mesh: docs/design/trust.md)")
+    group.add_argument("--peer-identity", choices=("none", "xfcc"), default="none",
+                       help="xfcc: bind every caller to the mTLS identity the processor's own sidecar forwards in "
+                       "x-forwarded-client-cert, and refuse calls without one (the Istio install); none: trust the "
+                       "sidecar's node metadata (standalone, no mesh)")
+    group.add_argument("--credentials-listen", type=_host_port, metavar="HOST:PORT",
+                       help="the credential port, where the egress gateway trades a decision's grant for the "
+                       "provider key (only the gateway may reach it); off when absent")
+
+
+def trust_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"peer_identity": args.peer_identity == "xfcc", "credentials": args.credentials_listen}
 
 
 def add_telemetry_arguments(parser: argparse.ArgumentParser) -> None:
@@ -242,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--watch", type=float, default=2.0, help="seconds between policy change checks (0: off)")
     serve.add_argument("--admin", type=_host_port, help="HOST:PORT for /healthz, /readyz, /config, /quota")
     add_relay_argument(serve)
+    add_trust_arguments(serve)
     add_telemetry_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 

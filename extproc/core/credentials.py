@@ -51,3 +51,8 @@ def _read_key(path: str) -> str | None:
             return handle.read().strip() or None
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def auth_header(api: str, key: str) -> tuple[str, str]:
+    """How a provider's API takes its key: Anthropic's x-api-key, else an OpenAI-style bearer token."""
+    return ("x-api-key", key) if api == "anthropic" else ("authorization", f"Bearer {key}")

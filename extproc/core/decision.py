@@ -28,9 +28,11 @@ from extproc.core.apis import ENDPOINTS, Api, ApiError, Endpoint, ErrorKind, api
 from extproc.core.async_calls import JOB_HEADER, JOBS_PATH, JobClaim, JobLookup, accepted, wants_async
 from extproc.core.breaker import BreakerKey, Breakers, State
 from extproc.core.bulkhead import LocalBulkhead, SharedBulkhead
-from extproc.core.credentials import CredentialStore
-from extproc.core.identity import Caller, identify
+from extproc.core.credentials import CredentialStore, auth_header
+from extproc.core.grants import GRANT_HEADER, Grant, body_digest
+from extproc.core.identity import Caller, bind_to_peer, identify
 from extproc.core.inflight import GRACE_S, InFlightStore, MemoryInFlight, OpenCall
+from extproc.core.peer import Peer
 from extproc.core.routing import Target, choose_target
 from extproc.core.settlement import SettleInfo
 from extproc.core.tokens import Signer
@@ -75,6 +77,7 @@ class HttpRequest:
     authority: str
     headers: Mapping[str, str]  # lower-case names, pseudo-headers excluded
     attributes: Mapping[str, object]
+    peer: Peer | None = None  # the mTLS identity the processor's sidecar vouches for (XFCC), when verified
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,7 @@ class Exchange:
     claim: JobClaim | None = None  # this call executes an asynchronous job (verified x-ai-job token)
     _requested: str = ""
     _rewrite: bool = False  # the body must be re-serialised even if nothing in it changes (duplicate keys)
+    _body: bytes = b""  # the request as it arrived (a grant covers the body that is sent on)
 
     @property
     def max_body_bytes(self) -> int:
@@ -195,6 +199,7 @@ class Exchange:
     async def _decide(self, body: bytes) -> Decision:
         if len(body) > self.max_body_bytes:
             return self.too_large()
+        self._body = body
         parsed = parse_body(body)
         if isinstance(parsed, ApiError):
             return self.reject(parsed)
@@ -308,7 +313,7 @@ class Exchange:
             policy_version=self.policy.version, call_id=held.call.call_id if held.tracked else "",
             request_id=self.request.headers.get("x-request-id", ""),
             traceparent=self.request.headers.get("traceparent", ""), b3=_b3_of(self.request.headers),
-            prompt=self._prompt(data), job_id=self.claim.job_id if self.claim else "")
+            prompt=self._prompt(data), job_id=self.claim.job_id if self.claim else "", nonce=held.call.call_id)
         timeout = route.timeout or self.policy.mesh.resilience.default_timeout
         state = fallback.HopState(
             namespace=self._scope[0], service=self._scope[1], route=route.name, requested=requested,
@@ -449,6 +454,12 @@ class Exchange:
             headers.append(("x-ai-variant", target.variant))
         return LocalReply(entry.status, entry.body, "ai_cache_hit", tuple(headers))
 
+    def _api_headers(self, target: Target) -> list[tuple[str, str]]:
+        """What the provider's API needs besides the key (which the gateway adds)."""
+        if target.provider.api == Api.ANTHROPIC and "anthropic-version" not in self.request.headers:
+            return [("anthropic-version", target.provider.anthropic_version)]
+        return []
+
     def _credential_headers(self, target: Target) -> list[tuple[str, str]] | ApiError:
         provider = target.provider
         headers: list[tuple[str, str]] = []
@@ -459,10 +470,8 @@ class Exchange:
                     ErrorKind.UNAVAILABLE,
                     f"the credential for provider {provider.name!r} is not available; the platform team must "
                     "provide it", "credential_unavailable")
-            headers.append(("x-api-key", key) if provider.api == Api.ANTHROPIC else ("authorization", f"Bearer {key}"))
-        if provider.api == Api.ANTHROPIC and "anthropic-version" not in self.request.headers:
-            headers.append(("anthropic-version", provider.anthropic_version))
-        return headers
+            headers.append(auth_header(str(provider.api), key))
+        return [*headers, *self._api_headers(target)]
 
     async def _charge(self, data: dict[str, object], route: ModelRoute, target: Target) -> Charge | LocalReply | None:
         quota = self.decider.quota
@@ -501,7 +510,8 @@ class Exchange:
         target = hops[state.index]
         provider = target.provider
         caller_api = Api(state.caller_api)
-        credential = self._credential_headers(target)
+        at_gateway = self.policy.mesh.credential_injection == "gateway"
+        credential = self._api_headers(target) if at_gateway else self._credential_headers(target)
         if isinstance(credential, ApiError):
             return _reject(caller_api, credential)
         body = _for_provider(data, body_api, Api(provider.api), target.model, self.policy.mesh)
@@ -517,7 +527,11 @@ class Exchange:
             *credential,
         ]
         remove = [*self._strip, *_UNTRUSTED]
-        remove.append("authorization" if provider.api == Api.ANTHROPIC else "x-api-key")
+        if at_gateway:
+            remove += ["authorization", "x-api-key"]  # the gateway adds the provider's; the caller's never goes
+        else:
+            remove.append("authorization" if provider.api == Api.ANTHROPIC else "x-api-key")
+            remove.append(GRANT_HEADER)
         if provider.api != Api.ANTHROPIC and caller_api != Api.ANTHROPIC:
             # Left by an earlier Anthropic hop. (An Anthropic caller keeps it: Envoy's own error
             # replies pick the caller's format by this header.)
@@ -568,7 +582,8 @@ class Exchange:
             "route": route.name,
             "variant": state.variant,
             "policy_version": self.policy.version,
-            SETTLE_KEY: settle.encode(),
+            SETTLE_KEY: settle.seal(self.decider.signer, max(1.0, state.started_at + state.timeout_ms / 1000
+                                                             + GRACE_S + 60 - time.time())),
             **({fallback.STATE_KEY: hop_token} if hop_token else {}),
             **extra,
         }
@@ -578,7 +593,16 @@ class Exchange:
         if rewrite:
             new_body = dump_json(data)
             headers.append(("content-length", str(len(new_body))))
+        if at_gateway:
+            headers.append((GRANT_HEADER, self._grant(target, state, self._body if new_body is None else new_body)))
         return Forward(tuple(headers), tuple(remove), new_body, metadata)
+
+    def _grant(self, target: Target, state: fallback.HopState, body: bytes) -> str:
+        """This attempt's single-use grant for the provider's credential, redeemed at the egress gateway."""
+        grant = Grant(target.provider.name, target.provider.authority, self._scope[0], self._scope[1],
+                      self.caller.service_account or "", fallback.new_nonce(), body_digest(body))
+        ttl = max(1.0, state.started_at + state.timeout_ms / 1000 + GRACE_S - time.time())
+        return grant.encode(self.decider.signer, ttl)
 
 
 class Decider:
@@ -589,7 +613,7 @@ class Decider:
                  breakers: Breakers | None = None, bulkhead: LocalBulkhead | SharedBulkhead | None = None,
                  telemetry: CallSink | None = None, jobs: JobStore | None = None,
                  job_workers: frozenset[str] = frozenset({"ai-extproc-worker"}),
-                 inflight: InFlightStore | None = None) -> None:
+                 inflight: InFlightStore | None = None, peer_identity: bool = False) -> None:
         self._policies = policies
         self.credentials = credentials
         self.quota = quota
@@ -599,6 +623,8 @@ class Decider:
         self.breakers = breakers or Breakers(on_change=self._breaker_changed)
         self.bulkhead = bulkhead or LocalBulkhead()
         self.inflight: InFlightStore = inflight or MemoryInFlight()  # what admitted calls hold, until they end
+        # In the mesh: every call must come with a verified mTLS peer, and its caller is bound to it.
+        self.peer_identity = peer_identity
         self.telemetry = telemetry
         # With a telemetry sink every call is read to its end (one record per call); without, only
         # calls whose policy needs their response, since that second stream costs processor CPU.
@@ -650,6 +676,24 @@ class Decider:
                 self.record(reply_record(request, caller, endpoint, result, policy, ""))
         return result
 
+    def _bind(self, request: HttpRequest, caller: Caller, policy: PolicySet) -> Caller | ApiError:
+        """The caller bound to its connection's mTLS identity, when the processor verifies peers."""
+        if request.peer is None:
+            if not self.peer_identity:
+                return caller  # standalone: node metadata is all there is (said at startup)
+            log.warning("refused a call of %s: no verified mTLS peer identity (is the processor's sidecar "
+                        "forwarding x-forwarded-client-cert?)", caller.describe())
+            self.metrics.identity_refusals.labels("no_peer").inc()
+            return ApiError(ErrorKind.PERMISSION, "the caller's identity could not be verified", "unverified_caller")
+        models = policy.for_caller(caller.service, caller.namespace or request.peer.namespace)
+        accounts = models.proxy.service_accounts if models is not None and models.scope is not None else None
+        bound = bind_to_peer(caller, request.peer, accounts)
+        if isinstance(bound, str):
+            log.warning("refused a call: the caller %s", bound)
+            self.metrics.identity_refusals.labels("mismatch").inc()
+            return ApiError(ErrorKind.PERMISSION, f"the caller {bound}", "identity_mismatch")
+        return bound
+
     def _on_headers(self, request: HttpRequest, end_of_stream: bool) -> Decision | Exchange | JobLookup:
         policy = self._policies()
         mesh = policy.mesh
@@ -682,6 +726,10 @@ class Decider:
             return _reject(endpoint.api, ApiError(ErrorKind.INVALID_REQUEST, "request body is empty",
                                                   "empty_body"))
         caller = identify(request.attributes, request.headers, mesh.identity)
+        bound = self._bind(request, caller, policy)
+        if isinstance(bound, ApiError):
+            return _reject(endpoint.api, bound)
+        caller = bound
         claim = JobClaim.verify(request.headers, self.signer, caller, self.job_workers)
         if claim is not None:
             caller = claim.as_caller(caller)  # the worker replays the job as the service that submitted it

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from extproc.core.peer import Peer
 from extproc.policy.model import IdentitySettings
 
 ATTR_NAMESPACE = "xds.node.metadata.NAMESPACE"
@@ -50,3 +51,27 @@ def identify(attributes: Mapping[str, object], headers: Mapping[str, str], setti
             return Caller(name or None, ns or namespace, account, "header")
     service = _text(attributes, ATTR_APP) or _text(attributes, ATTR_WORKLOAD)
     return Caller(service, namespace, account, "node")
+
+
+def bind_to_peer(caller: Caller, peer: Peer, accounts: tuple[str, ...] | None) -> Caller | str:
+    """The caller, checked against the mTLS identity its connection carries; or why it may not act so.
+
+    Node metadata may only narrow the peer identity, never contradict it: a claimed namespace or
+    service account must be the peer's own. The service the caller acts as must then name the peer's
+    service account (``accounts`` from its policy: ``name`` in the caller's namespace, or
+    ``namespace/name``); without a policy list, only the account named like the service may.
+    """
+    if caller.source == "node":
+        if caller.namespace is not None and caller.namespace != peer.namespace:
+            return f"claims namespace {caller.namespace!r} but its mTLS identity is {peer.describe()}"
+        if caller.service_account is not None and caller.service_account != peer.service_account:
+            return (f"claims service account {caller.service_account!r} but its mTLS identity is "
+                    f"{peer.describe()}")
+    namespace = caller.namespace or peer.namespace
+    service = caller.service or ""
+    allowed = accounts if accounts is not None else (service,)
+    own = f"{peer.namespace}/{peer.service_account}"
+    if not any(a == own or (a == peer.service_account and namespace == peer.namespace) for a in allowed):
+        return (f"may not act as {namespace}/{service or 'unidentified'}: its mTLS identity is {peer.describe()}, "
+                f"and that service's policy allows {', '.join(allowed) or 'no service account'}")
+    return Caller(caller.service, namespace, peer.service_account, caller.source)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from extproc.cache.entry import CacheEntry
+from extproc.core.tokens import Signer
 from extproc.core.usage import Usage, UsageTracker
 from extproc.quota.engine import Reservation
 from extproc.quota.plan import Estimate
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from extproc.core.decision import Decider
 
 log = logging.getLogger(__name__)
+_SETTLE_MEMORY_S = 900.0  # outlives any sealed settlement (call timeout plus grace)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +51,13 @@ class SettleInfo:
     variant: str = ""
     policy_version: str = ""
     hops: tuple[Hop, ...] = ()  # fallback hops before the one that answers
-    call_id: str = ""  # the bulkhead slot to release
+    call_id: str = ""  # the call's slot and reservation to release (tracked in the in-flight store)
     request_id: str = ""
     traceparent: str = ""
     b3: str = ""
     prompt: str = ""  # redacted request content, only when the operator enabled capture
     job_id: str = ""  # the execution of an asynchronous job (the worker retries failures)
+    nonce: str = ""  # this settlement is accepted once
 
     @property
     def translating(self) -> bool:
@@ -70,7 +73,22 @@ class SettleInfo:
                              "h": [[h.provider, h.model, h.outcome, h.started_at] for h in self.hops],
                              "id": self.call_id, "xr": self.request_id, "tp": self.traceparent,
                              "b3": self.b3, **({"pr": self.prompt} if self.prompt else {}),
-                             **({"jb": self.job_id} if self.job_id else {})}).decode()
+                             **({"jb": self.job_id} if self.job_id else {}), "nc": self.nonce}).decode()
+
+    def seal(self, signer: Signer, ttl_s: float) -> str:
+        """Signed, as it travels through Envoy's metadata: a stream that reaches the processor with a settlement
+        it did not make (a forged usage stream) is refused, and never touches a quota or a cache entry."""
+        return signer.sign({"si": self.encode()}, ttl_s)
+
+    @classmethod
+    def unseal(cls, token: str, signer: Signer) -> SettleInfo | None:
+        raw = signer.verify(token)
+        if raw is None or not isinstance(raw.get("si"), str):
+            return None
+        try:
+            return cls.decode(str(raw["si"]))
+        except (ValueError, KeyError, TypeError, IndexError):
+            return None
 
     @classmethod
     def decode(cls, text: str) -> SettleInfo:
@@ -82,7 +100,7 @@ class SettleInfo:
                    raw.get("va", ""), raw.get("pv", ""),
                    tuple(Hop(str(p), str(m), str(o), float(t)) for p, m, o, t in raw.get("h", ())),
                    raw.get("id", ""), raw.get("xr", ""), raw.get("tp", ""), raw.get("b3", ""), raw.get("pr", ""),
-                   raw.get("jb", ""))
+                   raw.get("jb", ""), raw.get("nc", ""))
 
 
 class Settlement:
@@ -150,6 +168,13 @@ class Settlement:
     async def settle(self, complete: bool) -> Usage:
         """Settle once: real usage if the provider reported it, else an estimate; nothing for errors."""
         if self.settled is not None:
+            return self.settled
+        if not await self._decider.inflight.first_use("settle:" + self.info.nonce, _SETTLE_MEMORY_S):
+            # The same sealed settlement twice: a replay. Nothing is charged, released, cached or recorded.
+            log.warning("refused a replayed settlement of %s/%s (call %s)", self.info.namespace, self.info.service,
+                        self.info.nonce)
+            self._decider.metrics.tokens_refused.labels("settlement").inc()
+            self.settled = Usage(0, 0, reported=False)
             return self.settled
         tracker = self._tracker
         if not 200 <= self._status < 300 or tracker is None:

@@ -425,3 +425,39 @@ def processor_failure_mappers() -> list[dict[str, Any]]:
                 mapper["status_code"] = answer
             mappers.append(mapper)
     return mappers
+
+
+# --- the egress gateway's credential filter (docs/design/trust.md) ------------------------------------------
+CREDENTIAL_FILTER_NAME = "ai.credentials"
+# What the gateway tells the processor about the call: who sent it (the sidecar's mTLS peer), and where to.
+CREDENTIAL_ATTRIBUTES: tuple[str, ...] = ("connection.uri_san_peer_certificate",)
+
+
+def credential_filter(*, cluster_name: str, authority: str, message_timeout_ms: int = 2000) -> dict[str, Any]:
+    """The egress gateway's HTTP filter: it trades the decision's grant for the provider credential.
+
+    The processor's credential port checks the grant (signature, expiry, single use, the caller's
+    mTLS identity, the provider host, the body it was issued for) and answers with the credential
+    header; anything else is refused. The body is buffered so that its hash can be checked: a
+    caller holding a grant cannot send another request than the one the policy decided.
+    """
+    return {
+        "name": CREDENTIAL_FILTER_NAME,
+        "typed_config": {
+            "@type": EXT_PROC_TYPE,
+            "grpc_service": {"envoy_grpc": {"cluster_name": cluster_name, "authority": authority}},
+            "failure_mode_allow": False,  # no grant check, no credential: fail closed
+            "message_timeout": f"{message_timeout_ms / 1000:g}s",
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "request_body_mode": "BUFFERED",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SKIP",
+                "response_body_mode": "NONE",
+                "response_trailer_mode": "SKIP",
+            },
+            "request_attributes": list(CREDENTIAL_ATTRIBUTES),
+            "mutation_rules": {"allow_all_routing": False, "allow_envoy": False},
+            "stat_prefix": "ai_credentials",
+        },
+    }

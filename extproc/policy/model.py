@@ -279,8 +279,15 @@ class AsyncLimits(_Frozen):
                                        "gets a 413 job_too_large. Default: the job store's (512 KiB).")
 
 
+_ACCOUNT = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
 class AIProxy(_Frozen):
     models: tuple[ModelRoute, ...] = Field(min_length=1)
+    service_accounts: tuple[Annotated[str, Field(pattern=_ACCOUNT)], ...] | None = Field(
+        default=None, description="The mTLS identities (Kubernetes service accounts, 'name' in the service's own "
+        "namespace or 'namespace/name') that may act as this service. Default: the service account named like the "
+        "service. Checked when the processor verifies callers' peer certificates (--peer-identity xfcc).")
     limits: Limits | None = Field(default=None, description="Quotas for the whole service.")
     provider_limits: dict[Name, Limits] = Field(
         default_factory=dict, description="Quotas narrowed to the service's use of one provider."
@@ -402,6 +409,10 @@ class MeshSettings(_Frozen):
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     identity: IdentitySettings = IdentitySettings()
+    credential_injection: Literal["sidecar", "gateway"] = Field(
+        default="sidecar", description="Where provider credentials are added: by the caller's sidecar (standalone, "
+        "or single-tenant development clusters), or only at the egress gateway, which trades the decision's "
+        "signed single-use grant for the key (the Istio install: no key ever reaches an application's pod).")
     default_limits: Limits | None = Field(
         default=None, description="Service-wide quotas for services whose policy sets no limits."
     )

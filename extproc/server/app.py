@@ -22,6 +22,7 @@ from extproc.core.inflight import InFlightStore, MemoryInFlight, RedisInFlight
 from extproc.events.sinks import build_event_sinks
 from extproc.quota.engine import QuotaEngine
 from extproc.server.admin import AdminServer
+from extproc.server.credentials import CredentialProcessor
 from extproc.server.policy_store import PolicyStore
 from extproc.server.processor import AsyncExternalProcessor
 from extproc.server.relay import RelayServer
@@ -49,6 +50,8 @@ class ServeOptions:
     kube_api: str | None = None  # explicit API server URL; default: in-cluster, else ~/.kube/config
     admin: tuple[str, int] | None = None  # HOST, PORT of the admin HTTP endpoint (off when None)
     relay: tuple[str, int] | None = None  # HOST, PORT of the fallback relay Envoy retries failed attempts to
+    peer_identity: bool = False  # bind callers to the mTLS identity in x-forwarded-client-cert (the mesh)
+    credentials: tuple[str, int] | None = None  # HOST, PORT of the credential port (the egress gateway's)
     telemetry: TelemetryOptions = field(default_factory=TelemetryOptions)  # access log, traces, redaction
     events_nats: str | None = None  # NATS URL: publish one usage event per call to JetStream
     events_file: str | None = None  # append one usage event per call to this JSON-lines file
@@ -94,7 +97,12 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     jobs, jobs_task = await _job_store(options, metrics)
     decider = Decider(store.current, CredentialStore(), quota, cache, metrics, telemetry=telemetry, jobs=jobs,
                       job_workers=frozenset(options.jobs_workers), bulkhead=_bulkhead(store.current().mesh),
-                      inflight=_inflight(store.current().mesh))
+                      inflight=_inflight(store.current().mesh), peer_identity=options.peer_identity)
+    if options.peer_identity:
+        log.info("callers are bound to the mTLS identity their connection carries (x-forwarded-client-cert)")
+    else:
+        log.warning("standalone mode: callers are identified by their sidecar's node metadata, not verified "
+                    "against an mTLS peer (use --peer-identity xfcc in a mesh)")
     # The backstop for calls whose end is never seen (caller gone, response lost): their slots and
     # reservations are given back after their deadline.
     sweeper = asyncio.create_task(sweep_forever(decider.inflight, quota=quota, bulkhead=decider.bulkhead,
@@ -102,6 +110,14 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
                                   name="in-flight sweeper")
     sweeper.add_done_callback(_report_unexpected_end)
     pb_grpc.add_ExternalProcessorServicer_to_server(AsyncExternalProcessor(decider), server)
+    credential_server = None
+    if options.credentials is not None:
+        # Its own port, so that an AuthorizationPolicy can open it to the egress gateway alone.
+        credential_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_ExternalProcessorServicer_to_server(CredentialProcessor(decider), credential_server)
+        if credential_server.add_insecure_port(f"{options.credentials[0]}:{options.credentials[1]}") == 0:
+            raise OSError(f"cannot listen on {options.credentials[0]}:{options.credentials[1]}")
+        await credential_server.start()
     relay = RelayServer(decider)
     if options.relay is not None:
         await relay.start(*options.relay)
@@ -138,6 +154,8 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         await health_servicer.enter_graceful_shutdown()
         await _stop_task(watcher)  # a watcher that died must not cut the drain short
         await server.stop(options.grace_seconds)
+        if credential_server is not None:
+            await credential_server.stop(options.grace_seconds)
         await _stop_task(sweeper)
         await decider.inflight.aclose()
         await quota.close()

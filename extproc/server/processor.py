@@ -21,7 +21,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.core.async_calls import JobLookup
 from extproc.core.decision import Decider, Exchange, LocalReply
-from extproc.core.settlement import Settlement
+from extproc.core.peer import XFCC_HEADER, Peer, from_xfcc
+from extproc.core.settlement import SettleInfo, Settlement
 from extproc.server.protocol import (
     CONTINUE_BODY,
     CONTINUE_TRAILERS,
@@ -29,7 +30,7 @@ from extproc.server.protocol import (
     headers_response,
     immediate_response,
     request_from,
-    settle_info,
+    sealed_settlement,
     streamed_body,
 )
 
@@ -41,11 +42,12 @@ Responses = list[pb.ProcessingResponse]
 class Session:
     """The protocol state of one ext_proc stream, independent of the gRPC flavour serving it."""
 
-    __slots__ = ("_chunks", "_decider", "_exchange", "_replied", "_size", "done")
+    __slots__ = ("_chunks", "_decider", "_exchange", "_peer", "_replied", "_size", "done")
     kind = "decision"
 
-    def __init__(self, decider: Decider) -> None:
+    def __init__(self, decider: Decider, peer: Peer | None = None) -> None:
         self._decider = decider
+        self._peer = peer  # the stream's verified mTLS identity (x-forwarded-client-cert), if any
         self._exchange: Exchange | None = None  # set while an AI call waits for the rest of its body
         self._chunks: list[bytes] = []
         self._size = 0
@@ -70,7 +72,8 @@ class Session:
                 return await self._decide(end)
             return []
         if kind == "request_headers":
-            result = self._decider.on_headers(request_from(message), message.request_headers.end_of_stream)
+            result = self._decider.on_headers(request_from(message, self._peer),
+                                              message.request_headers.end_of_stream)
             if isinstance(result, JobLookup):
                 return self._finish(immediate_response(await result.reply()))
             if isinstance(result, Exchange):
@@ -182,7 +185,7 @@ class AsyncExternalProcessor(pb_grpc.ExternalProcessorServicer):
             async for message in request_iterator:
                 started = time.perf_counter()
                 if session is None:
-                    session = self._open(message)
+                    session = self._open(message, _peer(context))
                     metrics.in_flight.labels(session.kind).inc()
                 responses = await session.on_message(message)
                 busy += time.perf_counter() - started
@@ -197,15 +200,38 @@ class AsyncExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 metrics.in_flight.labels(session.kind).dec()
                 metrics.phase.labels(session.kind).observe(busy)
 
-    def _open(self, message: pb.ProcessingRequest) -> Session | UsageSession:
+    def _open(self, message: pb.ProcessingRequest, peer: Peer | None) -> Session | UsageSession:
         if message.HasField("request_headers"):
-            return Session(self._decider)
-        info = settle_info(message)
+            return Session(self._decider, peer)
+        sealed = sealed_settlement(message)
         settlement = None
-        if info is not None:
-            strip = not message.observability_mode
-            settlement = Settlement(info, self._decider, strip)
+        if sealed is not None:
+            info = self._settlement_of(sealed, peer)
+            if info is not None:
+                settlement = Settlement(info, self._decider, not message.observability_mode)
         return UsageSession(settlement)
+
+    def _settlement_of(self, sealed: str, peer: Peer | None) -> SettleInfo | None:
+        """A settlement this processor sealed, arriving from the sidecar of the call it belongs to; else None."""
+        decider = self._decider
+        info = SettleInfo.unseal(sealed, decider.signer)
+        if info is None:
+            log.warning("refused a usage stream whose settlement is forged or expired")
+        elif decider.peer_identity and (peer is None or peer.namespace != info.namespace):
+            log.warning("refused a settlement of %s/%s from %s", info.namespace, info.service,
+                        peer.describe() if peer is not None else "an unverified peer")
+            info = None
+        if info is None:
+            decider.metrics.tokens_refused.labels("settlement").inc()
+        return info
+
+
+def _peer(context: grpc.aio.ServicerContext) -> Peer | None:
+    """The caller's identity from the processor's own sidecar (the last XFCC element is the one it wrote)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == XFCC_HEADER:
+            return from_xfcc(value if isinstance(value, str) else value.decode("latin-1"))
+    return None
 
 
 def _continue(kind: str | None) -> pb.ProcessingResponse:

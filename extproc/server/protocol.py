@@ -10,7 +10,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from extproc.core.decision import METADATA_NAMESPACE, SETTLE_KEY, Forward, HttpRequest, LocalReply
-from extproc.core.settlement import SettleInfo
+from extproc.core.peer import Peer
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -18,7 +18,7 @@ CONTINUE_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
 CONTINUE_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 
 
-def request_from(message: pb.ProcessingRequest) -> HttpRequest:
+def request_from(message: pb.ProcessingRequest, peer: Peer | None = None) -> HttpRequest:
     pseudo: dict[str, str] = {}
     headers: dict[str, str] = {}
     for header in message.request_headers.headers.headers:
@@ -45,10 +45,11 @@ def request_from(message: pb.ProcessingRequest) -> HttpRequest:
         authority=pseudo.get(":authority", ""),
         headers=headers,
         attributes=attributes,
+        peer=peer,
     )
 
 
-def _header_mutation(set_headers: Iterable[tuple[str, str]], remove: Iterable[str]) -> pb.HeaderMutation:
+def header_mutation(set_headers: Iterable[tuple[str, str]], remove: Iterable[str]) -> pb.HeaderMutation:
     return pb.HeaderMutation(
         set_headers=[
             base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode("latin-1")),
@@ -69,7 +70,7 @@ def headers_response(decision: Forward) -> pb.ProcessingResponse:
     response = pb.ProcessingResponse(
         request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(
-                header_mutation=_header_mutation(decision.set_headers, decision.remove_headers),
+                header_mutation=header_mutation(decision.set_headers, decision.remove_headers),
                 clear_route_cache=decision.clear_route_cache,
             )
         )
@@ -97,22 +98,19 @@ def immediate_response(decision: LocalReply) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=decision.status),  # type: ignore[arg-type]
-            headers=_header_mutation(decision.headers, ()),
+            headers=header_mutation(decision.headers, ()),
             body=decision.body,
             details=decision.details,
         ),
     )
 
 
-def settle_info(message: pb.ProcessingRequest) -> SettleInfo | None:
-    """The settlement data the decision left in the forwarded dynamic metadata, if any."""
+def sealed_settlement(message: pb.ProcessingRequest) -> str | None:
+    """The sealed settlement the decision left in the forwarded dynamic metadata, if any."""
     namespace = message.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
     if namespace is None or SETTLE_KEY not in namespace.fields:
         return None
-    try:
-        return SettleInfo.decode(namespace.fields[SETTLE_KEY].string_value)
-    except (ValueError, KeyError, TypeError):
-        return None
+    return namespace.fields[SETTLE_KEY].string_value
 
 
 def streamed_body(body: bytes, end_of_stream: bool) -> pb.ProcessingResponse:

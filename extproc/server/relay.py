@@ -16,6 +16,7 @@ from aiohttp import web
 from extproc.core import fallback
 from extproc.core.apis import ApiError, ErrorKind, api_of_caller
 from extproc.core.decision import Decider
+from extproc.core.peer import XFCC_HEADER, from_xfcc
 from extproc.core.routing import Target
 from extproc.server.admin import serve_app
 from extproc.telemetry.metrics import CallLabels, bounded
@@ -32,6 +33,12 @@ async def relay(decider: Decider, headers: dict[str, str], authority: str, path:
     """The answer to one failed attempt: a redirect to the same URL with the next hop's state."""
     api = api_of_caller(path, headers)
     state = fallback.HopState.decode(headers.get(fallback.HEADER, ""), decider.signer)
+    if state is not None and decider.peer_identity:
+        # In the mesh the retry comes through the processor's sidecar from the caller's own sidecar.
+        peer = from_xfcc(headers.get(XFCC_HEADER, ""))
+        if peer is None or peer.namespace != state.namespace:
+            decider.metrics.identity_refusals.labels("mismatch" if peer else "no_peer").inc()
+            state = None
     if state is not None and not await decider.inflight.first_use(state.nonce, fallback.nonce_ttl(state)):
         decider.metrics.tokens_refused.labels("fallback").inc()
         state = None  # a replayed token: each attempt is moved on once

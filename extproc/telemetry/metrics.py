@@ -62,6 +62,9 @@ class Metrics:
         self.calls_swept = Counter("ai_extproc_calls_swept", "Admitted calls whose end was never seen (caller "
                                    "gone, response lost): slot and reservation released after their deadline.",
                                    registry=r)
+        self.identity_refusals = Counter("ai_extproc_identity_refusals", "Calls refused because the caller's "
+                                         "claimed identity did not match its mTLS peer (mismatch) or no verified "
+                                         "peer came with it (no_peer).", ["reason"], registry=r)
         self.tokens_refused = Counter("ai_extproc_tokens_refused", "Signed tokens refused: forged, expired, "
                                       "replayed or of another caller.", ["kind"], registry=r)
 

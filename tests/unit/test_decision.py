@@ -74,6 +74,14 @@ def request(path: str = "/v1/chat/completions", *, service: str | None = "order-
                        {"content-type": "application/json", **(headers or {})}, attributes)
 
 
+def settle_json(decider: Decider, decision: Forward | LocalReply) -> dict[str, object]:
+    """The settlement the decision sealed into the call's metadata, opened with the processor's key."""
+    assert isinstance(decision, Forward)
+    sealed = decider.signer.verify(decision.metadata["settle"])
+    assert sealed is not None, "the settlement is not sealed with the processor's key"
+    return dict(orjson.loads(str(sealed["si"])))
+
+
 def decide(decider: Decider, body: object, **kwargs: object) -> Forward | LocalReply:
     result = decider.on_headers(request(**kwargs), end_of_stream=False)  # type: ignore[arg-type]
     if not isinstance(result, Exchange):
@@ -173,7 +181,8 @@ def test_other_api_is_translated(tmp_path: Path) -> None:
     """An OpenAI-format call to a model an Anthropic provider serves goes out as an Anthropic request."""
     body = {"model": "fraud_detector", "max_tokens": 50, "stream": True,
             "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
-    forward = decide(make_decider(tmp_path), body)
+    decider = make_decider(tmp_path)
+    forward = decide(decider, body)
     assert isinstance(forward, Forward) and forward.body is not None
     headers = dict(forward.set_headers)
     assert headers[":path"] == "/v1/messages" and headers["x-ai-usage"] == "translate"
@@ -182,7 +191,7 @@ def test_other_api_is_translated(tmp_path: Path) -> None:
     assert sent == {"model": "claude-3", "system": "be brief", "max_tokens": 50, "stream": True,
                     "messages": [{"role": "user", "content": "hi"}]}
     assert headers["content-length"] == str(len(forward.body))
-    settle = orjson.loads(forward.metadata["settle"])
+    settle = settle_json(decider, forward)
     assert (settle["api"], settle["ca"]) == ("anthropic", "openai")
 
 
@@ -377,7 +386,7 @@ def test_cache_hits_and_quota(tmp_path: Path, charge: bool) -> None:
     body = {"model": "chat", "temperature": 0, "messages": [{"role": "user", "content": "x"}]}
     miss = decide(decider, body)
     assert isinstance(miss, Forward) and miss.metadata["cache"] == "miss"
-    key = orjson.loads(miss.metadata["settle"])["ck"]
+    key = settle_json(decider, miss)["ck"]
     entry = CacheEntry(200, "application/json", b'{"cached":true}', 7, 3, 0.0)
     asyncio.run(decider.cache.put(key, entry, 60))
     hits = [decide(decider, body) for _ in range(3)]
@@ -386,3 +395,44 @@ def test_cache_hits_and_quota(tmp_path: Path, charge: bool) -> None:
     # 2/min: the miss used one request. Charged hits use the other, then are refused like any call.
     assert statuses == ([200, 429, 429] if charge else [200, 200, 200])
     assert hits[0].body == b'{"cached":true}' and dict(hits[0].headers)["x-ai-cache"] == "hit"  # type: ignore[union-attr]
+
+
+# --- crafted bodies -----------------------------------------------------------------------------------------
+
+
+def test_a_duplicated_model_key_is_forwarded_once_with_the_value_we_decided_on(tmp_path: Path) -> None:
+    """A first-key-wins provider must not serve another model than the policy allowed: one copy goes on."""
+    decider = make_decider(tmp_path)
+    raw = b'{"model": "gpt-5-ultra", "model": "summariser", "messages": [{"role": "user", "content": "x"}]}'
+    forward = decide(decider, raw)
+    assert isinstance(forward, Forward) and forward.body is not None
+    assert forward.body.count(b'"model"') == 1
+    assert orjson.loads(forward.body)["model"] == "gpt-4"
+    same = decide(decider, b'{"model": "gpt-4o-mini", "model": "summariser", "stream": false, "stream": true, '
+                           b'"messages": []}')
+    assert isinstance(same, Forward) and same.body is not None and same.body.count(b'"stream"') == 1
+
+
+def test_integers_beyond_64_bits_keep_every_digit_when_the_body_is_rewritten(tmp_path: Path) -> None:
+    decider = make_decider(tmp_path)
+    raw = b'{"model": "summariser", "seed": 123456789012345678901234567890, "messages": []}'
+    forward = decide(decider, raw)
+    assert isinstance(forward, Forward) and forward.body is not None  # rewritten: the model becomes gpt-4
+    assert b'"seed":123456789012345678901234567890' in forward.body
+    assert orjson.loads(forward.body.replace(b"123456789012345678901234567890", b"1"))["model"] == "gpt-4"
+
+
+@pytest.mark.parametrize("depth", [65, 255, 900])  # the policy caps bodies at 2 KiB
+def test_nesting_deeper_than_the_cap_is_refused_at_parse_time(tmp_path: Path, depth: int) -> None:
+    decider = make_decider(tmp_path)
+    body = b'{"model": "summariser", "messages": [], "metadata": ' + b"[" * depth + b"]" * depth + b"}"
+    status, error = error_of(decide(decider, body))
+    assert status == 400
+    assert error["error"]["code"] == "invalid_json" and "deeper than 64" in error["error"]["message"]  # type: ignore[index]
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path: Path) -> None:
+    decider = make_decider(tmp_path)
+    text = "[" * 500 + '\\"{' * 100
+    forward = decide(decider, orjson.dumps({"model": "summariser", "messages": [{"role": "user", "content": text}]}))
+    assert isinstance(forward, Forward)

@@ -36,7 +36,7 @@ from extproc.server import relay as relay_module
 from extproc.server.relay import RelayAnswer
 from extproc.server.relay import relay as relay_async
 from extproc.telemetry.record import Hop
-from tests.unit.test_decision import ENV, decide, error_of, headers_of
+from tests.unit.test_decision import ENV, decide, error_of, headers_of, settle_json
 
 
 class Clock:
@@ -594,7 +594,7 @@ def test_open_breaker_sends_the_fresh_call_straight_to_the_fallback(tmp_path: Pa
     assert "x-ai-fallback" not in headers and "x-ai-fallback" in forward.remove_headers
     assert forward.metadata["fallback_hops"] == "claude/claude-3=breaker_open, openai/gpt-4o"
     assert (forward.metadata["provider"], forward.metadata["model"]) == ("openai", "gpt-4o")
-    settle = orjson.loads(forward.metadata["settle"])
+    settle = settle_json(decider, forward)
     assert [h[:3] for h in settle["h"]] == [["claude", "claude-3", "breaker_open"]]
     assert fallbacks_counted(decider, "claude", "openai", "breaker_open") == 1.0
     assert fallbacks_total(decider) == 1.0
@@ -656,7 +656,7 @@ def test_re_entry_goes_to_the_next_hop_without_charging_again(tmp_path: Path, mo
     assert "x-ai-fallback" not in headers and "x-ai-fallback" in again.remove_headers
     assert again.metadata["fallback_hops"] == "claude/claude-3=upstream_error, openai/gpt-4o"
     assert "limit_requests" not in again.metadata  # not admitted (nor counted) a second time
-    settle = orjson.loads(again.metadata["settle"])
+    settle = settle_json(decider, again)
     assert (settle["p"], settle["m"], settle["api"], settle["ca"]) == ("openai", "gpt-4o", "openai", "anthropic")
     # The 1/min limit: the re-entry above was still admitted, while a second fresh call is refused.
     status, body = error_of(decide(decider, ANTHROPIC_BODY, path="/v1/messages"))
@@ -711,7 +711,7 @@ def test_re_entry_token_of_another_service_is_not_honoured(tmp_path: Path) -> No
     borrowed = decide(decider, ANTHROPIC_BODY, path="/v1/messages", service="user-service",
                       headers={"x-ai-fallback": token})
     assert isinstance(borrowed, Forward)
-    settle = orjson.loads(borrowed.metadata["settle"])
+    settle = settle_json(decider, borrowed)
     assert settle["sv"] == "user-service"
     assert headers_of(borrowed)[":authority"] == "api.anthropic.com"  # decided afresh for user-service
 
@@ -842,7 +842,7 @@ def test_bulkhead_refuses_the_second_concurrent_call_and_refunds_its_tokens(tmp_
     first = decide(decider, CHAT, headers={"x-request-id": "call-1"})
     assert isinstance(first, Forward)
     assert decider.bulkhead.slots.in_flight(SCOPE) == 1
-    call_id = orjson.loads(first.metadata["settle"])["id"]  # so the response side can leave
+    call_id = settle_json(decider, first)["id"]  # so the response side can leave
     assert call_id != "call-1" and len(call_id) == 32  # made by the processor, not the caller's request id
     remaining = int(first.metadata["remaining_tokens"])
     used = 1000 - remaining
@@ -875,7 +875,7 @@ def test_bulkhead_refusal_refunds_the_request_count(tmp_path: Path) -> None:
     first = decide(decider, body, path="/v1/messages", headers={"x-request-id": "call-1"})
     assert isinstance(first, Forward) and first.metadata["remaining_requests"] == "1"
     assert error_of(decide(decider, body, path="/v1/messages", headers={"x-request-id": "call-2"}))[0] == 429
-    decider.bulkhead.slots.leave(SCOPE, orjson.loads(first.metadata["settle"])["id"])
+    decider.bulkhead.slots.leave(SCOPE, settle_json(decider, first)["id"])
     third = decide(decider, body, path="/v1/messages", headers={"x-request-id": "call-3"})
     assert isinstance(third, Forward), third  # 2/min: call-2 was never sent, so one request is left
     assert third.metadata["remaining_requests"] == "0"
@@ -889,7 +889,7 @@ def test_calls_sharing_one_request_id_each_take_their_own_slot(tmp_path: Path) -
     assert len(forwarded) == 2
     assert [error_of(a)[0] for a in answers[2:]] == [429] * 6
     assert decider.bulkhead.slots.in_flight(SCOPE) == 2
-    ids = {orjson.loads(a.metadata["settle"])["id"] for a in forwarded}
+    ids = {settle_json(decider, a)["id"] for a in forwarded}
     assert len(ids) == 2 and "same" not in ids
 
 
@@ -933,7 +933,7 @@ def test_a_decided_call_is_tracked_until_its_response_is_read(tmp_path: Path) ->
     forward = decide(decider, CHAT)
     assert isinstance(forward, Forward)
     assert len(decider.inflight) == 1  # type: ignore[arg-type]
-    call_id = orjson.loads(forward.metadata["settle"])["id"]
+    call_id = settle_json(decider, forward)["id"]
     # The response is never read (the caller left): past the deadline the sweeper releases it, once.
     from extproc.core.admission import sweep_once
 
@@ -946,3 +946,16 @@ def test_a_decided_call_is_tracked_until_its_response_is_read(tmp_path: Path) ->
     assert decider.bulkhead.slots.in_flight(SCOPE) == 0
     assert asyncio.run(decider.inflight.close(call_id)) is False  # a late settlement finds it released
     assert sweep(time.time() + 3600) == 0
+
+
+def test_relay_in_the_mesh_moves_a_call_on_only_for_its_own_namespace(tmp_path: Path) -> None:
+    decider = make_decider(tmp_path)
+    token, _ = fresh_token(decider)
+    decider.peer_identity = True  # as with --peer-identity xfcc
+    xfcc = "By=spiffe://cluster.local/ns/ai-system/sa/ai-extproc;URI=spiffe://cluster.local/ns/{}/sa/order-service"
+    for headers in ({"x-ai-fallback": token},  # no verified peer
+                    {"x-ai-fallback": token, "x-forwarded-client-cert": xfcc.format("elsewhere")}):
+        assert relay(decider, headers, "h", "/v1/messages").status == 502
+    answer = relay(decider, {"x-ai-fallback": token, "x-forwarded-client-cert": xfcc.format("shop")}, "h",
+                   "/v1/messages")
+    assert answer.status == 307

@@ -1,0 +1,98 @@
+"""Grants: what a sidecar's decision carries instead of a provider key (credential injection at the gateway).
+
+In the Istio install the decision never hands a key to the caller's sidecar, whose network namespace
+the application shares. It signs a short-lived, single-use grant for exactly this call: the provider,
+the caller's identity, the body it decided on. The egress gateway's credential filter sends the grant
+(and the body) to the processor's credential port, which checks it and answers with the key, added
+only at the gateway. A grant obtained by an application that talks to the decision port itself buys
+nothing it could not get through its sidecar: the same call, once, under the same policy.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from extproc.core.apis import ApiError, ErrorKind
+from extproc.core.credentials import CredentialStore, auth_header
+from extproc.core.inflight import InFlightStore
+from extproc.core.peer import Peer
+from extproc.core.tokens import Signer
+
+if TYPE_CHECKING:
+    from extproc.policy.compiled import PolicySet
+
+GRANT_HEADER = "x-ai-grant"
+
+
+def body_digest(body: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(body).digest()[:18]).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    provider: str  # the provider entry whose credential is granted
+    authority: str  # the host the call must go to
+    namespace: str
+    service: str
+    service_account: str  # the caller's identity as the decision bound it ("" when not known)
+    nonce: str  # single use: the credential port remembers it
+    body: str  # body_digest of the request the decision forwarded
+
+    def encode(self, signer: Signer, ttl_s: float) -> str:
+        return signer.sign({"gp": self.provider, "ga": self.authority, "ns": self.namespace, "sv": self.service,
+                            "sa": self.service_account, "n": self.nonce, "bh": self.body}, ttl_s)
+
+    @classmethod
+    def decode(cls, token: str, signer: Signer) -> Grant | None:
+        raw = signer.verify(token)
+        if raw is None or "gp" not in raw:  # another kind of token signed by the same key is not a grant
+            return None
+        try:
+            return cls(str(raw["gp"]), str(raw["ga"]), str(raw["ns"]), str(raw["sv"]), str(raw["sa"]),
+                       str(raw["n"]), str(raw["bh"]))
+        except KeyError:
+            return None
+
+
+async def redeem(token: str, *, authority: str, body: bytes, peer: Peer | None, signer: Signer,
+                 inflight: InFlightStore, credentials: CredentialStore, policy: PolicySet
+                 ) -> list[tuple[str, str]] | ApiError:
+    """The credential header for a genuine, unused grant presented for its own call; else why not.
+
+    ``peer`` is the caller's sidecar as the gateway saw it (its mTLS peer certificate): the grant is
+    honoured only for the identity the decision bound, on the host it was issued for, with the very
+    body the decision let through, and once.
+    """
+    grant = Grant.decode(token, signer)
+    if grant is None:
+        return _refused("the grant is missing, forged or expired", "grant_invalid")
+    host = authority.lower()
+    if host != grant.authority.lower() and host.split(":", 1)[0] != grant.authority.lower().split(":", 1)[0]:
+        return _refused(f"the grant is for {grant.authority}, not {authority}", "grant_wrong_host")
+    if peer is not None and (peer.namespace != grant.namespace
+                             or (grant.service_account and peer.service_account != grant.service_account)):
+        return _refused(f"the grant was issued to {grant.namespace}/{grant.service_account or grant.service}, "
+                        f"not to {peer.describe()}", "grant_wrong_caller")
+    if body_digest(body) != grant.body:
+        return _refused("the request is not the one the grant was issued for", "grant_wrong_body")
+    provider = policy.providers.get(grant.provider)
+    if provider is None or provider.credential is None:
+        return _refused(f"provider {grant.provider!r} has no credential in the current policy", "grant_no_credential")
+    if not await inflight.first_use("grant:" + grant.nonce, _NONCE_MEMORY_S):
+        return _refused("the grant was already used", "grant_replayed")
+    key = credentials.get(provider.credential)
+    if key is None:
+        return ApiError(ErrorKind.UNAVAILABLE, f"the credential for provider {provider.name!r} is not available; "
+                        "the platform team must provide it", "credential_unavailable")
+    return [auth_header(str(provider.api), key)]
+
+
+# Long enough to outlive any grant (a grant lives at most the longest call timeout plus a grace period).
+_NONCE_MEMORY_S = 900.0
+
+
+def _refused(message: str, code: str) -> ApiError:
+    return ApiError(ErrorKind.PERMISSION, f"credential refused: {message}", code)
