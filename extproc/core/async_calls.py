@@ -88,10 +88,14 @@ class JobLookup:
 
     async def reply(self) -> LocalReply:
         from extproc.core.decision import LocalReply
+        from extproc.jobs.errors import StoreUnavailable
 
         try:
-            view = await self._store.get(self._job_id)
-        except Exception as exc:  # NATS down: say so, in the caller's format
+            view = await self._store.get(self._job_id)  # bounded: NATS trouble is a quick StoreUnavailable
+        except StoreUnavailable as exc:  # NATS down or not answering: say so, in the caller's format
+            return _error(self._api, ApiError(ErrorKind.UNAVAILABLE, f"the job store cannot be reached: "
+                                              f"{exc.reason}", "job_store_unavailable"))
+        except Exception as exc:
             return _error(self._api, ApiError(ErrorKind.UNAVAILABLE, f"the job store cannot be reached: "
                                               f"{type(exc).__name__}", "job_store_unavailable"))
         if view is None or not view.owned_by(self._caller.service or "", self._caller.namespace or ""):
@@ -100,7 +104,9 @@ class JobLookup:
                                               "job_not_found"))
         failure = view.failure()
         if failure is not None:
-            return _error(self._api, failure)
+            # In the format of the call that was submitted, which its submitter parses, not in the one the
+            # poll's path and headers suggest: a bare GET on /v1/ai-jobs/ looks like an OpenAI call.
+            return _error(view.api or self._api, failure)
         if view.result is None:
             body = orjson.dumps({"id": view.job_id, "object": "ai.job", "status": str(view.state),
                                  "attempts": view.attempts})

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "JobLimits": "config", "JobNames": "config", "subject_token": "config",
     "JobError": "errors", "JobTooLarge": "errors", "NotRetriable": "errors", "QueueFull": "errors",
-    "UnknownJob": "errors",
+    "StoreUnavailable": "errors", "UnknownJob": "errors",
     "JOB_HEADER": "executor", "HttpExecutor": "executor", "PermanentError": "executor", "RetriableError": "executor",
     "job_token": "executor",
     "JobMetrics": "metrics",
@@ -40,6 +40,7 @@ __all__ = [
     "PermanentError",
     "QueueFull",
     "RetriableError",
+    "StoreUnavailable",
     "Submitted",
     "UnknownJob",
     "Worker",
@@ -51,7 +52,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from extproc.jobs.config import JobLimits, JobNames, subject_token
-    from extproc.jobs.errors import JobError, JobTooLarge, NotRetriable, QueueFull, UnknownJob
+    from extproc.jobs.errors import JobError, JobTooLarge, NotRetriable, QueueFull, StoreUnavailable, UnknownJob
     from extproc.jobs.executor import JOB_HEADER, HttpExecutor, PermanentError, RetriableError, job_token
     from extproc.jobs.metrics import JobMetrics
     from extproc.jobs.model import Job, JobResult, JobState, JobView, is_retriable_status, replay_headers

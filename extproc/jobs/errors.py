@@ -10,6 +10,21 @@ class JobError(Exception):
         return ApiError(ErrorKind.UNAVAILABLE, str(self), "job_error")
 
 
+class StoreUnavailable(JobError):
+    """NATS is down, reconnecting, or did not answer within the store's request timeout.
+
+    Raised at once (or after that short timeout), so the caller gets a 503 well before Envoy's
+    ext_proc message timeout would answer it with a 504.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the job store cannot be reached: {reason}")
+        self.reason = reason
+
+    def api_error(self) -> ApiError:
+        return ApiError(ErrorKind.UNAVAILABLE, f"asynchronous calls are unavailable: {self}", "job_queue_unavailable")
+
+
 class JobTooLarge(JobError):
     def __init__(self, limit: int, size: int) -> None:
         super().__init__(f"the request is {size} bytes; asynchronous jobs are limited to {limit} bytes")

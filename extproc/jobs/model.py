@@ -165,6 +165,14 @@ class StatusRecord:
     dead_seq: int = 0  # sequence of its message in the dead-letter stream, for `retry`
     api: str = ""  # the caller's API, to render an error the store itself must answer with
 
+    @property
+    def api_of_call(self) -> Api | None:
+        """``api`` as an Api; None when absent or unknown (a record written by another version)."""
+        try:
+            return Api(self.api) if self.api else None
+        except ValueError:
+            return None
+
     def encode(self) -> bytes:
         return orjson.dumps({
             "state": self.state.value, "service": self.service, "namespace": self.namespace,
@@ -197,13 +205,15 @@ class JobView:
     last_error: str
     updated_at: float = 0.0
     result: JobResult | None = field(default=None)
+    api: Api | None = None  # the API of the submitted call (None for records older than this field)
 
     def owned_by(self, service: str, namespace: str) -> bool:
         """Results are only for the service that submitted the job; others must get a 404, not a 403."""
         return self.service == service and self.namespace == (namespace or "")
 
     def failure(self) -> ApiError | None:
-        """For a dead job: the error to answer a poll with (render it in the caller's API format)."""
+        """For a dead job: the error to answer a poll with, to render in the job's own API format (``api``):
+        the format its submitter reads, whatever headers its poll happens to carry."""
         if self.state != JobState.DEAD:
             return None
         return ApiError(ErrorKind.UNAVAILABLE, f"the asynchronous job failed after {self.attempts} attempt(s): "

@@ -23,23 +23,33 @@ import asyncio
 import base64
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
+import nats.errors
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import APIError, BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 from extproc.core.apis import Api, ApiError, ErrorKind
+from extproc.core.outage import Outage
 from extproc.jobs.config import JobLimits, JobNames
-from extproc.jobs.errors import JobError, JobTooLarge, NotRetriable, QueueFull, UnknownJob
+from extproc.jobs.errors import JobError, JobTooLarge, NotRetriable, QueueFull, StoreUnavailable, UnknownJob
 from extproc.jobs.metrics import RESUBMITTED, SUBMITTED, JobMetrics
 from extproc.jobs.model import JOB_ID_RE, Job, JobResult, JobState, JobView, StatusRecord
 
@@ -49,6 +59,12 @@ JOBS_PATH = "/v1/ai-jobs/"  # where the processor answers polls: GET /v1/ai-jobs
 _STREAM_EXISTS = 10058  # JSStreamNameExistErr: exists with another configuration
 _HEADER_ROOM = 16 * 1024  # NATS headers and JSON framing around a base64 body
 _FINAL = (JobState.DONE, JobState.DEAD)
+# NATS failures that say "not reachable now" rather than "refused": a caller waiting on them gets a 503.
+_UNREACHABLE = (TimeoutError, OSError, nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
+                nats.errors.ConnectionDrainingError, nats.errors.StaleConnectionError, nats.errors.NoServersError,
+                nats.errors.NoRespondersError, nats.errors.OutboundBufferLimitError, ServiceUnavailableError)
+_CLEANUP_S = 0.25  # at least this long to take back a status record whose job could not be queued
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +101,22 @@ def result_event(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 class JobStore:
+    """``timeout_s`` bounds each NATS request of the worker, the CLI and setup. ``request_timeout_s``
+    bounds what a caller waits on (``submit``, ``get``: answered inside Envoy's ext_proc message
+    timeout of 5 s): well below it, so NATS trouble is a quick 503 from the processor, not a 504 from
+    Envoy. After such a timeout the store fails those calls at once for ``retry_after_s`` (one probe
+    at a time), and while the connection is down it does not try at all."""
+
     def __init__(self, names: JobNames | None = None, limits: JobLimits | None = None,
-                 metrics: JobMetrics | None = None, timeout_s: float = 5.0) -> None:
+                 metrics: JobMetrics | None = None, timeout_s: float = 5.0, request_timeout_s: float = 1.0,
+                 retry_after_s: float = 1.0) -> None:
         self.names = names or JobNames()
         self.limits = limits or JobLimits()
         self.metrics = metrics
         self._timeout = timeout_s
+        self._request_timeout = min(request_timeout_s, timeout_s)
+        self.outage = Outage("job store (NATS)", retry_after_s, fallback="asynchronous calls and polls answer 503",
+                             logger=log)
         self._nc: Client | None = None
         self._js_ctx: JetStreamContext | None = None
         self._status_kv: KeyValue | None = None
@@ -136,10 +162,19 @@ class JobStore:
         return self
 
     async def close(self) -> None:
-        if self._nc is not None and not self._nc.is_closed:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
-        self._nc = None
+        """Flush what was published (for at most ``request_timeout_s``), then close.
+
+        Not nats-py's drain: on a frozen server it waits out its drain timeout and then a 10 s flush,
+        holding up the processor's shutdown; and no subscription is left to drain by then (the worker
+        unsubscribes its own before closing the store).
+        """
+        nc, self._nc = self._nc, None
+        if nc is None or nc.is_closed:
+            return
+        with contextlib.suppress(Exception):  # down, reconnecting or not answering: close all the same
+            await nc.flush(timeout=max(1, math.ceil(self._request_timeout)))  # nats-py wants whole seconds
+        with contextlib.suppress(Exception):
+            await nc.close()
 
     async def __aenter__(self) -> JobStore:
         return self
@@ -234,30 +269,65 @@ class JobStore:
         assert self._results_kv is not None, "JobStore is not connected"
         return self._results_kv
 
+    # --- calls a caller waits on -------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        """When a caller-facing call must be done; raises StoreUnavailable at once when it cannot be."""
+        nc = self._nc
+        if nc is None or self._status_kv is None or self._results_kv is None:
+            raise StoreUnavailable("not connected (yet)")
+        if not nc.is_connected:  # nats-py would buffer the request until it reconnects, or time out
+            state = "reconnecting" if nc.is_reconnecting else "connection closed"
+            self.outage.failed(f"NATS {state}", back_off=False)
+            raise StoreUnavailable(f"NATS {state}")
+        if self.outage.skip():
+            raise StoreUnavailable(f"{self.outage.reason}; retrying shortly")
+        return asyncio.get_running_loop().time() + self._request_timeout
+
+    async def _within(self, call: Awaitable[T], deadline: float) -> T:
+        """Await ``call`` until ``deadline``; NATS not answering (or unreachable) becomes StoreUnavailable.
+
+        Refusals (QueueFull, a key that exists...) pass through unchanged: NATS answered.
+        """
+        try:
+            async with asyncio.timeout_at(deadline):
+                result = await call
+        except _UNREACHABLE as exc:
+            reason = (f"no answer within {self._request_timeout:g}s" if isinstance(exc, TimeoutError)
+                      else f"{type(exc).__name__} {exc}".strip())
+            self.outage.failed(reason)
+            raise StoreUnavailable(reason) from exc
+        self.outage.recovered()
+        return result
+
     # --- submission --------------------------------------------------------------------------------
 
     async def submit(self, job: Job, *, max_queued: int | None = None, max_body_bytes: int | None = None) -> Submitted:
         """Queue a job. ``max_queued``/``max_body_bytes`` tighten the store's limits for this service.
 
-        Raises JobTooLarge, QueueFull, or ValueError for a job id already in use.
+        Raises JobTooLarge, QueueFull, StoreUnavailable (within ``request_timeout_s``: NATS down or not
+        answering), or ValueError for a job id already in use.
         """
         body_limit = min(self.max_body_bytes, max_body_bytes if max_body_bytes is not None else self.max_body_bytes)
         data = job.encode()
         if len(job.body) > body_limit or len(data) > self._max_msg:
             raise JobTooLarge(body_limit, len(job.body) + max(0, len(data) - self._max_msg))
-        await self._check_depth(job, max_queued)
+        deadline = self._deadline()
+        await self._within(self._check_depth(job, max_queued), deadline)
         now = time.time()
         record = StatusRecord(JobState.PENDING, job.service, job.namespace, job.submitted_at, job.attempt,
                               queued_at=now, updated_at=now, api=job.api.value)
         try:
-            await self._status.create(job.job_id, record.encode())
+            await self._within(self._status.create(job.job_id, record.encode()), deadline)
         except KeyWrongLastSequenceError:
             raise ValueError(f"job id {job.job_id} is already in use") from None
         try:
-            await self._publish_job(job, data)
+            await self._within(self._publish_job(job, data), deadline)
         except BaseException:
+            # Best effort and short: after a timeout NATS is unlikely to answer this either.
+            loop = asyncio.get_running_loop()
             with contextlib.suppress(Exception):
-                await self._status.purge(job.job_id)
+                await asyncio.wait_for(self._status.purge(job.job_id), max(deadline - loop.time(), _CLEANUP_S))
             raise
         if self.metrics:
             self.metrics.count(job.service, job.namespace, SUBMITTED)
@@ -299,17 +369,23 @@ class JobStore:
     # --- reading -----------------------------------------------------------------------------------
 
     async def get(self, job_id: str) -> JobView | None:
-        """The job's state, owner and (once done) result; None for unknown, malformed or expired ids."""
+        """The job's state, owner and (once done) result; None for unknown, malformed or expired ids.
+
+        Raises StoreUnavailable (within ``request_timeout_s``) when NATS is down or not answering.
+        """
         if not JOB_ID_RE.match(job_id):
             return None
-        (status, _), result = await asyncio.gather(self._status_get(job_id), self._result_get(job_id))
+        deadline = self._deadline()
+        (status, _), result = await self._within(
+            asyncio.gather(self._status_get(job_id), self._result_get(job_id)), deadline)
         if result is not None:
             doc, stored = result
             # The result record carries its owner, so it can be served even if its status expired first.
             return JobView(job_id, JobState.DONE, str(doc.get("svc", "")), str(doc.get("ns", "")),
                            status.submitted_at if status else 0.0, stored.attempts,
                            status.last_error if status else stored.error,
-                           status.updated_at if status else stored.completed_at, stored)
+                           status.updated_at if status else stored.completed_at, stored,
+                           status.api_of_call if status else None)
         if status is None or status.state == JobState.DONE:  # never seen, or its result has expired
             return None
         return _view(job_id, status)
@@ -458,7 +534,7 @@ class JobStore:
         if len(value) + _HEADER_ROOM <= self._nc_checked.max_payload:
             return value
         # Too big for one NATS message: the caller gets an error in its own format instead of nothing.
-        api_name = Api(status.api) if status.api in tuple(Api) else Api.OPENAI
+        api_name = status.api_of_call or Api.OPENAI
         error = ApiError(ErrorKind.TOO_LARGE, f"the response to this job is {len(result.body)} bytes, more than a job "
                          f"result may hold ({self.max_body_bytes} bytes)", "job_result_too_large")
         small = replace(result, status=error.kind.status, content_type="application/json",
@@ -563,7 +639,7 @@ class JobStore:
 
 def _view(job_id: str, status: StatusRecord) -> JobView:
     return JobView(job_id, status.state, status.service, status.namespace, status.submitted_at, status.attempts,
-                   status.last_error, status.updated_at)
+                   status.last_error, status.updated_at, api=status.api_of_call)
 
 
 async def _log_nats_error(exc: Exception) -> None:

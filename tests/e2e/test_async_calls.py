@@ -158,6 +158,11 @@ def test_repeated_failures_go_to_the_dead_letter_subject(setup: tuple[Stack, str
     assert failed.status_code == 503
     error = failed.json()["error"]
     assert error["type"] == "overloaded_error" and "failed after 5 attempt(s)" in error["message"]
+    # A bare GET (no anthropic-version, no x-api-key) looks like an OpenAI caller: the answer is still in
+    # the format of the Anthropic call that was submitted, which is what its submitter parses.
+    bare = httpx.get(stack.base_url("order-service") + location)
+    assert bare.status_code == 503 and bare.json()["type"] == "error"
+    assert bare.json()["error"]["type"] == "overloaded_error"
 
 
 def test_a_worker_killed_mid_job_gives_exactly_one_result(setup: tuple[Stack, str], nats_url: str,

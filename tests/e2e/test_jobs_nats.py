@@ -443,6 +443,44 @@ def test_retriable_failures_back_off_then_dead_letter_then_retry(names: JobNames
     assert "state:      dead" in out and "overloaded 3" in out and "1 job(s)" in out and "resubmitted" in out
 
 
+def test_a_dead_jobs_poll_answers_in_the_api_format_of_the_submitted_call(names: JobNames) -> None:
+    """The poll is a bare GET: nothing in it says Anthropic. The job's status record does."""
+    from extproc.core.apis import Api
+    from extproc.core.async_calls import JobLookup
+    from extproc.core.identity import Caller
+
+    owner = Caller("user-service", "demo", None, "node")
+
+    async def poll(store: JobStore, job_id: str, headers: dict[str, str]) -> tuple[int, dict[str, object]]:
+        reply = await JobLookup(store, f"/v1/ai-jobs/{job_id}", headers, owner).reply()
+        return reply.status, orjson.loads(reply.body)
+
+    async def scenario() -> None:
+        async with job_store(names) as store:
+            anthropic_job = Job.new(service="user-service", namespace="demo", api="anthropic", path="/v1/messages",
+                                    headers=[("anthropic-version", "2023-06-01")], body=b'{"model":"m"}')
+            openai_job = a_job()
+            for job in (anthropic_job, openai_job):
+                await store.submit(job)
+                assert await store.start_attempt(job) is not None
+                assert await store.dead_letter(job, "HTTP 529: overloaded")
+            dead = await store.get(anthropic_job.job_id)
+            assert dead is not None and dead.state == JobState.DEAD and dead.api is Api.ANTHROPIC
+            [listed] = [v for v in await store.list(state="dead") if v.job_id == anthropic_job.job_id]
+            assert listed.api is Api.ANTHROPIC
+
+            status, body = await poll(store, anthropic_job.job_id, {})
+            assert status == 503 and body["type"] == "error" and set(body) == {"type", "error"}
+            error = body["error"]
+            assert isinstance(error, dict) and error["type"] == "overloaded_error"
+            assert "failed after 1 attempt(s): HTTP 529: overloaded" in error["message"]
+            # And the other way round: an OpenAI job stays OpenAI-shaped, whatever the poll looks like.
+            status, body = await poll(store, openai_job.job_id, {"anthropic-version": "2023-06-01"})
+            assert status == 503 and body["error"]["code"] == "job_failed"  # type: ignore[index]
+
+    run(scenario())
+
+
 def test_client_errors_are_final_and_a_missing_envoy_is_dead_at_once(names: JobNames) -> None:
     async def respond(n: int, request: web.Request) -> web.StreamResponse:
         return web.Response(status=400, content_type="application/json", body=b'{"error":{"message":"bad model"}}')

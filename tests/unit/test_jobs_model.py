@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import orjson
 import pytest
 
 from extproc.cli_jobs import envoy_router
 from extproc.core.apis import Api
+from extproc.core.async_calls import JobLookup
+from extproc.core.identity import Caller
 from extproc.core.tokens import Signer
 from extproc.jobs.config import JobNames, subject_token
-from extproc.jobs.errors import JobTooLarge, QueueFull, UnknownJob
+from extproc.jobs.errors import JobTooLarge, QueueFull, StoreUnavailable, UnknownJob
 from extproc.jobs.executor import job_token
 from extproc.jobs.model import Job, JobResult, JobState, JobView, StatusRecord, is_retriable_status, replay_headers
 from extproc.jobs.worker import Backoff
@@ -127,3 +132,77 @@ def test_the_worker_picks_the_envoy_of_the_jobs_service() -> None:
     assert route(a_job(service="user-service", namespace="shop")) == "http://default"
     with pytest.raises(KeyError):
         envoy_router({}, None)(a_job())
+
+
+# --- polls answer in the job's own API format; an unreachable store is a clear 503 ---------------------
+
+class _Store:
+    """Stands in for JobStore.get: returns a view, or raises."""
+
+    def __init__(self, answer: JobView | Exception | None) -> None:
+        self.answer = answer
+
+    async def get(self, job_id: str) -> JobView | None:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+JOB_ID = "0123456789abcdef0123456789abcdef"
+OWNER = Caller("order-service", "shop", None, "node")
+
+
+def _poll(answer: JobView | Exception | None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, object]]:
+    lookup = JobLookup(_Store(answer), f"/v1/ai-jobs/{JOB_ID}", headers or {}, OWNER)  # type: ignore[arg-type]
+    reply = asyncio.run(lookup.reply())
+    return reply.status, orjson.loads(reply.body)
+
+
+def _dead(api: Api | None) -> JobView:
+    return JobView(JOB_ID, JobState.DEAD, "order-service", "shop", 1.0, 5, "HTTP 500: boom", 2.0, api=api)
+
+
+def test_the_status_record_keeps_the_api_of_the_call() -> None:
+    record = StatusRecord(JobState.DEAD, "svc", "ns", 1.0, 5, "boom", api="anthropic")
+    assert StatusRecord.decode(record.encode()).api_of_call is Api.ANTHROPIC
+    assert StatusRecord(JobState.DEAD, "svc", "ns", 1.0).api_of_call is None  # written before the field
+    assert StatusRecord(JobState.DEAD, "svc", "ns", 1.0, api="grpc").api_of_call is None
+
+
+def test_a_dead_anthropic_job_is_answered_in_anthropic_format_whatever_the_poll_looks_like() -> None:
+    # A bare GET on /v1/ai-jobs/<id> (no anthropic-version, no x-api-key) reads as an OpenAI caller.
+    status, body = _poll(_dead(Api.ANTHROPIC))
+    assert status == 503
+    assert body["type"] == "error" and set(body) == {"type", "error"}
+    error = body["error"]
+    assert isinstance(error, dict) and error["type"] == "overloaded_error"
+    assert "failed after 5 attempt(s): HTTP 500: boom" in error["message"]
+
+
+def test_a_dead_openai_job_is_answered_in_openai_format_even_to_an_anthropic_looking_poll() -> None:
+    status, body = _poll(_dead(Api.OPENAI), {"anthropic-version": "2023-06-01"})
+    assert status == 503
+    error = body["error"]
+    assert isinstance(error, dict) and error["code"] == "job_failed" and error["type"] == "server_error"
+
+
+def test_a_dead_job_of_unknown_api_falls_back_to_the_polls_format() -> None:
+    assert _poll(_dead(None), {"anthropic-version": "2023-06-01"})[1]["type"] == "error"
+    assert "code" in _poll(_dead(None))[1]["error"]  # type: ignore[operator]
+
+
+def test_not_found_and_unavailable_stay_in_the_polls_format() -> None:
+    status, body = _poll(None, {"anthropic-version": "2023-06-01"})
+    assert status == 404 and body["type"] == "error"
+    status, body = _poll(StoreUnavailable("NATS reconnecting"))
+    assert status == 503
+    error = body["error"]
+    assert isinstance(error, dict) and error["code"] == "job_store_unavailable"
+    assert "NATS reconnecting" in error["message"]
+
+
+def test_an_unreachable_store_refuses_a_submission_with_a_503() -> None:
+    error = StoreUnavailable("no answer within 1s").api_error()
+    assert error.kind.status == 503 and error.code == "job_queue_unavailable"
+    assert b'"job_queue_unavailable"' in error.render(Api.OPENAI)
+    assert b'"overloaded_error"' in error.render(Api.ANTHROPIC)
