@@ -25,6 +25,7 @@ from typing import Protocol
 
 import orjson
 
+from extproc.core.outage import Outage
 from extproc.quota.engine import Reservation
 
 log = logging.getLogger(__name__)
@@ -137,41 +138,51 @@ class RedisInFlight:
         self._records = f"{prefix}:{{inflight}}:calls"
         self._nonce_prefix = f"{prefix}:nonce:"
         self._local = MemoryInFlight()  # calls opened while Redis was down are tracked here
+        self.outage = Outage("in-flight store (Redis)", fallback="calls and token nonces are tracked per replica")
 
     async def open(self, call: OpenCall) -> None:
         from redis.exceptions import RedisError
 
+        if self.outage.skip():
+            await self._local.open(call)
+            return
         try:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.zadd(self._deadlines, {call.call_id: call.deadline})
                 pipe.hset(self._records, call.call_id, call.encode())
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("in-flight store unavailable (%s): call %s is tracked by this replica only",
-                        exc, call.call_id)
+            self.outage.failed(exc)
             await self._local.open(call)
+        else:
+            self.outage.recovered()
 
     async def close(self, call_id: str) -> bool:
         from redis.exceptions import RedisError
 
         if await self._local.close(call_id):
             return True
+        if self.outage.skip():
+            return True  # as below: release now rather than leak
         try:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.zrem(self._deadlines, call_id)
                 pipe.hdel(self._records, call_id)
                 removed, _ = await pipe.execute()
-            return bool(removed)
         except (RedisError, OSError) as exc:
             # Nobody can tell whether the sweeper got there first: release now rather than leak; the
             # sweeper's record, if any, is freed once more at worst.
-            log.warning("in-flight store unavailable (%s): releasing call %s here", exc, call_id)
+            self.outage.failed(exc)
             return True
+        self.outage.recovered()
+        return bool(removed)
 
     async def expired(self, now: float) -> list[OpenCall]:
         from redis.exceptions import RedisError
 
         due = await self._local.expired(now)
+        if self.outage.skip():
+            return due
         try:
             ids = await self._client.zrangebyscore(self._deadlines, "-inf", now, start=0, num=_SWEEP_BATCH)
             for raw_id in ids:
@@ -183,18 +194,22 @@ class RedisInFlight:
                 if record is not None:
                     due.append(OpenCall.decode(record))
         except (RedisError, OSError) as exc:
-            log.warning("in-flight store unavailable (%s): sweeping later", exc)
+            self.outage.failed(exc)
         return due
 
     async def first_use(self, nonce: str, ttl_s: float) -> bool:
         from redis.exceptions import RedisError
 
+        if self.outage.skip():
+            return await self._local.first_use(nonce, ttl_s)  # during an outage: per replica
         try:
-            return bool(await self._client.set(self._nonce_prefix + nonce, b"1", nx=True,
-                                               px=max(1, int(ttl_s * 1000))))
+            first = bool(await self._client.set(self._nonce_prefix + nonce, b"1", nx=True,
+                                                px=max(1, int(ttl_s * 1000))))
         except (RedisError, OSError) as exc:
-            log.warning("in-flight store unavailable (%s): checking token %s on this replica only", exc, nonce)
+            self.outage.failed(exc)
             return await self._local.first_use(nonce, ttl_s)
+        self.outage.recovered()
+        return first
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from extproc.envoy_config.filter import (
+    EXT_PROC_RUNTIME,
     INTERNAL_REQUEST_HEADERS,
     failover_cluster,
     failover_cluster_name,
@@ -99,6 +100,10 @@ def render_bootstrap(spec: SidecarSpec) -> dict[str, Any]:
                          *(_upstream_cluster(u) for u in _unique(spec)),
                          *(_failover_clusters(spec) if spec.failover else [])],
         },
+        "layered_runtime": {"layers": [
+            {"name": "static", "static_layer": dict(EXT_PROC_RUNTIME)},
+            {"name": "admin", "admin_layer": {}},
+        ]},
         # Bound the number of downstream connections, as a sidecar should.
         "overload_manager": {
             "resource_monitors": [{

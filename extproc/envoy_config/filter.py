@@ -196,6 +196,13 @@ def processor_http_filters(*, cluster_name: str, authority: str, failure_mode_al
 PROCESSOR_KEEPALIVE = {"interval": "1s", "timeout": "2s"}
 
 
+# Envoy closes an ext_proc stream with a reset (RST_STREAM CANCEL) unless this is on; a reset that
+# races the processor's last write makes grpc log an ExecuteBatchError traceback for a call that
+# succeeded. Off by default in Envoy 1.40: sidecars must set it (bootstrap layered_runtime here;
+# ProxyConfig runtimeValues in Istio).
+EXT_PROC_RUNTIME = {"envoy.reloadable_features.ext_proc_graceful_grpc_close": True}
+
+
 def processor_http2_options() -> dict[str, Any]:
     """``http2_protocol_options`` for the processor's cluster."""
     return {"connection_keepalive": dict(PROCESSOR_KEEPALIVE)}
