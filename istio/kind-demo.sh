@@ -51,7 +51,9 @@ kubectl -n ai-system create secret generic claude-api-key --from-literal=api-key
 kubectl -n ai-system get secret ai-extproc-signing-key >/dev/null 2>&1 || \
   kubectl -n ai-system create secret generic ai-extproc-signing-key --from-literal=key="$(openssl rand -hex 32)"
 
-step "processor, EnvoyFilter, providers"
+step "processor, EnvoyFilter, providers, egress gateway, access policies"
+# The install's REGISTRY_ONLY Sidecar lives in the client namespace (client-namespaces.yaml): create it first.
+kubectl apply -f istio/samples/namespace.yaml
 kubectl apply -k istio/
 kubectl -n ai-system rollout status deploy/ai-extproc --timeout=300s
 

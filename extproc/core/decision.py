@@ -29,7 +29,7 @@ from extproc.core.async_calls import JOB_HEADER, JOBS_PATH, JobClaim, JobLookup,
 from extproc.core.breaker import BreakerKey, Breakers, State
 from extproc.core.bulkhead import LocalBulkhead, SharedBulkhead
 from extproc.core.credentials import CredentialStore, auth_header
-from extproc.core.grants import GRANT_HEADER, Grant, body_digest
+from extproc.core.grants import GRANT_HEADER, Grant, body_digest, through_gateway
 from extproc.core.identity import Caller, bind_to_peer, identify
 from extproc.core.inflight import GRACE_S, InFlightStore, MemoryInFlight, OpenCall
 from extproc.core.peer import Peer
@@ -510,7 +510,7 @@ class Exchange:
         target = hops[state.index]
         provider = target.provider
         caller_api = Api(state.caller_api)
-        at_gateway = self.policy.mesh.credential_injection == "gateway"
+        at_gateway = self.policy.mesh.credential_injection == "gateway" and through_gateway(provider)
         credential = self._api_headers(target) if at_gateway else self._credential_headers(target)
         if isinstance(credential, ApiError):
             return _reject(caller_api, credential)
@@ -599,8 +599,12 @@ class Exchange:
 
     def _grant(self, target: Target, state: fallback.HopState, body: bytes) -> str:
         """This attempt's single-use grant for the provider's credential, redeemed at the egress gateway."""
-        grant = Grant(target.provider.name, target.provider.authority, self._scope[0], self._scope[1],
-                      self.caller.service_account or "", fallback.new_nonce(), body_digest(body))
+        # Bound to the workload whose sidecar presents it (a worker replaying a job presents its own).
+        peer = self.request.peer
+        namespace = peer.namespace if peer is not None else self._scope[0]
+        account = peer.service_account if peer is not None else (self.caller.service_account or "")
+        grant = Grant(target.provider.name, target.provider.authority, namespace, self._scope[1], account,
+                      fallback.new_nonce(), body_digest(body))
         ttl = max(1.0, state.started_at + state.timeout_ms / 1000 + GRACE_S - time.time())
         return grant.encode(self.decider.signer, ttl)
 

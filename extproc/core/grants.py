@@ -23,8 +23,17 @@ from extproc.core.tokens import Signer
 
 if TYPE_CHECKING:
     from extproc.policy.compiled import PolicySet
+    from extproc.policy.model import Provider
 
 GRANT_HEADER = "x-ai-grant"
+
+
+def through_gateway(provider: Provider) -> bool:
+    """Whether the provider is reached through the egress gateway: hosts outside the mesh. An in-mesh
+    server (``*.svc``, ``*.local``) is reached directly, so its credential, if it has one, is added by
+    the caller's sidecar (prefer mesh authorization to keys for in-mesh servers)."""
+    host = provider.authority.split(":", 1)[0].lower()
+    return not host.endswith((".svc", ".svc.cluster.local", ".local"))
 
 
 def body_digest(body: bytes) -> str:
@@ -35,9 +44,9 @@ def body_digest(body: bytes) -> str:
 class Grant:
     provider: str  # the provider entry whose credential is granted
     authority: str  # the host the call must go to
-    namespace: str
-    service: str
-    service_account: str  # the caller's identity as the decision bound it ("" when not known)
+    namespace: str  # of the workload whose sidecar will present it (its mTLS peer, when verified)
+    service: str  # the service the call is charged to (a job's submitter when a worker replays it)
+    service_account: str  # of the presenting workload ("" when not known)
     nonce: str  # single use: the credential port remembers it
     body: str  # body_digest of the request the decision forwarded
 

@@ -7,8 +7,16 @@
   Istio's own outbound cluster for its Service (``outbound|PORT||HOST``: EDS, auto-mTLS), with an
   explicit ``authority`` because a ``|`` is not valid in ``:authority``.
 * ``ServiceEntry`` + ``DestinationRule`` per external provider: the application calls plain
-  ``http://api.openai.com`` (port 80, so the sidecar sees and can rewrite the request) and the
-  sidecar originates TLS to 443.
+  ``http://api.openai.com`` (port 80, so the sidecar sees and can rewrite the request; the entry has
+  no other port, so there is no TLS route around the policy) and TLS to 443 is originated by the
+  sidecar (``credentials="sidecar"``) or by the egress gateway (``credentials="gateway"``).
+* The egress gateway (``credentials="gateway"``, the default; docs/istio-security.md): a dedicated
+  gateway Deployment that holds no keys, the only way out to the provider hosts. Sidecars reach it
+  over Istio mTLS; its ``EnvoyFilter`` trades the decision's single-use grant for the provider key at
+  the processor's credential port, so no key ever enters an application's pod.
+* The processor's closed ports: ``PeerAuthentication`` (STRICT), an ``AuthorizationPolicy`` and a
+  ``NetworkPolicy`` that admit each port only from its intended callers, and a ``Sidecar`` with
+  ``REGISTRY_ONLY`` egress in every client namespace (no way out to unregistered hosts).
 * ``AIProvider`` objects for the same providers (credential from a Secret) and ``AIPolicy`` objects
   from policy files.
 """
@@ -22,10 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from extproc.core.grants import GRANT_HEADER
 from extproc.envoy_config.filter import (
     EXT_PROC_TYPE,
     FILTER_NAME,
     INTERNAL_REQUEST_HEADERS,
+    MAX_FALLBACK_REQUEST_BYTES,
+    credential_filter,
     failover_cluster,
     failover_cluster_name,
     failover_route_settings,
@@ -44,17 +55,37 @@ FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 SECRET_KEY = "api-key"
 
 
+CREDENTIAL_MODES = ("gateway", "sidecar")
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+# Prometheus scraping /metrics with the mesh's certificates (kube-prometheus-stack's account).
+METRICS_ACCOUNT = ("monitoring", "prometheus-k8s")
+
+
 @dataclass(frozen=True, slots=True)
 class IstioSpec:
     providers: tuple[Provider, ...]
     processor_host: str = "ai-extproc.ai-system.svc.cluster.local"
     processor_port: int = 50051
     relay_port: int = 50052  # the processor Service's fallback relay port (HTTP)
+    credentials_port: int = 50053  # the processor Service's credential port (gRPC, the egress gateway only)
+    admin_port: int = 9902  # the processor's /metrics, /config, /quota
     filter_namespace: str = "istio-system"  # the root namespace: the selector below applies in every namespace
     selector: tuple[tuple[str, str], ...] = (("ai.extproc.io/enabled", "true"),)  # () = every workload
-    provider_namespace: str = "ai-system"  # AIProviders, ServiceEntries and DestinationRules live here
+    provider_namespace: str = "ai-system"  # AIProviders, ServiceEntries, DestinationRules, the egress gateway
     name: str = "ai-extproc"
     labels: Mapping[str, str] = field(default_factory=lambda: {"app.kubernetes.io/part-of": "ai-mesh-extproc"})
+    # gateway: keys are added only at the egress gateway; sidecar: the decision hands them to the
+    # caller's sidecar (single-tenant development clusters only: docs/istio-security.md).
+    credentials: str = "gateway"
+    gateway_name: str = "ai-egress"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    client_namespaces: tuple[str, ...] = ()  # where opted-in workloads run: they alone reach the decision port
+    metrics_principal: str = ""  # default: <trust domain>/ns/monitoring/sa/prometheus-k8s
+    max_body_bytes: int = 4 * 1024 * 1024  # the mesh settings' max_body_bytes: what a decision may let through
+
+    def __post_init__(self) -> None:
+        if self.credentials not in CREDENTIAL_MODES:
+            raise ValueError(f"credentials must be one of {', '.join(CREDENTIAL_MODES)}, not {self.credentials!r}")
 
     @property
     def processor_cluster(self) -> str:
@@ -63,6 +94,51 @@ class IstioSpec:
     @property
     def relay_cluster(self) -> str:
         return f"outbound|{self.relay_port}||{self.processor_host}"
+
+    @property
+    def credentials_cluster(self) -> str:
+        return f"outbound|{self.credentials_port}||{self.processor_host}"
+
+    @property
+    def processor_service(self) -> str:
+        return self.processor_host.split(".")[0]
+
+    @property
+    def processor_namespace(self) -> str:
+        """The processor's namespace: the platform namespace, the only one admitted to its admin port."""
+        parts = self.processor_host.split(".")
+        return parts[1] if len(parts) > 1 else self.provider_namespace
+
+    @property
+    def at_gateway(self) -> bool:
+        return self.credentials == "gateway"
+
+    @property
+    def gateway_namespace(self) -> str:
+        return self.provider_namespace  # next to the ServiceEntries and DestinationRules it uses
+
+    @property
+    def gateway_host(self) -> str:
+        return f"{self.gateway_name}.{self.gateway_namespace}.svc.cluster.local"
+
+    @property
+    def gateway_principal(self) -> str:
+        return self.principal(self.gateway_namespace, self.gateway_name)
+
+    @property
+    def gateway_buffer_bytes(self) -> int:
+        """What the gateway may hold of one request: the credential filter buffers the whole body (its
+        hash is checked), and Envoy answers 413 beyond the listener's buffer limit (1 MiB by default).
+        Twice the policy's limit: a decision may rewrite the body (a fallback's translation)."""
+        return max(MAX_FALLBACK_REQUEST_BYTES, 2 * self.max_body_bytes)
+
+    @property
+    def scraper_principal(self) -> str:
+        return self.metrics_principal or self.principal(*METRICS_ACCOUNT)
+
+    def principal(self, namespace: str, service_account: str) -> str:
+        """An Istio AuthorizationPolicy principal: the peer certificate's SPIFFE id without ``spiffe://``."""
+        return f"{self.trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +169,37 @@ def processor_filters(spec: IstioSpec) -> list[dict[str, Any]]:
 
 
 def _hosts(spec: IstioSpec) -> list[ProviderHost]:
-    seen: dict[str, ProviderHost] = {}
+    return list(_named_hosts(spec))
+
+
+def _named_hosts(spec: IstioSpec) -> dict[ProviderHost, str]:
+    """Each provider host, named after the first provider on it (a DNS label, for subsets and objects)."""
+    seen: dict[ProviderHost, str] = {}
     for provider in spec.providers:
         host = provider_host(provider)
-        seen.setdefault(host.vhost, host)
-    return list(seen.values())
+        seen.setdefault(host, re.sub(r"[^a-z0-9-]+", "-", provider.name.lower()).strip("-") or "provider")
+    return seen
+
+
+def external_hosts(spec: IstioSpec) -> dict[ProviderHost, str]:
+    """The hosts outside the mesh (the ones the egress gateway serves in gateway mode), with their names."""
+    return {host: name for host, name in _named_hosts(spec).items() if host.external}
+
+
+GATEWAY_PORT = 80  # the egress gateway Service's port: sidecars reach it over Istio mTLS
+
+
+def route_target(spec: IstioSpec, host: ProviderHost) -> str:
+    """The cluster a provider route sends a call to first.
+
+    Sidecar mode, and in-mesh model servers: the provider's own cluster. Gateway mode: the egress
+    gateway's subset for that host (its SNI names the host the gateway's mTLS server expects). The
+    route's cluster is replaced by our failover aggregate, which names this cluster directly: the
+    VirtualService's mesh route to the gateway would be bypassed if it named the provider's.
+    """
+    if spec.at_gateway and host.external:
+        return f"outbound|{GATEWAY_PORT}|{external_hosts(spec)[host]}|{spec.gateway_host}"
+    return f"outbound|{host.port}||{host.host}"
 
 
 def provider_calls_only(config: dict[str, Any], hosts: Iterable[ProviderHost]) -> dict[str, Any]:
@@ -155,7 +257,8 @@ def envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
     for host in hosts:
         # Fallback: the provider's route targets [provider, relay], retrying a failed attempt of a
         # call with a fallback chain to the relay and following its redirect (docs/design/fallback.md).
-        provider_cluster = f"outbound|{host.port}||{host.host}"
+        # In gateway mode "provider" is the egress gateway's cluster for that host.
+        provider_cluster = route_target(spec, host)
         patches.append({
             "applyTo": "CLUSTER",
             "match": {"context": "SIDECAR_OUTBOUND"},
@@ -242,10 +345,11 @@ def provider_objects(spec: IstioSpec) -> list[dict[str, Any]]:
                 "exportTo": ["*"],
                 "location": "MESH_EXTERNAL",
                 "resolution": "DNS",
+                # Only the plain-HTTP port the policy governs, sent on to 443 with TLS originated in
+                # the mesh: no TLS port, so a workload has no route to the host around the policy
+                # (with REGISTRY_ONLY egress, an https:// call goes nowhere).
                 "ports": [
-                    # The application speaks plain HTTP to port 80; the sidecar sends it to 443.
                     {"number": host.port, "name": f"http-{provider.name}", "protocol": "HTTP", "targetPort": 443},
-                    {"number": 443, "name": f"https-{provider.name}", "protocol": "HTTPS"},
                 ],
             },
         })
@@ -255,13 +359,305 @@ def provider_objects(spec: IstioSpec) -> list[dict[str, Any]]:
             "metadata": copy.deepcopy(meta),
             "spec": {
                 "host": host.host,
-                "exportTo": ["*"],
+                # Gateway mode: TLS is originated by the egress gateway only (it runs in this
+                # namespace); a sidecar elsewhere has no working route of its own to the provider.
+                "exportTo": ["."] if spec.at_gateway else ["*"],
                 "trafficPolicy": {"portLevelSettings": [
                     {"port": {"number": host.port}, "tls": {"mode": "SIMPLE", "sni": host.host}},
                 ]},
             },
         })
     return objects
+
+
+# --- the egress gateway (credentials="gateway"): the only way out to the provider hosts ----------------------------
+
+
+def egress_gateway_objects(spec: IstioSpec) -> list[dict[str, Any]]:
+    """The egress gateway and the routes through it, for every external provider host (none in sidecar mode).
+
+    Sidecars send provider calls to the gateway over Istio mTLS (a subset per host whose SNI names
+    the host: the gateway's mTLS server accepts only those names); the gateway's credential filter
+    asks the processor's credential port for the key, which it grants only for the decision's own
+    grant, presented by the caller it was issued to; the gateway originates TLS to the provider.
+    The gateway holds no key itself: no Secret, no volume, no API access.
+    """
+    hosts = external_hosts(spec)
+    if not spec.at_gateway or not hosts:
+        return []
+    namespace, name = spec.gateway_namespace, spec.gateway_name
+    selector = {"istio": name}
+    gateway_ref = f"{namespace}/{name}"
+
+    def meta(object_name: str, **labels: str) -> dict[str, Any]:
+        return {"name": object_name, "namespace": namespace, "labels": {**spec.labels, **labels}}
+
+    objects: list[dict[str, Any]] = [
+        # Its mTLS identity is what the processor's credential port admits; it is bound to nothing.
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(name), "automountServiceAccountToken": False},
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta(name, app=name, **selector),
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": dict(selector)},
+                "template": {
+                    "metadata": {
+                        # Istio's gateway injection: the proxy is the pod's only container.
+                        "annotations": {"inject.istio.io/templates": "gateway"},
+                        "labels": {"app": name, **selector, "sidecar.istio.io/inject": "true"},
+                    },
+                    "spec": {
+                        "serviceAccountName": name,
+                        # Bind port 80 as non-root (Istio's manual gateway deployment does the same).
+                        "securityContext": {"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start",
+                                                         "value": "0"}]},
+                        "containers": [{
+                            "name": "istio-proxy",
+                            "image": "auto",  # filled in by the injector, updated with the control plane
+                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                                "runAsNonRoot": True, "runAsUser": 1337, "runAsGroup": 1337},
+                        }],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta(name, app=name, **selector),
+            "spec": {"type": "ClusterIP", "selector": dict(selector),
+                     "ports": [{"name": "http", "port": GATEWAY_PORT, "protocol": "TCP"}]},
+        },
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "Gateway",
+            "metadata": meta(name),
+            "spec": {
+                "selector": dict(selector),
+                "servers": [{
+                    # HTTP inside Istio mTLS: the gateway sees each caller's sidecar certificate, which
+                    # the credential port checks against the grant. Only VirtualServices in this
+                    # namespace may bind routes to it.
+                    "port": {"number": GATEWAY_PORT, "name": "https-providers", "protocol": "HTTPS"},
+                    "hosts": [f"{namespace}/{host.host}" for host in hosts],
+                    "tls": {"mode": "ISTIO_MUTUAL"},
+                }],
+            },
+        },
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": meta(name),
+            "spec": {
+                "host": spec.gateway_host,
+                "exportTo": ["*"],
+                "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}},
+                # One subset per provider host: its SNI selects the gateway server's filter chain.
+                "subsets": [{"name": subset, "trafficPolicy": {"portLevelSettings": [
+                    {"port": {"number": GATEWAY_PORT}, "tls": {"mode": "ISTIO_MUTUAL", "sni": host.host}}]}}
+                    for host, subset in hosts.items()],
+            },
+        },
+    ]
+    for host, subset in hosts.items():
+        objects.append({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": meta(subset),
+            "spec": {
+                "hosts": [host.host],
+                "exportTo": ["*"],
+                "gateways": ["mesh", gateway_ref],
+                "http": [
+                    {"name": "to-egress-gateway", "match": [{"gateways": ["mesh"], "port": host.port}],
+                     "route": [{"destination": {"host": spec.gateway_host, "subset": subset,
+                                                "port": {"number": GATEWAY_PORT}}}]},
+                    {"name": "to-provider", "match": [{"gateways": [gateway_ref], "port": GATEWAY_PORT}],
+                     # The grant is for the credential port only: never sent on to the provider.
+                     "headers": {"request": {"remove": [GRANT_HEADER]}},
+                     "route": [{"destination": {"host": host.host, "port": {"number": host.port}}}]},
+                ],
+            },
+        })
+    objects.append(gateway_envoy_filter_object(spec))
+    return objects
+
+
+def gateway_envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
+    """The egress gateway's credential filter (filter.py's ``credential_filter``), before its router.
+
+    On every listener of the gateway: it serves the provider hosts only. A call without a valid
+    grant for its caller, host and body is refused there and never reaches a provider.
+    """
+    listener = {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}
+    patches: list[dict[str, Any]] = [
+        # The credential filter buffers each request whole: room for the largest one a decision lets through.
+        {
+            "applyTo": "LISTENER",
+            "match": {"context": "GATEWAY"},
+            "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": spec.gateway_buffer_bytes}},
+        },
+        {
+            "applyTo": "HTTP_FILTER",
+            "match": {"context": "GATEWAY", "listener": listener},
+            "patch": {"operation": "INSERT_BEFORE",
+                      "value": credential_filter(cluster_name=spec.credentials_cluster, authority=spec.processor_host)},
+        },
+        # Envoy's own errors here (provider or credential port unreachable) in the caller's API format.
+        {
+            "applyTo": "NETWORK_FILTER",
+            "match": {"context": "GATEWAY", "listener": {"filterChain": {"filter": {"name": HCM}}}},
+            "patch": {"operation": "MERGE", "value": {"name": HCM, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                         "HttpConnectionManager",
+                "local_reply_config": local_reply_config(),
+            }}},
+        },
+        # HTTP/2 pings on the connection to the credential port, as sidecars have to the decision port.
+        {
+            "applyTo": "CLUSTER",
+            "match": {"context": "GATEWAY", "cluster": {"service": spec.processor_host,
+                                                         "portNumber": spec.credentials_port}},
+            "patch": {"operation": "MERGE", "value": {"typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": processor_http2_options()},
+                }}}},
+        },
+    ]
+    return {
+        "apiVersion": "networking.istio.io/v1alpha3",
+        "kind": "EnvoyFilter",
+        "metadata": {"name": f"{spec.gateway_name}-credentials", "namespace": spec.gateway_namespace,
+                     "labels": dict(spec.labels)},
+        "spec": {"workloadSelector": {"labels": {"istio": spec.gateway_name}}, "configPatches": patches},
+    }
+
+
+# --- the processor's closed ports -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PortAccess:
+    """Who may call some of the processor's ports: one AuthorizationPolicy rule and one NetworkPolicy rule."""
+
+    ports: tuple[int, ...]
+    principals: tuple[str, ...]  # Istio principals (peer certificate identities, trust domain included)
+    peers: tuple[dict[str, Any], ...]  # the same callers as NetworkPolicy peers
+    serves: str
+    paths: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+
+    def rule(self) -> dict[str, Any]:
+        operation: dict[str, Any] = {"ports": [str(p) for p in self.ports]}
+        if self.paths:
+            operation["paths"] = list(self.paths)
+        if self.methods:
+            operation["methods"] = list(self.methods)
+        return {"from": [{"source": {"principals": list(self.principals)}}], "to": [{"operation": operation}]}
+
+    def ingress(self) -> dict[str, Any]:
+        return {"from": copy.deepcopy(list(self.peers)), "ports": [{"port": p, "protocol": "TCP"} for p in self.ports]}
+
+
+ISTIO_AGENT_PORT = 15020  # pilot-agent: merged Prometheus metrics (plaintext, never through the proxy's policies)
+
+
+def _namespace_peer(namespace: str) -> dict[str, Any]:
+    return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}
+
+
+def principal_namespace(principal: str) -> str:
+    parts = principal.split("/")
+    if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa" or not parts[2]:
+        raise ValueError(f"{principal!r} is not a principal of the form TRUST_DOMAIN/ns/NAMESPACE/sa/ACCOUNT")
+    return parts[2]
+
+
+def processor_access(spec: IstioSpec) -> list[PortAccess]:
+    """Every caller of every processor port; anything not listed is refused (docs/istio-security.md)."""
+    access: list[PortAccess] = []
+    clients = spec.client_namespaces
+    if clients:  # none: the decision port is closed to everyone (calls fail closed)
+        access.append(PortAccess(
+            (spec.processor_port, spec.relay_port), tuple(spec.principal(ns, "*") for ns in clients),
+            tuple(_namespace_peer(ns) for ns in clients),
+            "decisions (ext_proc) and the fallback relay: the sidecars of opted-in workloads"))
+    if spec.at_gateway and external_hosts(spec):  # the egress gateway exists
+        gateway_pods = {**_namespace_peer(spec.gateway_namespace),
+                        "podSelector": {"matchLabels": {"istio": spec.gateway_name}}}
+        access.append(PortAccess((spec.credentials_port,), (spec.gateway_principal,), (gateway_pods,),
+                                 "credentials for grants (ext_proc): the egress gateway only"))
+    scraper = spec.scraper_principal
+    access.append(PortAccess((spec.admin_port,), (scraper,), (_namespace_peer(principal_namespace(scraper)),),
+                             "/metrics: the metrics scraper", paths=("/metrics",), methods=("GET",)))
+    access.append(PortAccess((spec.admin_port,), (spec.principal(spec.processor_namespace, "*"),),
+                             (_namespace_peer(spec.processor_namespace),),
+                             "/metrics, /config, /quota, /healthz, /readyz: the platform namespace"))
+    return access
+
+
+def security_objects(spec: IstioSpec) -> list[dict[str, Any]]:
+    """The processor's PeerAuthentication (STRICT mTLS), AuthorizationPolicy and NetworkPolicy."""
+    namespace, app = spec.processor_namespace, {"app": spec.processor_service}
+    access = processor_access(spec)
+
+    def meta() -> dict[str, Any]:
+        return {"name": spec.processor_service, "namespace": namespace, "labels": dict(spec.labels)}
+
+    # Istio's merged metrics (the PodMonitor's target) are served by pilot-agent, outside the proxy:
+    # only the NetworkPolicy can keep them to the scraper's namespace. The kubelet's probes (15021,
+    # and the rewritten app probes on 15020) come from the node, which NetworkPolicy always admits.
+    agent = {"from": [_namespace_peer(principal_namespace(spec.scraper_principal))],
+             "ports": [{"port": ISTIO_AGENT_PORT, "protocol": "TCP"}]}
+    return [
+        {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": meta(),
+         "spec": {"selector": {"matchLabels": dict(app)}, "mtls": {"mode": "STRICT"}}},
+        # ALLOW with these rules: every other port, path and caller is denied.
+        {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": meta(),
+         "spec": {"selector": {"matchLabels": dict(app)}, "action": "ALLOW", "rules": [a.rule() for a in access]}},
+        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta(),
+         "spec": {"podSelector": {"matchLabels": dict(app)}, "policyTypes": ["Ingress"],
+                  "ingress": [*(a.ingress() for a in access), agent]}},
+    ]
+
+
+# The asynchronous-jobs worker (istio/async-jobs/worker.yaml) replays calls through its own opted-in
+# sidecar, from the platform namespace, with its own service account: the processor binds callers to
+# their mTLS identity, and a worker's account is the one named like its app.
+WORKER_ACCOUNT = "ai-extproc-worker"
+WORKER_LABELS = {"app": "ai-extproc-worker"}
+
+
+def worker_access_objects(spec: IstioSpec) -> list[dict[str, Any]]:
+    """With istio/async-jobs: the worker may reach the decision and relay ports too (ALLOW rules add up)."""
+    namespace, app = spec.processor_namespace, {"app": spec.processor_service}
+    access = PortAccess((spec.processor_port, spec.relay_port), (spec.principal(namespace, WORKER_ACCOUNT),),
+                        ({"podSelector": {"matchLabels": dict(WORKER_LABELS)}},), "the async worker's sidecar")
+    meta = {"name": f"{spec.processor_service}-worker", "namespace": namespace, "labels": dict(spec.labels)}
+    return [
+        {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": copy.deepcopy(meta),
+         "spec": {"selector": {"matchLabels": dict(app)}, "action": "ALLOW", "rules": [access.rule()]}},
+        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": copy.deepcopy(meta),
+         "spec": {"podSelector": {"matchLabels": dict(app)}, "policyTypes": ["Ingress"],
+                  "ingress": [access.ingress()]}},
+    ]
+
+
+def client_sidecar_objects(spec: IstioSpec) -> list[dict[str, Any]]:
+    """Per client namespace: egress only to registered hosts (REGISTRY_ONLY), so an unknown host, or a
+    provider's https:// port, is no way around the policy. The provider ServiceEntries, the egress
+    gateway and the processor stay visible."""
+    platform = {spec.processor_namespace, spec.provider_namespace}
+    hosts = ["./*", "istio-system/*", *sorted(f"{ns}/*" for ns in platform if ns != "istio-system")]
+    return [{
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Sidecar",
+        "metadata": {"name": "default", "namespace": namespace, "labels": dict(spec.labels)},
+        "spec": {"egress": [{"hosts": list(hosts)}], "outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}},
+    } for namespace in spec.client_namespaces if namespace not in platform]
 
 
 def policy_objects(policies: Iterable[tuple[str, Mapping[str, Any]]], namespace: str) -> list[dict[str, Any]]:

@@ -186,3 +186,15 @@ def test_a_frozen_processor_cannot_hold_a_translated_answer(stack: Stack) -> Non
         time.sleep(0.5)
     else:
         pytest.fail("the processor did not serve again after it was thawed")
+
+
+def test_a_burst_of_successful_calls_logs_no_traceback(stack: Stack) -> None:
+    """Envoy closes each ext_proc stream gracefully: no reset races the processor's last write."""
+    mark = len(stack.processor.log_text())
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda _: post(stack, CHAT, {"model": "chat", "messages": [
+            {"role": "user", "content": "x"}]}).status_code, range(300)))
+    assert statuses.count(200) + statuses.count(429) == 300  # max_in_flight: 2 refuses some, cleanly
+    assert statuses.count(200) > 0
+    log = stack.processor.log_text()[mark:]
+    assert "Traceback" not in log and "ExecuteBatchError" not in log, log[-3000:]

@@ -50,9 +50,11 @@ def samples() -> list[dict[str, Any]]:
 
 def test_install_builds_with_everything(install: dict[tuple[str, str], dict[str, Any]]) -> None:
     kinds = sorted({kind for kind, _ in install})
-    assert kinds == ["AIProvider", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "CustomResourceDefinition",
-                     "Deployment", "DestinationRule", "EnvoyFilter", "HorizontalPodAutoscaler", "Namespace",
-                     "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount", "ServiceEntry"]
+    assert kinds == ["AIProvider", "AuthorizationPolicy", "ClusterRole", "ClusterRoleBinding", "ConfigMap",
+                     "CustomResourceDefinition", "Deployment", "DestinationRule", "EnvoyFilter", "Gateway",
+                     "HorizontalPodAutoscaler", "Namespace", "NetworkPolicy", "PeerAuthentication",
+                     "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount", "ServiceEntry",
+                     "Sidecar", "VirtualService"]  # the trust objects: tests/istio/test_trust_manifests.py
 
 
 def test_processor_deployment_is_hardened_and_probed(install: dict[tuple[str, str], dict[str, Any]]) -> None:
@@ -74,7 +76,8 @@ def test_processor_deployment_is_hardened_and_probed(install: dict[tuple[str, st
 
 def test_envoyfilter_reaches_the_rendered_service(install: dict[tuple[str, str], dict[str, Any]]) -> None:
     service = install[("Service", "ai-extproc")]
-    port, relay = service["spec"]["ports"]
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    port, relay = ports["grpc-extproc"], ports["http-relay"]
     assert port["name"].startswith("grpc-") and port["appProtocol"] == "grpc"
     assert relay["name"].startswith("http-") and relay["appProtocol"] == "http"
     host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
@@ -152,7 +155,13 @@ def test_render_istio_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     vhosts = [p["match"]["routeConfiguration"]["vhost"]["name"] for p in envoy_filter["spec"]["configPatches"]
               if p["applyTo"] == "VIRTUAL_HOST"]
     assert vhosts == ["vllm.models.svc.cluster.local:8000"]
-    assert sorted(o["kind"] for o in objects) == ["AIProvider", "EnvoyFilter", "EnvoyFilter"]  # + fail-open
+    # + fail-open; the processor's access policies (and the async worker's); no egress gateway: no
+    # external host; no client Sidecar: no AIPolicy names a client namespace (nothing may call 50051).
+    assert sorted(o["kind"] for o in objects) == ["AIProvider", "AuthorizationPolicy", "AuthorizationPolicy",
+                                                  "EnvoyFilter", "EnvoyFilter", "NetworkPolicy", "NetworkPolicy",
+                                                  "PeerAuthentication"]
+    (authz,) = [o for o in objects if o["kind"] == "AuthorizationPolicy" and o["metadata"]["name"] == "ai-extproc"]
+    assert {port for rule in authz["spec"]["rules"] for port in rule["to"][0]["operation"]["ports"]} == {"9902"}
     policy.write_text("providers:\n- {name: openai, api: openai, base_url: 'https://api.openai.com/v1'}\n")
     assert main(["render", "istio", "--policy", str(policy)]) == 1
     assert "base_url must be http://" in capsys.readouterr().err

@@ -7,8 +7,10 @@ iptables redirect into the sidecar)."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,18 +38,29 @@ SERVICES = ("user-service", "product-service", "order-service")
 pytestmark = pytest.mark.e2e
 
 
+@functools.cache
+def sidecar_mode() -> Path:
+    """The install rendered in developer mode (keys added by the sidecar, no egress gateway): these tests
+    run sidecars without a gateway; gateway mode has its own in test_trust_manifests.py."""
+    from extproc.cli import main
+
+    directory = Path(tempfile.mkdtemp(prefix="istio-sidecar-mode-"))
+    assert main(["render", "istio", "--credentials", "sidecar", "-o", str(directory)]) == 0
+    return directory
+
+
 def load_all(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
 def envoy_filter() -> dict[str, Any]:
-    main, _ = load_all(ISTIO / "envoyfilter.yaml")
+    main, _ = load_all(sidecar_mode() / "envoyfilter.yaml")
     return main
 
 
 def envoy_filters() -> list[dict[str, Any]]:
     """Both EnvoyFilters, in the order istiod applies them (by priority)."""
-    return sorted(load_all(ISTIO / "envoyfilter.yaml"), key=lambda f: f["spec"].get("priority", 0))
+    return sorted(load_all(sidecar_mode() / "envoyfilter.yaml"), key=lambda f: f["spec"].get("priority", 0))
 
 
 @dataclass
@@ -125,7 +138,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         processor = Managed("processor", [
             sys.executable, "-m", "extproc", "serve-kubernetes", "--listen", f"127.0.0.1:{processor_port}",
             "--relay", f"127.0.0.1:{relay_port}",
-            "--kube-api", served.url, "--policy", str(ISTIO / "mesh.yaml"), "--secrets-dir", str(secrets),
+            "--kube-api", served.url, "--policy", str(sidecar_mode() / "mesh.yaml"), "--secrets-dir", str(secrets),
             "--root-namespace", "istio-system", "--provider-namespace", "ai-system", "--grace", "1",
         ], log_dir=tmp).start()
         parts.append(processor)

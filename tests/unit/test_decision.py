@@ -436,3 +436,14 @@ def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path: Path) -> None
     text = "[" * 500 + '\\"{' * 100
     forward = decide(decider, orjson.dumps({"model": "summariser", "messages": [{"role": "user", "content": text}]}))
     assert isinstance(forward, Forward)
+
+
+def test_a_model_without_a_timeout_gets_the_mesh_default(tmp_path: Path) -> None:
+    """A hung provider never holds a caller (or what the call holds) longer than the mesh's ceiling."""
+    decider = make_decider(tmp_path)
+    forward = decide(decider, {"model": "summariser", "messages": []})  # no timeout in its policy entry
+    timeout = int(headers_of(forward)["x-envoy-upstream-rq-timeout-ms"])
+    assert 119_000 < timeout <= 120_000
+    own = decide(decider, {"model": "fraud_detector", "max_tokens": 5,  # timeout: 2000ms
+                           "messages": [{"role": "user", "content": "x"}]})
+    assert 1_900 < int(headers_of(own)["x-envoy-upstream-rq-timeout-ms"]) <= 2_000
