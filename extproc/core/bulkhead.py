@@ -102,7 +102,7 @@ class SharedBulkhead:
         self._ttl_ms = int(ttl_s * 1000)
         self._local = Bulkhead(ttl_s, clock)  # while Redis is down: each replica enforces the cap alone
         self.outage = Outage("bulkhead store (Redis)", retry_after_s, clock=clock,
-                             fallback="enforcing bulkheads per replica")
+                             fallback="enforcing bulkheads per replica", logger=log)
         self._deferred: dict[tuple[tuple[str, str], str], None] = {}  # Redis slots left during an outage
         self._flushing: asyncio.Task[None] | None = None
 

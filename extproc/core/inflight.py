@@ -138,7 +138,8 @@ class RedisInFlight:
         self._records = f"{prefix}:{{inflight}}:calls"
         self._nonce_prefix = f"{prefix}:nonce:"
         self._local = MemoryInFlight()  # calls opened while Redis was down are tracked here
-        self.outage = Outage("in-flight store (Redis)", fallback="calls and token nonces are tracked per replica")
+        self.outage = Outage("in-flight store (Redis)", fallback="calls and token nonces are tracked per replica",
+                             logger=log)
 
     async def open(self, call: OpenCall) -> None:
         from redis.exceptions import RedisError
