@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from extproc.policy.loader import PolicyError, expand_paths, load_policy, read_documents
+from extproc.policy.model import BUILTIN_PROVIDERS
 
 RENDER_ISTIO_FILES = ("envoyfilter.yaml", "providers.yaml", "egress-gateway.yaml", "security.yaml",
                       "client-namespaces.yaml", "mesh.yaml", "samples/policies.yaml", "async-jobs/access.yaml")
@@ -86,7 +87,8 @@ def cmd_render_istio(args: argparse.Namespace) -> int:
     command = "extproc render istio"
     try:
         spec = IstioSpec(
-            providers=tuple(policy.providers.values()),
+            # Built-in providers a file did not define are the processor's defaults, not objects to install.
+            providers=tuple(p for p in policy.providers.values() if not any(p is b for b in BUILTIN_PROVIDERS)),
             processor_host=args.processor_host,
             processor_port=args.processor_port,
             filter_namespace=args.filter_namespace,

@@ -47,6 +47,7 @@ def _row(service: str, call: str, asked: str, headers: Any, status: int | str, m
 
 def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str], str]:
     import anthropic
+    import httpx
     import openai
 
     rows: list[Row] = []
@@ -105,6 +106,16 @@ def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str], str]:
     emb, ms = _timed(lambda: client.embeddings.with_raw_response.create(model="product_embeddings",
                                                                         input=["red shoes", "blue hat"]))
     rows.append(_row("product-service", "embeddings", "product_embeddings", emb.headers, emb.status_code, ms))
+    # The Responses API is governed like chat; a path no AI endpoint covers is refused in the caller's format.
+    response, ms = _timed(lambda: client.responses.with_raw_response.create(
+        model="recommendation_engine", input="a gift for a hiker", extra_headers={"x-user-id": "user-7"}))
+    text = response.parse().output_text
+    rows.append(_row("product-service", f"responses ({len(text.split())} words)", "recommendation_engine",
+                     response.headers, response.status_code, ms))
+    files, ms = _timed(lambda: httpx.get(stack.base_url("product-service") + "/v1/files",
+                                         headers={"host": "api.openai.com"}))
+    rows.append(_row("product-service", f"GET /v1/files → {files.json()['error']['code']}", "-", files.headers,
+                     files.status_code, ms))
 
     claude = anthropic.Anthropic(base_url=stack.base_url("order-service"), api_key="unused", max_retries=0)
     msg, ms = _timed(lambda: claude.messages.with_raw_response.create(

@@ -163,9 +163,9 @@ def test_health_and_unknown_path(raw: httpx.Client, oai: openai.OpenAI) -> None:
             "code": None,
         }
     }
-    # The SDK must classify the envelope as a 404 rather than failing to parse it.
+    # The SDK must classify the envelope as a 404 rather than failing to parse it (the mock has no files API).
     with pytest.raises(openai.NotFoundError) as info:
-        oai.models.list()
+        oai.files.list()
     assert info.value.type == "invalid_request_error"
 
 
@@ -468,6 +468,72 @@ def test_anthropic_stream(claude: anthropic.Anthropic, raw: httpx.Client) -> Non
     assert payloads[-2]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
     assert payloads[-2]["usage"] == {"output_tokens": words}
     assert all(p["delta"]["type"] == "text_delta" for p in payloads if p["type"] == "content_block_delta")
+
+
+# ---------------------------------------------------------------------------------------------------
+# tool calls: with function tools offered and the prompt naming one (or a call required), the mock calls it
+
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+}
+CHAT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS}}]
+ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "Weather", "input_schema": WEATHER_PARAMETERS}]
+
+
+def test_chat_tool_call(oai: openai.OpenAI) -> None:
+    messages: list[Any] = [{"role": "user", "content": "use get_weather for Paris"}]
+    answer = oai.chat.completions.create(model="m", messages=messages, tools=CHAT_TOOLS)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.id.startswith("call_") and call.function.name == "get_weather"
+    assert orjson.loads(call.function.arguments) == {"city": "mock", "unit": "c"}
+    assert answer.usage is not None and answer.usage.completion_tokens >= 1
+
+    chunks = list(oai.chat.completions.create(model="m", messages=messages, tools=CHAT_TOOLS, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].tool_calls[0].id and deltas[0].tool_calls[0].function.name == "get_weather"
+    arguments = "".join(d.tool_calls[0].function.arguments for d in deltas if d.tool_calls)
+    assert orjson.loads(arguments) == {"city": "mock", "unit": "c"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # The tool's result answers in text; so do tool_choice none and a prompt that names no tool.
+    follow_up = [*messages, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "18C"}]
+    assert oai.chat.completions.create(model="m", messages=follow_up, tools=CHAT_TOOLS).choices[0].message.content
+    assert not oai.chat.completions.create(model="m", messages=messages, tools=CHAT_TOOLS,
+                                           tool_choice="none").choices[0].message.tool_calls
+    assert not oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                           tools=CHAT_TOOLS).choices[0].message.tool_calls
+    forced = oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], tools=CHAT_TOOLS,
+                                         tool_choice="required")
+    assert forced.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+def test_anthropic_tool_use(claude: anthropic.Anthropic) -> None:
+    messages: list[Any] = [{"role": "user", "content": "use get_weather for Paris"}]
+    answer = claude.messages.create(model="c", max_tokens=64, messages=messages, tools=ANTHROPIC_TOOLS)
+    assert answer.stop_reason == "tool_use"
+    block = answer.content[0]
+    assert block.type == "tool_use" and block.id.startswith("toolu_") and block.input == {"city": "mock", "unit": "c"}
+
+    with claude.messages.stream(model="c", max_tokens=64, messages=messages, tools=ANTHROPIC_TOOLS) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use" and final.content[0].input == {"city": "mock", "unit": "c"}
+    assert final.usage.output_tokens >= 1
+
+    follow_up = [*messages, {"role": "assistant", "content": [block.model_dump()]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "18C"}]}]
+    text = claude.messages.create(model="c", max_tokens=64, messages=follow_up, tools=ANTHROPIC_TOOLS)
+    assert text.stop_reason == "end_turn" and text.content[0].text == "mock reply from c: 18C"
+    forced = claude.messages.create(model="c", max_tokens=64, messages=[{"role": "user", "content": "hi"}],
+                                    tools=ANTHROPIC_TOOLS, tool_choice={"type": "any"})
+    assert forced.content[0].type == "tool_use"
+    none = claude.messages.create(model="c", max_tokens=64, messages=messages, tools=ANTHROPIC_TOOLS,
+                                  tool_choice={"type": "none"})
+    assert none.content[0].type == "text"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,11 +22,52 @@ class Endpoint:
     suffix: str  # appended to a provider's base path, e.g. "/chat/completions"
 
 
+    @property
+    def body_format(self) -> str:
+        """How its bodies, streams and usage read: the API's own, except the Responses API's."""
+        return RESPONSES_FORMAT if self.operation == "responses" else str(self.api)
+
+
+RESPONSES_FORMAT = "openai_responses"
+
+# The AI endpoints governed natively (POST, a model in the body): routing, quotas, cache, fallback.
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint(Api.OPENAI, "chat_completions", "/chat/completions"),
+    "/v1/responses": Endpoint(Api.OPENAI, "responses", "/responses"),
+    "/v1/completions": Endpoint(Api.OPENAI, "completions", "/completions"),
     "/v1/embeddings": Endpoint(Api.OPENAI, "embeddings", "/embeddings"),
     "/v1/messages": Endpoint(Api.ANTHROPIC, "messages", "/messages"),
+    "/v1/messages/count_tokens": Endpoint(Api.ANTHROPIC, "count_tokens", "/messages/count_tokens"),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """A provider call without a model in its body: state the provider keeps (a stored response) or lists."""
+
+    api: Api
+    operation: str
+    suffix: str  # appended to the provider's base path
+
+
+# (method, path pattern, API or None for the caller's) → operation; '{}' is one path segment.
+_RESOURCES: tuple[tuple[frozenset[str], tuple[str, ...], Api | None, str], ...] = (
+    (frozenset({"GET"}), ("v1", "models"), None, "models"),
+    (frozenset({"GET"}), ("v1", "models", "{}"), None, "model"),
+    (frozenset({"GET", "DELETE"}), ("v1", "responses", "{}"), Api.OPENAI, "response"),
+    (frozenset({"GET"}), ("v1", "responses", "{}", "input_items"), Api.OPENAI, "response_input_items"),
+    (frozenset({"POST"}), ("v1", "responses", "{}", "cancel"), Api.OPENAI, "response_cancel"),
+)
+
+
+def resource(method: str, path: str, headers: dict[str, str]) -> Resource | None:
+    """The provider resource a body-less call names (GET /v1/models, GET /v1/responses/{id}, ...), if any."""
+    parts = tuple(canonical_path(path).strip("/").split("/"))
+    for methods, pattern, api, operation in _RESOURCES:
+        if method in methods and len(parts) == len(pattern) and all(
+                p == q or (q == "{}" and p) for p, q in zip(parts, pattern, strict=True)):
+            return Resource(api or api_of_caller(path, headers), operation, "/" + "/".join(parts[1:]))
+    return None
 
 
 def split_path(path: str) -> tuple[str, str]:

@@ -24,7 +24,19 @@ from extproc.cache.key import CachePlan, plan_cache
 from extproc.cache.store import ResponseCache
 from extproc.core import fallback
 from extproc.core.admission import release
-from extproc.core.apis import ENDPOINTS, Api, ApiError, Endpoint, ErrorKind, api_of_caller, classify, split_path
+from extproc.core.apis import (
+    ENDPOINTS,
+    RESPONSES_FORMAT,
+    Api,
+    ApiError,
+    Endpoint,
+    ErrorKind,
+    api_of_caller,
+    canonical_path,
+    classify,
+    resource,
+    split_path,
+)
 from extproc.core.async_calls import JOB_HEADER, JOBS_PATH, JobClaim, JobLookup, accepted, wants_async
 from extproc.core.breaker import BreakerKey, Breakers, State
 from extproc.core.bulkhead import LocalBulkhead, SharedBulkhead
@@ -32,6 +44,7 @@ from extproc.core.credentials import CredentialStore, auth_header
 from extproc.core.grants import GRANT_HEADER, Grant, body_digest, through_gateway
 from extproc.core.identity import Caller, bind_to_peer, identify
 from extproc.core.inflight import GRACE_S, InFlightStore, MemoryInFlight, OpenCall
+from extproc.core.paths import NO_USAGE, ProviderCall, allowed_path, provider_of
 from extproc.core.peer import Peer
 from extproc.core.routing import Target, choose_target
 from extproc.core.settlement import SettleInfo
@@ -43,7 +56,7 @@ from extproc.quota.engine import QuotaEngine, Refused, Reservation, Unavailable
 from extproc.quota.plan import METRIC_REQUESTS, Estimate, plan_counters
 from extproc.telemetry.metrics import CallLabels, Metrics, bounded
 from extproc.telemetry.record import CallRecord, CallSink, Hop
-from extproc.translate import TranslationError, anthropic_to_openai, openai_to_anthropic
+from extproc.translate import TranslationError, anthropic_to_openai, openai_to_anthropic, responses_to_anthropic
 
 if TYPE_CHECKING:
     from extproc.jobs.store import JobStore
@@ -68,6 +81,38 @@ _MAX_PROMPT_CHARS = 4096  # captured content rides in the call's metadata: keep 
 # Chat in each API: the operations translation maps onto each other.
 _CHAT_OPERATION = {Api.OPENAI: "chat_completions", Api.ANTHROPIC: "messages"}
 _CHAT = frozenset(_CHAT_OPERATION.values())
+# Request translations that exist, (caller's body format, provider's format); the response side
+# (translate.response) covers the same pairs the other way round.
+_TRANSLATIONS = frozenset({("openai", "anthropic"), ("anthropic", "openai"), (RESPONSES_FORMAT, "anthropic")})
+# Operations that cost no tokens (quota counts the request only, nothing is reserved or settled).
+_FREE_OPERATIONS = frozenset({"count_tokens"})
+# A Responses request that names state one provider keeps, or tools only OpenAI runs, stays with OpenAI.
+_RESPONSES_STATE = ("previous_response_id", "conversation")
+
+
+def provider_form(endpoint: Endpoint, provider_api: Api) -> tuple[str, str] | None:
+    """(operation, body format) in which a provider of ``provider_api`` serves a call to ``endpoint``;
+    None when it cannot (an operation only the caller's API has)."""
+    if endpoint.operation in _CHAT:
+        return _CHAT_OPERATION[provider_api], str(provider_api)
+    if endpoint.operation == "responses":
+        return ("responses", RESPONSES_FORMAT) if provider_api == Api.OPENAI else ("messages", str(provider_api))
+    return (endpoint.operation, endpoint.body_format) if provider_api == endpoint.api else None
+
+
+def format_api(body_format: str) -> Api:
+    """The API whose error envelope a body format's callers understand."""
+    return Api.OPENAI if body_format == RESPONSES_FORMAT else Api(body_format)
+
+
+def _stays_with_openai(data: dict[str, object]) -> bool:
+    if any(data.get(key) not in (None, "") for key in _RESPONSES_STATE):
+        return True
+    tools = data.get("tools")
+    if isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") != "function" for t in tools):
+        return True  # built-in tools (web_search, file_search, computer use, ...) run at OpenAI
+    items = data.get("input")
+    return isinstance(items, list) and any(isinstance(i, dict) and i.get("type") == "item_reference" for i in items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +279,7 @@ class Exchange:
             if entry is not None and target.provider.api == self.endpoint.api:
                 return await self._cache_hit(entry, data, requested, route, target)
         hops = fallback.chain(route, target, self.policy.providers)
+        hops = hops[:self._usable(hops, data)]
         start, skipped = self._first_live(hops, route, 0, ())
         if start is None:
             return self._all_failed(skipped)
@@ -302,13 +348,13 @@ class Exchange:
         requested = self._requested
         settle = SettleInfo(
             reservation=charge.reservation if charge is not None and charge.settles_tokens else None,
-            api=str(self.endpoint.api),
+            api=self.endpoint.body_format,
             input_estimate=charge.input_tokens if charge is not None else estimate_request_tokens(
                 data, self.endpoint.api),
             provider=target.provider.name, model=target.model,  # the hop actually used is set by _forward
             cache_key=store.key if store else None, cache_ttl_s=store.ttl_s if store else 0,
             operation=self.endpoint.operation, route=route.name, decided_at=now,
-            service=self._scope[1], namespace=self._scope[0], caller_api=str(self.endpoint.api),
+            service=self._scope[1], namespace=self._scope[0], caller_api=self.endpoint.body_format,
             include_usage=_asks_usage(data), requested=requested, variant=target.variant or "",
             policy_version=self.policy.version, call_id=held.call.call_id if held.tracked else "",
             request_id=self.request.headers.get("x-request-id", ""),
@@ -317,13 +363,39 @@ class Exchange:
         timeout = route.timeout or self.policy.mesh.resilience.default_timeout
         state = fallback.HopState(
             namespace=self._scope[0], service=self._scope[1], route=route.name, requested=requested,
-            caller_api=str(self.endpoint.api), first=(target.provider.name, target.model),
+            caller_api=self.endpoint.body_format, first=(target.provider.name, target.model),
             variant=target.variant or "", index=start, hops=skipped, started_at=now, hop_started_at=now,
-            call_id=held.call.call_id, settle=settle, policy_version=self.policy.version, timeout_ms=timeout)
+            call_id=held.call.call_id, settle=settle, policy_version=self.policy.version, timeout_ms=timeout,
+            limit=len(hops))
         extra = dict(charge.headers) if charge is not None else {}
         if cache is not None:
             extra["cache"] = "miss"
-        return self._forward(data, self.endpoint.api, route, hops, state, extra)
+        return self._forward(data, self.endpoint.body_format, route, hops, state, extra)
+
+    def _usable(self, hops: list[Target], data: dict[str, object]) -> int:
+        """How many hops of the chain this request can be sent to and answered from in the caller's format.
+
+        Each hop gets the body the previous one was sent (Envoy re-sends it), so a hop is usable only if
+        that body translates to its API and its answer translates back; the chain stops at the first
+        that is not. A Responses request naming state one provider keeps stays with its first hop.
+        """
+        caller = self.endpoint.body_format
+        if caller == RESPONSES_FORMAT and _stays_with_openai(data):
+            if any(data.get(key) not in (None, "") for key in _RESPONSES_STATE):
+                return 1
+            return max(1, next((n for n, hop in enumerate(hops) if hop.provider.api != Api.OPENAI), len(hops)))
+        endpoint, body = self.endpoint, caller
+        for n, hop in enumerate(hops):
+            form = provider_form(endpoint, Api(hop.provider.api))
+            if form is None:
+                return max(1, n)
+            operation, provider_format = form
+            if any(a != b and (a, b) not in _TRANSLATIONS for a, b in ((body, provider_format),
+                                                                        (caller, provider_format))):
+                return max(1, n)
+            endpoint = next(e for e in ENDPOINTS.values() if e.api == hop.provider.api and e.operation == operation)
+            body = provider_format
+        return len(hops)
 
     def _job_charge(self, data: dict[str, object]) -> Charge:
         assert self.claim is not None
@@ -381,7 +453,7 @@ class Exchange:
 
     def _next_hop(self, data: dict[str, object], state: fallback.HopState) -> Decision:
         """A fallback attempt, re-entering after the relay moved the call on: no second charge, no cache."""
-        caller_api = Api(state.caller_api)
+        caller_api = format_api(state.caller_api)
         route = self.service.resolve(state.route)
         first = self.policy.providers.get(state.first[0])
         if route is None or first is None:
@@ -389,12 +461,13 @@ class Exchange:
                 ErrorKind.UNAVAILABLE, f"the policy changed during the call: model {state.route!r} is gone",
                 "policy_changed"))
         hops = fallback.chain(route, Target(first, state.first[1], state.variant or None), self.policy.providers)
+        hops = hops[:state.limit]
         start, skipped = self._first_live(hops, route, state.index, state.hops)
         if start is None:
             return self._all_failed(skipped, caller_api)
         state = replace(state, index=start, hops=skipped)
         # The body is in the format of the provider it was last sent to, which its path tells.
-        return self._forward(data, self.endpoint.api, route, hops, state, {})
+        return self._forward(data, self.endpoint.body_format, route, hops, state, {})
 
     def _prompt(self, data: dict[str, object]) -> str:
         """The request's messages for the call record, redacted, only when content capture is on."""
@@ -482,8 +555,11 @@ class Exchange:
             mesh=self.policy.mesh, route=route, provider=target.provider.name, now=quota.now())
         if not counters:
             return None
-        input_tokens = estimate_request_tokens(data, self.endpoint.api)
-        output_tokens = _max_output_tokens(data, self.endpoint, self.policy.mesh.quota.default_max_output_tokens)
+        if self.endpoint.operation in _FREE_OPERATIONS:
+            input_tokens = output_tokens = 0  # counted as a request, never as tokens
+        else:
+            input_tokens = estimate_request_tokens(data, self.endpoint.body_format)
+            output_tokens = _max_output_tokens(data, self.endpoint, self.policy.mesh.quota.default_max_output_tokens)
         price = self.policy.prices.lookup(target.provider.name, target.model)
         estimate = Estimate(input_tokens, output_tokens,
                             price.micro_usd(input_tokens, output_tokens) if price is not None else 0)
@@ -504,22 +580,27 @@ class Exchange:
                                         "quota_backend_unavailable"))
         return Charge(admission.reservation, admission.headers, input_tokens)
 
-    def _forward(self, data: dict[str, object], body_api: Api, route: ModelRoute, hops: list[Target],
+    def _forward(self, data: dict[str, object], body_format: str, route: ModelRoute, hops: list[Target],
                  state: fallback.HopState, extra: Mapping[str, str]) -> Decision:
         """Send the call to ``hops[state.index]``, in that provider's format, ready to fall back further."""
         target = hops[state.index]
         provider = target.provider
-        caller_api = Api(state.caller_api)
+        caller_api = format_api(state.caller_api)
         at_gateway = self.policy.mesh.credential_injection == "gateway" and through_gateway(provider)
         credential = self._api_headers(target) if at_gateway else self._credential_headers(target)
         if isinstance(credential, ApiError):
             return _reject(caller_api, credential)
-        body = _for_provider(data, body_api, Api(provider.api), target.model, self.policy.mesh)
+        form = provider_form(self.endpoint, Api(provider.api))
+        if form is None:
+            return _reject(caller_api, ApiError(
+                ErrorKind.INVALID_REQUEST, f"{self.endpoint.operation} is not served by the {provider.api} API of "
+                f"provider {provider.name!r}", "untranslatable_request"))
+        operation, provider_format = form
+        body = _for_provider(data, body_format, provider_format, target.model, self.policy.mesh)
         if isinstance(body, ApiError):
             return _reject(caller_api, body)
         data, rewrite = body
         rewrite = rewrite or self._rewrite
-        operation = _CHAT_OPERATION[Api(provider.api)] if self.endpoint.operation in _CHAT else self.endpoint.operation
         suffix = next(e.suffix for e in ENDPOINTS.values() if e.api == provider.api and e.operation == operation)
         headers: list[tuple[str, str]] = [
             (":authority", provider.authority),
@@ -555,11 +636,13 @@ class Exchange:
                 headers.append((RETRIABLE_CODES_HEADER, "400"))
         else:
             remove.append(fallback.HEADER)
-        same_api = caller_api == provider.api
+        same_api = state.caller_api == provider_format
         if same_api and state.settle.reservation is not None and provider.api == Api.OPENAI:
             # Token quotas settle on the provider's own count: ask a stream for it.
             rewrite = _inject_stream_usage(data, operation) or rewrite
-        settle = replace(state.settle, api=str(provider.api), provider=provider.name, model=target.model,
+        # A free operation's answer (count_tokens: {"input_tokens": n}) is not usage: nothing to read.
+        usage_format = NO_USAGE if operation in _FREE_OPERATIONS else provider_format
+        settle = replace(state.settle, api=usage_format, provider=provider.name, model=target.model,
                          hops=state.hops)
         if not same_api:
             usage_mode: str | None = USAGE_TRANSLATE
@@ -667,7 +750,8 @@ class Decider:
             outcome = decision.details.removeprefix("ai_")
         self.metrics.calls.labels(*labels.caller, labels.provider, labels.request_model, outcome).inc()
 
-    def on_headers(self, request: HttpRequest, end_of_stream: bool) -> Decision | Exchange | JobLookup:
+    def on_headers(self, request: HttpRequest, end_of_stream: bool
+                   ) -> Decision | Exchange | JobLookup | ProviderCall:
         """Decide on headers alone, or return the :class:`Exchange` that waits for the body (or the
         :class:`JobLookup` that answers a poll for an asynchronous call's result)."""
         result = self._on_headers(request, end_of_stream)
@@ -679,6 +763,42 @@ class Decider:
             if endpoint is not None:  # a refused AI call; other paths are not AI calls
                 self.record(reply_record(request, caller, endpoint, result, policy, ""))
         return result
+
+    def _other_path(self, request: HttpRequest, policy: PolicySet, strip: tuple[str, ...]
+                    ) -> Decision | ProviderCall:
+        """A path that is not an AI endpoint: a provider resource, a path the caller's policy allows, or denied."""
+        headers = dict(request.headers)
+        api = api_of_caller(request.path, headers)
+        found = resource(request.method, request.path, headers)
+        caller = identify(request.attributes, request.headers, policy.mesh.identity)
+        bound = self._bind(request, caller, policy)
+        if isinstance(bound, ApiError):
+            return _reject(api, bound)
+        service = policy.for_caller(bound.service, bound.namespace)
+        allowed = allowed_path(service.proxy.allow_paths, request.method, request.path) if service else None
+        if service is not None and (found is not None or allowed is not None):
+            if allowed is not None:
+                provider = policy.providers.get(allowed.provider)
+                canonical = canonical_path(request.path)
+                endpoint = Endpoint(api, "allowed_path", canonical.removeprefix("/v1"))
+            else:
+                assert found is not None
+                provider = provider_of(service, policy, found.api)
+                endpoint = Endpoint(found.api, found.operation, found.suffix.removeprefix("/v1"))
+            if provider is None:
+                return _reject(api, ApiError(ErrorKind.NOT_FOUND, f"{bound.describe()}'s policy names no "
+                                             f"{endpoint.api} provider to send {request.method} "
+                                             f"{canonical_path(request.path)} to", "no_provider"))
+            return ProviderCall(self, request, bound, policy, service, provider, endpoint, strip,
+                                any_body=allowed is not None)
+        if policy.mesh.unknown_paths == "pass":
+            return Forward((), strip, None, {}, clear_route_cache=False)
+        path = canonical_path(request.path)
+        governed = ", ".join(f"POST {p}" for p in ENDPOINTS)
+        return _reject(api, ApiError(
+            ErrorKind.PERMISSION, f"{request.method} {path} is not an AI endpoint governed here ({governed}, "
+            f"GET /v1/models, the Responses API's stored responses); a service may allow more paths in its "
+            "policy (ai_proxy.allow_paths)", "path_not_allowed"))
 
     def _bind(self, request: HttpRequest, caller: Caller, policy: PolicySet) -> Caller | ApiError:
         """The caller bound to its connection's mTLS identity, when the processor verifies peers."""
@@ -698,7 +818,8 @@ class Decider:
             return ApiError(ErrorKind.PERMISSION, f"the caller {bound}", "identity_mismatch")
         return bound
 
-    def _on_headers(self, request: HttpRequest, end_of_stream: bool) -> Decision | Exchange | JobLookup:
+    def _on_headers(self, request: HttpRequest, end_of_stream: bool
+                    ) -> Decision | Exchange | JobLookup | ProviderCall:
         policy = self._policies()
         mesh = policy.mesh
         # Headers only we may set: the identity header (unless trusted), the usage-filter switch, a job token.
@@ -707,17 +828,17 @@ class Decider:
         strip = tuple(h for h in strip if h in request.headers)
         if self.jobs is not None and request.path.startswith(JOBS_PATH):
             caller = identify(request.attributes, request.headers, mesh.identity)
+            bound = self._bind(request, caller, policy)
+            if isinstance(bound, ApiError):
+                return _reject(api_of_caller(request.path, dict(request.headers)), bound)
             if request.method != "GET":
                 return _reject(api_of_caller(request.path, dict(request.headers)), ApiError(
                     ErrorKind.METHOD, f"{request.method} is not allowed on {JOBS_PATH}<id>; use GET", "method"))
-            return JobLookup(self.jobs, request.path, request.headers, caller)
+            return JobLookup(self.jobs, request.path, request.headers, bound)
         endpoint = classify(request.path)
-        if endpoint is None:
-            if mesh.unknown_paths == "pass":
-                return Forward((), strip, None, {}, clear_route_cache=False)
-            return _reject(api_of_caller(request.path, dict(request.headers)), ApiError(
-                ErrorKind.NOT_FOUND, f"path {split_path(request.path)[0]!r} is not an AI endpoint handled here",
-                "unknown_path"))
+        if endpoint is None or (request.method != "POST" and resource(
+                request.method, request.path, dict(request.headers)) is not None):
+            return self._other_path(request, policy, strip)
         if request.method != "POST":
             return _reject(endpoint.api, ApiError(
                 ErrorKind.METHOD, f"{request.method} is not allowed on {endpoint.suffix}; use POST", "method"))
@@ -767,21 +888,26 @@ def reply_record(request: HttpRequest, caller: Caller, endpoint: Endpoint, reply
         error="" if code in _LOCAL_OUTCOMES else code)
 
 
-def _for_provider(data: dict[str, object], body_api: Api, provider_api: Api, model: str, mesh: MeshSettings
+def _for_provider(data: dict[str, object], body_format: str, provider_format: str, model: str, mesh: MeshSettings
                   ) -> tuple[dict[str, object], bool] | ApiError:
     """The request body in the provider's format, for ``model``; True when it had to change."""
-    if body_api == provider_api:
+    if body_format == provider_format:
         if data.get("model") == model:
             return data, False
         return {**data, "model": model}, True
+    default_max = mesh.quota.default_max_output_tokens
     try:
-        if body_api == Api.OPENAI:
-            return openai_to_anthropic.request(data, model=model,
-                                               default_max_tokens=mesh.quota.default_max_output_tokens), True
-        return anthropic_to_openai.request(data, model=model), True
+        if (body_format, provider_format) == ("openai", "anthropic"):
+            return openai_to_anthropic.request(data, model=model, default_max_tokens=default_max), True
+        if (body_format, provider_format) == ("anthropic", "openai"):
+            return anthropic_to_openai.request(data, model=model), True
+        if (body_format, provider_format) == (RESPONSES_FORMAT, "anthropic"):
+            return responses_to_anthropic.request(data, model=model, default_max_tokens=default_max), True
     except TranslationError as exc:
-        return ApiError(ErrorKind.INVALID_REQUEST, f"the model is served through the {provider_api} API and this "
+        return ApiError(ErrorKind.INVALID_REQUEST, f"the model is served through the {provider_format} API and this "
                         f"call cannot be translated to it: {exc.message}", "untranslatable_request")
+    return ApiError(ErrorKind.INVALID_REQUEST, f"the model is served through the {provider_format} API, and a "
+                    f"{body_format} call is not translated to it", "untranslatable_request")
 
 
 def _asks_usage(data: dict[str, object]) -> bool:
@@ -804,7 +930,7 @@ def _b3_of(headers: Mapping[str, str]) -> str:
 def _max_output_tokens(data: dict[str, object], endpoint: Endpoint, default: int) -> int:
     if endpoint.operation == "embeddings":
         return 0
-    for key in ("max_completion_tokens", "max_tokens"):
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = data.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
@@ -813,7 +939,7 @@ def _max_output_tokens(data: dict[str, object], endpoint: Endpoint, default: int
 
 def _inject_stream_usage(data: dict[str, object], operation: str) -> bool:
     """Ask an OpenAI stream for its usage chunk when the caller did not; True if we had to."""
-    if operation != "chat_completions" or data.get("stream") is not True:
+    if operation not in ("chat_completions", "completions") or data.get("stream") is not True:
         return False
     options = data.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:

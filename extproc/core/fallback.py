@@ -60,6 +60,7 @@ class HopState:
     settle: SettleInfo  # what the response side needs: quota reservation, cache key, estimates
     policy_version: str
     timeout_ms: int  # the whole call's budget, every hop included
+    limit: int = 1_000  # how many hops of the chain this call may use (what its request can be sent to)
     nonce: str = ""  # single use: each hop's token is honoured once (the in-flight store remembers it)
 
     def encode(self, signer: Signer) -> str:
@@ -68,7 +69,7 @@ class HopState:
             "f": list(self.first), "va": self.variant, "i": self.index,
             "h": [[h.provider, h.model, h.outcome, h.started_at] for h in self.hops],
             "t0": self.started_at, "th": self.hop_started_at, "id": self.call_id, "st": self.settle.encode(),
-            "pv": self.policy_version, "to": self.timeout_ms, "n": self.nonce,
+            "pv": self.policy_version, "to": self.timeout_ms, "lm": self.limit, "n": self.nonce,
         }, max(1.0, self.started_at + self.timeout_ms / 1000 + _TOKEN_GRACE_S - time.time()))
 
     @classmethod
@@ -83,7 +84,7 @@ class HopState:
                 (str(first[0]), str(first[1])), str(raw["va"]), int(raw["i"]),
                 tuple(Hop(str(p), str(m), str(o), float(t)) for p, m, o, t in raw["h"]),
                 float(raw["t0"]), float(raw["th"]), str(raw["id"]), SettleInfo.decode(str(raw["st"])), str(raw["pv"]),
-                int(raw["to"]), str(raw["n"]))
+                int(raw["to"]), int(raw["lm"]), str(raw["n"]))
         except (KeyError, TypeError, ValueError, IndexError):
             return None
 

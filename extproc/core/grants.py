@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from extproc.policy.model import Provider
 
 GRANT_HEADER = "x-ai-grant"
+ANY_BODY = "*"  # a grant for a path the policy allows without reading its body (files, batches)
 
 
 def through_gateway(provider: Provider) -> bool:
@@ -85,7 +86,7 @@ async def redeem(token: str, *, authority: str, body: bytes, peer: Peer | None, 
                              or (grant.service_account and peer.service_account != grant.service_account)):
         return _refused(f"the grant was issued to {grant.namespace}/{grant.service_account or grant.service}, "
                         f"not to {peer.describe()}", "grant_wrong_caller")
-    if body_digest(body) != grant.body:
+    if grant.body != ANY_BODY and body_digest(body) != grant.body:
         return _refused("the request is not the one the grant was issued for", "grant_wrong_body")
     provider = policy.providers.get(grant.provider)
     if provider is None or provider.credential is None:

@@ -61,7 +61,8 @@ class SettleInfo:
 
     @property
     def translating(self) -> bool:
-        return bool(self.caller_api) and self.caller_api != self.api
+        # api "none": an answer with no usage to read (count_tokens, a provider path), never translated.
+        return bool(self.caller_api) and self.api != "none" and self.caller_api != self.api
 
     def encode(self) -> str:
         return orjson.dumps({"r": self.reservation.encode() if self.reservation else None, "api": self.api,
@@ -135,6 +136,8 @@ class Settlement:
     def on_headers(self, status: int, content_type: str) -> None:
         self._status = status
         self._content_type = content_type
+        if self.info.api == "none":
+            return  # a provider path without a model (GET /v1/models, an allowed path): no usage to read
         streaming = content_type.startswith("text/event-stream")
         self._tracker = UsageTracker(self.info.api, streaming=streaming,
                                      strip_injected_usage=self._strip and streaming and not self.translating)

@@ -1,5 +1,10 @@
 """Token usage read from AI provider responses as they stream past, and removal of an injected usage chunk.
 
+Three body formats: ``"openai"`` (chat completions, legacy completions, embeddings), ``"anthropic"``
+(Messages) and ``"openai_responses"`` (the Responses API: ``usage.input_tokens``/``output_tokens`` in a
+JSON body; in a stream, the ``response`` object of the terminal ``response.completed`` or
+``response.incomplete`` event, whose usage is final, with ``*.delta`` events counted for an estimate).
+
 Responses arrive in arbitrary chunks (an SSE event, or even a JSON token, may straddle two), so SSE is
 split on blank lines and only complete events are parsed; an incomplete trailing event is the only
 thing ever held back. JSON bodies are buffered (bounded) and parsed once at the end.
@@ -18,7 +23,12 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Usage", "UsageTracker", "estimate_request_tokens"]
+__all__ = ["FORMATS", "RESPONSES", "Usage", "UsageTracker", "estimate_request_tokens"]
+
+OPENAI = "openai"
+ANTHROPIC = "anthropic"
+RESPONSES = "openai_responses"  # the OpenAI Responses API (POST /v1/responses)
+FORMATS = frozenset((OPENAI, ANTHROPIC, RESPONSES))
 
 _CHARS_PER_TOKEN = 4
 _DONE = b"[DONE]"
@@ -31,6 +41,21 @@ _ANTHROPIC_DELTA = b"_delta"
 _ANTHROPIC_START = b"message_start"
 # Output that the model generated and is billed for, whichever kind of content block it streams into.
 _ANTHROPIC_DELTA_KEYS = ("text", "thinking", "partial_json")
+# Responses API events worth parsing: generated text of any kind (for an estimate) and the lifecycle
+# events whose `response` may carry usage. The many others (added/done/part events, whose text repeats
+# the deltas) are skipped unparsed.
+_RESPONSES_DELTAS = frozenset((
+    b"response.output_text.delta",
+    b"response.refusal.delta",
+    b"response.function_call_arguments.delta",
+    b"response.custom_tool_call_input.delta",
+    b"response.reasoning_summary_text.delta",
+    b"response.reasoning_text.delta",
+))
+_RESPONSES_FINAL = frozenset((b"response.completed", b"response.incomplete"))  # usage there is final
+_RESPONSES_FAILED = b"response.failed"  # its response may carry usage, but the answer is not complete
+_RESPONSES_WANTED = _RESPONSES_DELTAS | _RESPONSES_FINAL | {_RESPONSES_FAILED}
+_RESPONSES_TYPE = b'"type":"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +88,21 @@ def _openai_usage(raw: dict[str, Any]) -> Usage:
         reasoning_tokens=(
             _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
         ),
+    )
+
+
+def _responses_usage(raw: dict[str, Any]) -> Usage:
+    """The Responses API's counters: input_tokens already include cached (and cache-written) tokens."""
+    details = raw.get("input_tokens_details")
+    output_details = raw.get("output_tokens_details")
+    if not isinstance(details, dict):
+        details = {}
+    return Usage(
+        input_tokens=_int(raw.get("input_tokens")),
+        output_tokens=_int(raw.get("output_tokens")),
+        cached_input_tokens=_int(details.get("cached_tokens")),
+        cache_creation_input_tokens=_int(details.get("cache_write_tokens")),
+        reasoning_tokens=_int(output_details.get("reasoning_tokens")) if isinstance(output_details, dict) else 0,
     )
 
 
@@ -146,7 +186,12 @@ def _openai_choice_chars(choices: list[Any], key: str) -> int:
     """Characters generated in ``choices[].{key}`` (``delta`` for chunks, ``message`` for a full body)."""
     chars = 0
     for choice in choices:
-        part = choice.get(key) if isinstance(choice, dict) else None
+        if not isinstance(choice, dict):
+            continue
+        text = choice.get("text")  # legacy completions: the text is on the choice itself
+        if isinstance(text, str):
+            chars += len(text)
+        part = choice.get(key)
         if not isinstance(part, dict):
             continue
         for field in ("content", "refusal", "reasoning_content"):
@@ -178,6 +223,28 @@ def _anthropic_block_chars(block: Any) -> int:
     return chars
 
 
+def _responses_output_chars(output: list[Any]) -> int:
+    """Characters generated in a Responses ``output`` array: message text, refusals, calls, reasoning."""
+    chars = 0
+    for item in output:
+        if not isinstance(item, dict):
+            continue
+        for key in ("name", "arguments", "input"):  # function and custom tool calls
+            text = item.get(key)
+            if isinstance(text, str):
+                chars += len(text)
+        for key in ("content", "summary"):  # message parts; reasoning summary and text parts
+            parts = item.get(key)
+            if isinstance(parts, list):
+                for part in parts:
+                    if isinstance(part, dict):
+                        for field in ("text", "refusal"):
+                            text = part.get(field)
+                            if isinstance(text, str):
+                                chars += len(text)
+    return chars
+
+
 def _json_len(value: Any) -> int:
     try:
         return len(orjson.dumps(value))
@@ -198,6 +265,7 @@ class UsageTracker:
         "_gave_up",
         "_max",
         "_pending",
+        "_responses",
         "_streaming",
         "_strip",
         "_usage",
@@ -211,9 +279,16 @@ class UsageTracker:
         strip_injected_usage: bool = False,
         max_buffered_bytes: int = 16 * 1024 * 1024,
     ) -> None:
-        self._anthropic = api == "anthropic"
+        """``api`` is the body format: ``"openai"``, ``"anthropic"`` or ``"openai_responses"``.
+
+        Any other value reads as ``"openai"``, as it always has. Stripping an injected usage chunk applies
+        to OpenAI chat streams only (a Responses stream always reports usage, so nothing is ever injected
+        there); it is ignored for the other formats.
+        """
+        self._anthropic = api == ANTHROPIC
+        self._responses = api == RESPONSES
         self._streaming = streaming
-        self._strip = strip_injected_usage and streaming and not self._anthropic
+        self._strip = strip_injected_usage and streaming and not (self._anthropic or self._responses)
         self._max = max_buffered_bytes
         self._pending = b""  # streaming: the incomplete trailing event
         self._buffer: list[bytes] = []  # JSON: the body so far
@@ -231,7 +306,12 @@ class UsageTracker:
 
     @property
     def complete(self) -> bool:
-        """The provider's final usage arrived (OpenAI usage object, Anthropic message_delta, JSON usage)."""
+        """The provider's final usage arrived (OpenAI usage object, Anthropic message_delta, JSON usage).
+
+        For a Responses stream: a ``response.completed`` or ``response.incomplete`` event with usage; a
+        ``response.failed`` event's usage is kept (``usage``, and as the floor of ``estimate``) but is
+        not final.
+        """
         return self._complete
 
     @property
@@ -282,7 +362,10 @@ class UsageTracker:
         start = 0
         while (end := _event_end(data, scan)) >= 0:
             event = data[start:end]
-            kept = self._openai_event(event) if not self._anthropic else self._anthropic_event(event)
+            if self._responses:
+                kept = self._responses_event(event)
+            else:
+                kept = self._openai_event(event) if not self._anthropic else self._anthropic_event(event)
             if strip:
                 out.append(kept)
             start = scan = end
@@ -319,6 +402,8 @@ class UsageTracker:
             # (a provider that ends without the final blank line) and parses only if it is whole.
             if self._anthropic:
                 self._anthropic_event(rest)
+            elif self._responses:
+                self._responses_event(rest)
             else:
                 self._openai_event(rest)
         return rest if self._strip else b""
@@ -387,6 +472,52 @@ class UsageTracker:
                 self._complete = True
         return event
 
+    def _responses_event(self, event: bytes) -> bytes:
+        """Account one Responses API event (named by its ``event:`` line, or by its data's ``type``)."""
+        if event.startswith(b"event:"):
+            name_end = event.find(b"\n")
+            if event[6:name_end].strip() not in _RESPONSES_WANTED:
+                return event
+        else:
+            # No name line (OpenAI always sends one): peek at the first "type", which OpenAI writes first.
+            at = event.find(_RESPONSES_TYPE)
+            if at < 0:
+                return event
+            at += len(_RESPONSES_TYPE)
+            if event[at : event.find(b'"', at)] not in _RESPONSES_WANTED:
+                return event
+        data = _sse_data(event)
+        if data is None:
+            return event
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(payload, dict):
+            return event
+        kind = payload.get("type")
+        if not isinstance(kind, str):
+            return event
+        if kind.endswith(".delta"):
+            delta = payload.get("delta")
+            if isinstance(delta, str) and kind.encode() in _RESPONSES_DELTAS:
+                self._chars += len(delta)
+            return event
+        response = payload.get("response")
+        usage = response.get("usage") if isinstance(response, dict) else None
+        if kind.encode() in _RESPONSES_FINAL:
+            if isinstance(usage, dict):
+                self._usage = _responses_usage(usage)
+                self._complete = True
+            else:
+                # A terminal event without usage: what its output holds is the best count there is.
+                output = response.get("output") if isinstance(response, dict) else None
+                if isinstance(output, list):
+                    self._chars = max(self._chars, _responses_output_chars(output))
+        elif kind == "response.failed" and isinstance(usage, dict) and not self._complete:
+            self._usage = _responses_usage(usage)
+        return event
+
     def _read_json(self, body: bytes) -> None:
         try:
             payload = orjson.loads(body)
@@ -398,6 +529,16 @@ class UsageTracker:
             content = payload.get("content")
             if isinstance(content, list):
                 self._chars = sum(_anthropic_block_chars(block) for block in content)
+        elif self._responses:
+            output = payload.get("output")
+            if isinstance(output, list):
+                self._chars = _responses_output_chars(output)
+            usage = payload.get("usage")
+            if isinstance(usage, dict):
+                self._usage = _responses_usage(usage)
+                # A failed (or still queued, background) response's counts are not the final answer's.
+                self._complete = payload.get("status") not in ("failed", "queued", "in_progress")
+            return
         else:
             choices = payload.get("choices")
             if isinstance(choices, list):
@@ -430,6 +571,37 @@ def _text_chars(content: Any) -> int:
     return chars
 
 
+def _item_chars(item: dict[str, Any]) -> int:
+    """Characters of one Responses API input item: a message's text, a call's name and arguments, an output."""
+    chars = _text_chars(item.get("content"))
+    for key in ("name", "arguments"):
+        text = item.get(key)
+        if isinstance(text, str):
+            chars += len(text)
+    output = item.get("output")  # function_call_output: a string or content parts
+    if output is not None:
+        chars += _text_chars(output)
+    return chars
+
+
+def _input_counts(value: Any) -> tuple[int, int]:
+    """(characters, token ids) of an ``input`` (embeddings, Responses) or ``prompt`` (legacy completions)."""
+    if isinstance(value, str):
+        return len(value), 0
+    chars = token_ids = 0
+    if isinstance(value, list):
+        for item in value:
+            if isinstance(item, str):
+                chars += len(item)
+            elif isinstance(item, int):
+                token_ids += 1  # a single token-id list
+            elif isinstance(item, list):
+                token_ids += len(item)
+            elif isinstance(item, dict):  # a Responses API input item
+                chars += _item_chars(item)
+    return chars, token_ids
+
+
 def _request_counts(body: dict[str, Any], api: str) -> tuple[int, int]:
     """(characters of prompt text, tokens given directly as token ids)."""
     chars = 0
@@ -446,25 +618,26 @@ def _request_counts(body: dict[str, Any], api: str) -> tuple[int, int]:
     tools = body.get("tools")
     if tools:  # tool schemas are billed as input by both providers, and can dwarf the prompt
         chars += _json_len(tools)
-    if api == "anthropic":
+    if api == ANTHROPIC:
         chars += _text_chars(body.get("system"))
         return chars, token_ids
-    value = body.get("input")  # embeddings
-    if isinstance(value, str):
-        chars += len(value)
-    elif isinstance(value, list):
-        for item in value:
-            if isinstance(item, str):
-                chars += len(item)
-            elif isinstance(item, int):
-                token_ids += 1  # a single token-id list
-            elif isinstance(item, list):
-                token_ids += len(item)
+    # Embeddings and the Responses API take `input`, legacy completions `prompt`; the Responses API's
+    # `instructions` are its system prompt. Counted whichever OpenAI format the caller names.
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        chars += len(instructions)
+    for key in ("input", "prompt"):
+        more_chars, more_ids = _input_counts(body.get(key))
+        chars += more_chars
+        token_ids += more_ids
     return chars, token_ids
 
 
 def estimate_request_tokens(body: dict[str, Any], api: str) -> int:
-    """A cheap input-token estimate for a parsed request body: about 4 characters a token, at least 1."""
+    """A cheap input-token estimate for a parsed request body: about 4 characters a token, at least 1.
+
+    ``api`` is ``"anthropic"`` or an OpenAI format (``"openai"`` or ``"openai_responses"``, read alike).
+    """
     if not isinstance(body, dict):
         return 1
     chars, token_ids = _request_counts(body, api)

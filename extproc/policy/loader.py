@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from extproc.policy.compiled import PolicySet, compile_policy_set
-from extproc.policy.model import MeshConfig, MeshSettings, Price, Provider, ServicePolicy
+from extproc.policy.model import BUILTIN_PROVIDERS, MeshConfig, MeshSettings, Price, Provider, ServicePolicy
 from extproc.quota.prices import PriceTable
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -379,9 +379,10 @@ def build_policy(documents: Sequence[Document], problems: list[Problem]) -> Poli
     digest = hashlib.sha256()
     for doc in documents:
         digest.update(repr(doc.data).encode())
+    defined = {p.name for _, _, p in providers}
     return compile_policy_set(
         mesh=mesh[1] if mesh else MeshSettings(),
-        providers=[p for _, _, p in providers],
+        providers=[*(p for _, _, p in providers), *(p for p in BUILTIN_PROVIDERS if p.name not in defined)],
         services=[(doc.label, policy) for doc, policy in services],
         version=digest.hexdigest()[:12],
         prices=prices,
@@ -420,12 +421,14 @@ def _cross_check(
     providers: list[tuple[Document, int, Provider]],
     mesh: tuple[Document, MeshSettings] | None,
 ) -> Iterator[Problem]:
-    known: dict[str, Document] = {}
+    known: dict[str, Document | None] = {p.name: None for p in BUILTIN_PROVIDERS}  # None: built in
     for doc, index, provider in providers:
-        if provider.name in known:
+        earlier = known.get(provider.name)
+        if earlier is not None:
             yield Problem(doc.label, _line(doc.node, ("providers", index, "name")), f"providers[{index}].name",
-                          f"provider {provider.name!r} already defined in {known[provider.name].label}")
-        known.setdefault(provider.name, doc)
+                          f"provider {provider.name!r} already defined in {earlier.label}")
+        else:
+            known[provider.name] = doc  # a file's definition replaces a built-in one
     owners: dict[tuple[str | None, str], Document] = {}
     for doc, policy in services:
         key = (policy.namespace, policy.service)
@@ -435,6 +438,11 @@ def _cross_check(
         owners.setdefault(key, doc)
         yield from _check_providers(doc, ("ai_proxy",), policy.ai_proxy.models, known)
         names = ", ".join(sorted(known)) or "none defined"
+        for i, allowed in enumerate(policy.ai_proxy.allow_paths):
+            if allowed.provider not in known:
+                loc = ("ai_proxy", "allow_paths", i, "provider")
+                yield Problem(doc.label, _line(doc.node, loc), _dotted(loc),
+                              f"unknown provider {allowed.provider!r} (known: {names})")
         for name in policy.ai_proxy.provider_limits:
             if name not in known:
                 loc = ("ai_proxy", "provider_limits", name)
@@ -451,7 +459,7 @@ def _check_prices(
     mesh: tuple[Document, MeshSettings] | None,
 ) -> Iterator[Problem]:
     """A cost limit needs a price for every model it may be charged for, or it cannot be enforced."""
-    table = PriceTable(prices, {p.name: p for _, _, p in providers})
+    table = PriceTable(prices, {**{p.name: p for p in BUILTIN_PROVIDERS}, **{p.name: p for _, _, p in providers}})
     default_cost = bool(mesh and mesh[1].default_limits and mesh[1].default_limits.cost)
     for doc, policy in services:
         proxy = policy.ai_proxy
@@ -471,8 +479,8 @@ def _check_prices(
                                   "add it under 'prices:' in the mesh document")
 
 
-def _check_providers(doc: Document, prefix: tuple[Any, ...], models: Iterable[Any], known: dict[str, Document]
-                     ) -> Iterator[Problem]:
+def _check_providers(doc: Document, prefix: tuple[Any, ...], models: Iterable[Any],
+                     known: dict[str, Document | None]) -> Iterator[Problem]:
     names = ", ".join(sorted(known)) or "none defined"
     for i, model in enumerate(models):
         refs = [((*prefix, "models", i, "provider"), model.provider)]

@@ -107,6 +107,32 @@ class Provider(_Frozen):
         return urlsplit(self.base_url).path.rstrip("/")
 
 
+# Known without a providers file, so that a service's policy works alone (`extproc check` on a seed file);
+# a platform providers file that names one of these replaces it. Keys come from the conventional variables.
+BUILTIN_PROVIDERS: tuple[Provider, ...] = (
+    Provider(name="openai", api="openai", base_url="http://api.openai.com/v1",
+             credential=CredentialSource(env="OPENAI_API_KEY")),
+    Provider(name="anthropic", api="anthropic", base_url="http://api.anthropic.com/v1",
+             credential=CredentialSource(env="ANTHROPIC_API_KEY")),
+    Provider(name="claude", api="anthropic", base_url="http://api.anthropic.com/v1",
+             credential=CredentialSource(env="ANTHROPIC_API_KEY")),
+)
+
+
+_PATH_PATTERN = r"^/[A-Za-z0-9._~!$&'()+,;=:@%/*-]*$"
+_METHOD = r"^(GET|POST|PUT|PATCH|DELETE|HEAD)$"
+
+
+class AllowedPath(_Frozen):
+    """A provider path outside the governed AI endpoints that a service may call (files, batches, ...)."""
+
+    path: str = Field(pattern=_PATH_PATTERN, description="Path pattern; '*' matches within a segment and '**' "
+                      "across segments, e.g. /v1/files/** or /v1/batches/*.")
+    methods: tuple[Annotated[str, Field(pattern=_METHOD)], ...] = Field(
+        default=("GET", "POST"), min_length=1, description="HTTP methods allowed on it.")
+    provider: Name = Field(description="The provider whose credential the call gets.")
+
+
 class Variant(_Frozen):
     """One arm of an A/B split. Provider and model default to the model entry's own."""
 
@@ -284,6 +310,9 @@ _ACCOUNT = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 class AIProxy(_Frozen):
     models: tuple[ModelRoute, ...] = Field(min_length=1)
+    allow_paths: tuple[AllowedPath, ...] = Field(
+        default=(), description="Provider paths beyond the AI endpoints this service may call (denied by "
+        "default): they get the provider's credential, the service's request limits and a usage event each.")
     service_accounts: tuple[Annotated[str, Field(pattern=_ACCOUNT)], ...] | None = Field(
         default=None, description="The mTLS identities (Kubernetes service accounts, 'name' in the service's own "
         "namespace or 'namespace/name') that may act as this service. Default: the service account named like the "
@@ -405,7 +434,8 @@ class MeshSettings(_Frozen):
     )
     default_policy: AIProxy | None = None
     unknown_paths: Literal["pass", "deny"] = Field(
-        default="pass", description="Non-AI paths on an AI host: pass through untouched, or deny."
+        default="deny", description="Paths on an AI host that no AI endpoint and no allow_paths entry covers: "
+        "deny (403 in the caller's format) or pass through untouched (ungoverned: not for production)."
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     identity: IdentitySettings = IdentitySettings()

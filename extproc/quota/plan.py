@@ -45,7 +45,7 @@ def plan_counters(
     service: str,
     proxy: AIProxy,
     mesh: MeshSettings,
-    route: ModelRoute,
+    route: ModelRoute | None,
     provider: str,
     now: float,
 ) -> tuple[Counter, ...]:
@@ -60,9 +60,10 @@ def plan_counters(
     service_limits = proxy.limits if proxy.limits is not None else mesh.default_limits
     scopes: list[tuple[str, str, Limits | None]] = [
         ("svc", caller, service_limits),
-        (f"model={route.name}", f"{caller} model {route.name}", _model_limits(route)),
         (f"provider={provider}", f"{caller} on provider {provider}", proxy.provider_limits.get(provider)),
     ]
+    if route is not None:  # None: a provider path outside the AI endpoints (no model)
+        scopes.insert(1, (f"model={route.name}", f"{caller} model {route.name}", _model_limits(route)))
     return tuple(
         counter
         for scope, who, limits in scopes

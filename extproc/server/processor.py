@@ -21,6 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.core.async_calls import JobLookup
 from extproc.core.decision import Decider, Exchange, LocalReply
+from extproc.core.paths import ProviderCall
 from extproc.core.peer import XFCC_HEADER, Peer, from_xfcc
 from extproc.core.settlement import SettleInfo, Settlement
 from extproc.server.protocol import (
@@ -76,6 +77,8 @@ class Session:
                                               message.request_headers.end_of_stream)
             if isinstance(result, JobLookup):
                 return self._finish(immediate_response(await result.reply()))
+            if isinstance(result, ProviderCall):  # a provider path without a model: decided on headers
+                result = await result.decide()
             if isinstance(result, Exchange):
                 self._exchange = result
                 return []

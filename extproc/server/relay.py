@@ -51,7 +51,7 @@ async def relay(decider: Decider, headers: dict[str, str], authority: str, path:
                          "expired or no longer matches the policy", "fallback_state_invalid")
         return RelayAnswer(502, {"content-type": "application/json"}, error.render(api))
     hops = fallback.chain(route, Target(first, state.first[1], state.variant or None), policy.providers)
-    if state.index + 1 >= len(hops):
+    if state.index + 1 >= min(len(hops), state.limit):
         error = ApiError(ErrorKind.UNAVAILABLE, "the provider failed and no fallback is left", "fallback_exhausted")
         return RelayAnswer(502, {"content-type": "application/json"}, error.render(api))
     failed, following = hops[state.index], hops[state.index + 1]

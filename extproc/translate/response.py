@@ -9,6 +9,10 @@ becomes an error body in the caller's format (OpenAI: ``server_error`` with code
 further ends with an error event in the caller's format after the events already sent. The cause is
 logged once, at warning level, and ``failed`` is then true. A provider's own error (an error status,
 or an error event mid-stream) is not a failure of translation: it is passed on in the caller's format.
+
+The caller's format picks the module (each is named for the caller it serves): ``"openai"`` (chat
+completions) → ``openai_to_anthropic``, ``"openai_responses"`` (the Responses API) →
+``responses_to_anthropic``, anything else (``"anthropic"``) → ``anthropic_to_openai``.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
-from extproc.translate import TranslationError, anthropic_to_openai, openai_to_anthropic
+from extproc.translate import TranslationError, anthropic_to_openai, openai_to_anthropic, responses_to_anthropic
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +36,37 @@ class _Stream(Protocol):
     def finish(self) -> bytes: ...
 
 
+_MODULES: dict[str, ModuleType] = {
+    "openai": openai_to_anthropic,
+    responses_to_anthropic.CALLER_FORMAT: responses_to_anthropic,
+    "anthropic": anthropic_to_openai,
+}
+
+
 class ResponseTranslator:
     def __init__(self, caller_api: str, status: int, streaming: bool, *, requested_model: str,
-                 include_usage: bool) -> None:
+                 include_usage: bool = False, echo: dict[str, Any] | None = None) -> None:
+        """``caller_api`` is the caller's format: ``"openai"``, ``"openai_responses"`` or ``"anthropic"``.
+
+        ``include_usage`` only matters to chat-completions callers; ``echo`` only to Responses callers
+        (``responses_to_anthropic.echo(request_body)``: the settings their response object repeats).
+        """
         # Each module is named for the caller it serves: openai_to_anthropic serves OpenAI callers.
         self._caller_api = caller_api
-        self._module: ModuleType = openai_to_anthropic if caller_api == "openai" else anthropic_to_openai
+        self._module: ModuleType = _MODULES.get(caller_api, anthropic_to_openai)
         self._status = status
         self._model = requested_model
+        self._echo = echo
         self._body: bytearray | None = None
         self._stream: _Stream | None = None
         self._stream_over = False  # the stream translator failed unexpectedly: nothing more goes out
         self.failure: str | None = None
         if streaming and 200 <= status < 300:
-            if caller_api == "openai":
+            if self._module is openai_to_anthropic:
                 self._stream = openai_to_anthropic.StreamTranslator(requested_model=requested_model,
                                                                     include_usage=include_usage)
+            elif self._module is responses_to_anthropic:
+                self._stream = responses_to_anthropic.StreamTranslator(requested_model=requested_model, echo=echo)
             else:
                 self._stream = anthropic_to_openai.StreamTranslator(requested_model=requested_model)
         else:
@@ -84,6 +103,9 @@ class ResponseTranslator:
                 parsed = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
                 return self._untranslatable_body(f"the answer is not valid JSON ({exc})")
+            if self._module is responses_to_anthropic:
+                return orjson.dumps(responses_to_anthropic.response(parsed, requested_model=self._model,
+                                                                    echo=self._echo))
             return orjson.dumps(self._module.response(parsed, requested_model=self._model))
         except TranslationError as exc:
             return self._untranslatable_body(exc.message)
@@ -99,11 +121,30 @@ class ResponseTranslator:
         except Exception as exc:  # a bug here must not break the stream; the caller gets a clean end
             self._stream_over = True
             self._fail(f"unexpected {type(exc).__name__}: {exc}", exc)
-            return self._module.untranslatable_event()
+            return self._last_event()
         failure = self._stream.failure if self._stream is not None else None
         if failure is not None:
             self._fail(failure)
         return out
+
+    def _last_event(self) -> bytes:
+        """The untranslatable end of a stream whose translator just failed unexpectedly.
+
+        A Responses stream's events are numbered, so its translator's own ending is preferred (it keeps
+        the numbering and sends response.failed too); the module's plain error event is the fallback.
+        """
+        stream = self._stream
+        if isinstance(stream, responses_to_anthropic.StreamTranslator):
+            try:
+                # Empty if the translator thought it had ended: the caller still needs an end it can see.
+                return stream.untranslatable_events() or responses_to_anthropic.untranslatable_event(
+                    stream.sequence_number)
+            except Exception:  # the translator is broken: end with what needs no state but the number
+                try:
+                    return responses_to_anthropic.untranslatable_event(stream.sequence_number)
+                except Exception:
+                    return responses_to_anthropic.untranslatable_event()
+        return self._module.untranslatable_event()
 
     def _untranslatable_body(self, cause: str, exc: Exception | None = None) -> bytes:
         self._fail(cause, exc)

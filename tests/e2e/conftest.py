@@ -31,13 +31,12 @@ def stack(envoy_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="session")
 def strict_stack(envoy_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A gateway-style mesh: trusted identity header, unknown paths denied, 4 KiB body limit."""
+    """A gateway-style mesh: trusted identity header, 4 KiB body limit."""
     policies = tmp_path_factory.mktemp("strict-policies")
     for path in sample_policy_dir().iterdir():
         shutil.copy(path, policies / path.name)
     mesh = (policies / "mesh.yaml").read_text()
-    mesh = mesh.replace("unknown_paths: pass", "unknown_paths: deny").replace("max_body_bytes: 1048576",
-                                                                           "max_body_bytes: 4096")
+    mesh = mesh.replace("max_body_bytes: 1048576", "max_body_bytes: 4096")
     mesh = mesh.replace("mesh:\n", "mesh:\n  identity: {trust_header: true}\n", 1)
     (policies / "mesh.yaml").write_text(mesh)
     running = Stack(policies, tmp_path_factory.mktemp("strict"), services=["shared-gateway"])

@@ -104,14 +104,15 @@ def test_still_serving_after_bad_input(stack: Stack, mock: Mock) -> None:
     assert processor_alive(stack)
 
 
-def test_unknown_path_denied_when_configured(strict_stack: Stack) -> None:
-    response = httpx.get(strict_stack.base_url("shared-gateway") + "/v1/models", headers={"host": "api.openai.com"})
-    assert response.status_code == 404
-    assert openai_error(response)["code"] == "unknown_path"
+def test_an_ungoverned_path_is_denied_in_the_callers_format(strict_stack: Stack) -> None:
+    response = httpx.get(strict_stack.base_url("shared-gateway") + "/v1/files", headers={"host": "api.openai.com"})
+    assert response.status_code == 403
+    error = openai_error(response)
+    assert error["code"] == "path_not_allowed" and "ai_proxy.allow_paths" in str(error["message"])
     response = httpx.post(strict_stack.base_url("shared-gateway") + "/v1/complete", json={},
                           headers={"host": "api.anthropic.com", "anthropic-version": "2023-06-01"})
-    assert response.status_code == 404
-    assert anthropic_error(response)["type"] == "not_found_error"
+    assert response.status_code == 403
+    assert anthropic_error(response)["type"] == "permission_error"
 
 
 def test_configured_body_limit(strict_stack: Stack) -> None:

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from extproc.stack import ANTHROPIC_KEY, OPENAI_KEY, Stack
-from tests.e2e.conftest import Mock
+from tests.e2e.conftest import Mock, processor_alive
 
 
 def openai_client(stack: Stack, service: str) -> openai.OpenAI:
@@ -165,15 +165,26 @@ def test_provider_errors_reach_the_caller_intact(stack: Stack, mock: Mock) -> No
     assert overloaded.value.status_code == 529
 
 
-def test_unknown_path_passes_through_untouched(stack: Stack, mock: Mock) -> None:
-    # As in the mesh, the app addresses the provider host; a non-AI path goes there unchanged.
-    response = httpx.get(stack.base_url("user-service") + "/v1/models?limit=2",
-                         headers={"host": "api.openai.com", "authorization": "Bearer app-own-key"})
-    # The provider (mock) answered it, and no routing decision was applied to it.
-    assert response.headers["x-mock-provider"] == "openai"
-    assert response.status_code == 404 and response.json()["error"]["type"] == "invalid_request_error"
-    assert "x-ai-provider" not in response.headers
-    # On a host no provider serves, Envoy answers with a JSON error (no AI route).
-    response = httpx.get(stack.base_url("user-service") + "/v1/models")
-    assert response.status_code == 404
-    assert response.json()["error"]["code"] == "no_route"
+def test_ungoverned_paths_are_denied_and_provider_resources_governed(stack: Stack, mock: Mock) -> None:
+    # As in the mesh, the app addresses the provider host.
+    host = {"host": "api.openai.com", "authorization": "Bearer app-own-key"}
+    denied = httpx.get(stack.base_url("user-service") + "/v1/files", headers=host)
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "path_not_allowed"
+    encoded = httpx.get(stack.base_url("user-service") + "/v1/fil%65s", headers=host)
+    assert encoded.status_code == 403  # an encoded spelling is the same path
+    assert mock.requests("openai") == []  # the provider never saw them
+    # GET /v1/models is governed natively: the service's provider, its credential, not the app's key.
+    models = httpx.get(stack.base_url("user-service") + "/v1/models?limit=2", headers=host)
+    assert models.status_code == 200 and models.json()["object"] == "list"
+    assert models.headers["x-ai-provider"] == "openai"
+    sent = mock.last("openai")
+    assert sent["path"] == "/v1/models" and sent["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"  # type: ignore[index]
+    # Whatever host the app names, a path no AI endpoint covers is refused before any routing.
+    response = httpx.get(stack.base_url("user-service") + "/healthz")
+    assert response.status_code == 403 and response.json()["error"]["code"] == "path_not_allowed"
+    completion = openai.OpenAI(base_url=stack.base_url("user-service") + "/v1", api_key="x", max_retries=0
+                               ).chat.completions.create(model="auth_assistant",
+                                                         messages=[{"role": "user", "content": "still there?"}])
+    assert completion.choices[0].message.content == "mock reply from gpt-4: still there?"
+    assert processor_alive(stack)
+

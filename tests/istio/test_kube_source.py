@@ -86,7 +86,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 def test_initial_list_serves_every_object_and_reports_accepted(cluster: Cluster) -> None:
     policy = cluster.store.current()
-    assert sorted(policy.providers) == ["claude", "openai"]  # 'rogue' lives outside the provider namespace
+    # 'rogue' lives outside the provider namespace; 'anthropic' is built in (no AIProvider defines it).
+    assert sorted(policy.providers) == ["anthropic", "claude", "openai"]
     assert policy.providers["openai"].credential is not None
     assert policy.providers["openai"].credential.file == "/var/run/secrets/ai-providers/openai-api-key/api-key"
     assert cluster.models("user-service") == {"auth_assistant": "gpt-4"}
@@ -142,7 +143,7 @@ def test_new_invalid_objects_are_rejected_and_not_served(cluster: Cluster) -> No
         "env": "K", "secretRef": {"name": "s", "key": "k"}}})
     billing = eventually(lambda: cluster.status(POL, "demo", "billing"))
     assert billing == {"state": "Rejected", "observedGeneration": 1, "reason":
-                       "spec.ai_proxy.models[0].provider: unknown provider 'gemini' (known: claude, openai); "
+                       "spec.ai_proxy.models[0].provider: unknown provider 'gemini' (known: anthropic, claude, openai); "
                        "not serving"}
     steal = eventually(lambda: cluster.status(POL, "team-a", "steal"))
     assert steal["reason"].startswith("spec.namespace: must be omitted or 'team-a'")

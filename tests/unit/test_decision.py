@@ -15,6 +15,7 @@ from extproc.cache.store import ResponseCache
 from extproc.core.credentials import CredentialStore
 from extproc.core.decision import Decider, Exchange, Forward, HttpRequest, LocalReply
 from extproc.core.identity import ATTR_APP, ATTR_NAMESPACE, ATTR_WORKLOAD
+from extproc.core.paths import ProviderCall
 from extproc.core.routing import choose_target
 from extproc.policy.loader import load_policy
 from extproc.policy.model import CacheSettings, QuotaSettings
@@ -243,14 +244,63 @@ def test_default_policy_for_unknown_callers(tmp_path: Path) -> None:
     assert error_of(decide(decider, {"model": "small"}))[0] == 403
 
 
-def test_unknown_paths_pass_or_deny(tmp_path: Path) -> None:
-    passed = make_decider(tmp_path).on_headers(request("/v1/models", method="GET"), end_of_stream=True)
-    assert isinstance(passed, Forward) and passed.set_headers == () and not passed.clear_route_cache
+def provider_call(decider: Decider, path: str, method: str = "GET", **kwargs: object) -> Forward | LocalReply:
+    result = decider.on_headers(request(path, method=method, **kwargs), end_of_stream=method != "POST")  # type: ignore[arg-type]
+    if isinstance(result, ProviderCall):
+        return asyncio.run(result.decide())
+    assert isinstance(result, Forward | LocalReply), result
+    return result
+
+
+def test_unknown_paths_are_denied_by_default_or_passed_when_the_mesh_says_so(tmp_path: Path) -> None:
     denied = make_decider(tmp_path, unknown_paths="deny")
-    status, body = error_of(denied.on_headers(request("/v1/models", method="GET"), end_of_stream=True))
-    assert status == 404 and body["error"]["code"] == "unknown_path"  # type: ignore[index]
-    status, body = error_of(denied.on_headers(request("/v1/complete", headers={"anthropic-version": "1"}), True))
-    assert body["type"] == "error"
+    status, body = error_of(provider_call(denied, "/v1/files"))
+    assert status == 403 and body["error"]["code"] == "path_not_allowed"  # type: ignore[index]
+    assert "GET /v1/files is not an AI endpoint" in body["error"]["message"]  # type: ignore[index]
+    assert "ai_proxy.allow_paths" in body["error"]["message"]  # type: ignore[index]
+    status, body = error_of(provider_call(denied, "/v1/complete", "POST", headers={"anthropic-version": "1"}))
+    assert status == 403 and body["type"] == "error"  # in the caller's (Anthropic) format
+    passed = provider_call(make_decider(tmp_path), "/v1/files")  # unknown_paths: pass
+    assert isinstance(passed, Forward) and passed.set_headers == () and not passed.clear_route_cache
+
+
+@pytest.mark.parametrize(("path", "method", "authority", "sent"), [
+    ("/v1/models", "GET", "api.anthropic.com", "/v1/models"),  # order-service's first provider is claude...
+    ("/v1/responses/resp_123", "GET", "api.openai.com", "/v1/responses/resp_123"),  # ...its OpenAI one: openai
+    ("/v1/responses/resp_123", "DELETE", "api.openai.com", "/v1/responses/resp_123"),
+    ("/v1/responses/resp_1/input_items?limit=5", "GET", "api.openai.com", "/v1/responses/resp_1/input_items?limit=5"),
+])
+def test_provider_resources_go_to_the_services_provider_with_its_credential(
+        tmp_path: Path, path: str, method: str, authority: str, sent: str) -> None:
+    decider = make_decider(tmp_path, unknown_paths="deny")
+    headers = {"anthropic-version": "2023-06-01"} if authority == "api.anthropic.com" else {}
+    forward = provider_call(decider, path, method, headers=headers)
+    assert isinstance(forward, Forward), forward
+    got = dict(forward.set_headers)
+    assert got[":authority"] == authority and got[":path"] == sent
+    assert got.get("authorization") == "Bearer sk-openai" or got.get("x-api-key") == "sk-ant"
+    assert "authorization" in forward.remove_headers and "x-api-key" in forward.remove_headers  # the app's own
+
+
+def test_an_allowed_path_is_served_with_the_named_providers_credential(tmp_path: Path) -> None:
+    decider = make_decider(tmp_path, unknown_paths="deny")
+    policy = decider.policy()
+    service = policy.for_caller("order-service", "shop")
+    assert service is not None
+    from extproc.policy.model import AllowedPath
+
+    proxy = service.proxy.model_copy(update={"allow_paths": (
+        AllowedPath(path="/v1/files/**", methods=("GET", "POST"), provider="openai"),)})
+    object.__setattr__(service, "proxy", proxy)
+    forward = provider_call(decider, "/v1/files/file-1/content")
+    assert isinstance(forward, Forward)
+    got = dict(forward.set_headers)
+    assert (got[":authority"], got[":path"], got["authorization"]) == (
+        "api.openai.com", "/v1/files/file-1/content", "Bearer sk-openai")
+    status, body = error_of(provider_call(decider, "/v1/files/file-1", "DELETE"))  # not an allowed method
+    assert status == 403 and body["error"]["code"] == "path_not_allowed"  # type: ignore[index]
+    status, _ = error_of(provider_call(decider, "/v1/batches"))
+    assert status == 403
 
 
 def test_identity_header_is_stripped_and_ignored_unless_trusted(tmp_path: Path) -> None:

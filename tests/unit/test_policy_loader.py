@@ -104,7 +104,7 @@ def test_version_changes_with_content(tmp_path: Path) -> None:
     ("replace", "by", "expected"),
     [
         ("provider: claude", "provider: gemini",
-         "order.yaml:5: ai_proxy.models[0].provider: unknown provider 'gemini' (known: claude, openai)"),
+         "order.yaml:5: ai_proxy.models[0].provider: unknown provider 'gemini' (known: anthropic, claude, openai)"),
         ("timeout: 2000ms", "timeout: 2000",
          "order.yaml:10: ai_proxy.models[0].timeout: must be between 1ms and 10m; did you mean 2000ms?"),
         ("timeout: 2000ms", "timeout: soon",
@@ -116,7 +116,8 @@ def test_version_changes_with_content(tmp_path: Path) -> None:
         ("    model: claude-3\n", "",
          "order.yaml:4: ai_proxy.models[0].model: Field required"),
         ("timeout: 2000ms", "timeout: 2000ms\n    fallback: [gemini/pro]",
-         "order.yaml:11: ai_proxy.models[0].fallback[0].provider: unknown provider 'gemini' (known: claude, openai)"),
+         "order.yaml:11: ai_proxy.models[0].fallback[0].provider: unknown provider 'gemini' "
+         "(known: anthropic, claude, openai)"),
         ("timeout: 2000ms", "timeout: 2000ms\n    first_byte_timeout: 3s",
          "order.yaml:4: ai_proxy.models[0]: first_byte_timeout must not exceed timeout"),
         ("timeout: 2000ms", "timeout: 2000ms\n    fallback_on_context_length: true",
