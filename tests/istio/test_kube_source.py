@@ -143,8 +143,8 @@ def test_new_invalid_objects_are_rejected_and_not_served(cluster: Cluster) -> No
         "env": "K", "secretRef": {"name": "s", "key": "k"}}})
     billing = eventually(lambda: cluster.status(POL, "demo", "billing"))
     assert billing == {"state": "Rejected", "observedGeneration": 1, "reason":
-                       "spec.ai_proxy.models[0].provider: unknown provider 'gemini' (known: anthropic, claude, openai); "
-                       "not serving"}
+                       "spec.ai_proxy.models[0].provider: unknown provider 'gemini' "
+                       "(known: anthropic, claude, openai); not serving"}
     steal = eventually(lambda: cluster.status(POL, "team-a", "steal"))
     assert steal["reason"].startswith("spec.namespace: must be omitted or 'team-a'")
     dup = eventually(lambda: cluster.status(POL, "demo", "dup"))
