@@ -104,6 +104,33 @@ def _usage_ext_proc(cluster_name: str, authority: str, *, observe: bool, require
     return config
 
 
+def _execute(name: str, filter_config: dict[str, Any]) -> dict[str, Any]:
+    """A composite filter's action: run ``filter_config`` (a named filter) for this request."""
+    return {"action": {"name": name, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
+        "typed_config": filter_config}}}
+
+
+def _header_input(name: str, header: str) -> dict[str, Any]:
+    return {"name": name, "typed_config": {
+        "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput", "header_name": header}}
+
+
+def _composite(name: str, matcher: dict[str, Any]) -> dict[str, Any]:
+    """A filter chosen per request by ``matcher`` (an xds matcher over request headers), or none."""
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {
+                "name": "composite",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"},
+            },
+            "xds_matcher": matcher,
+        },
+    }
+
+
 def usage_filter(*, cluster_name: str, authority: str) -> dict[str, Any]:
     """The response-side filter, attached per call by the processor through the ``x-ai-usage`` header.
 
@@ -113,32 +140,15 @@ def usage_filter(*, cluster_name: str, authority: str) -> dict[str, Any]:
     fallback provider's response into the caller's API format.
     """
     def action(name: str, observe: bool, required: bool = False) -> dict[str, Any]:
-        return {"action": {"name": name, "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
-            "typed_config": {"name": f"{USAGE_FILTER_NAME}.{name}",
-                             "typed_config": _usage_ext_proc(cluster_name, authority, observe=observe,
-                                                             required=required)},
-        }}}
+        return _execute(name, {"name": f"{USAGE_FILTER_NAME}.{name}", "typed_config": _usage_ext_proc(
+            cluster_name, authority, observe=observe, required=required)})
 
-    return {
-        "name": USAGE_FILTER_NAME,
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-            "extension_config": {
-                "name": "composite",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"},
-            },
-            "xds_matcher": {"matcher_tree": {
-                "input": {"name": "usage-mode", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
-                    "header_name": USAGE_HEADER,
-                }},
-                "exact_match_map": {"map": {USAGE_OBSERVE: action("observe", True),
-                                            USAGE_STRIP: action("strip", False),
-                                            USAGE_TRANSLATE: action("translate", False, required=True)}},
-            }},
-        },
-    }
+    return _composite(USAGE_FILTER_NAME, {"matcher_tree": {
+        "input": _header_input("usage-mode", USAGE_HEADER),
+        "exact_match_map": {"map": {USAGE_OBSERVE: action("observe", True),
+                                    USAGE_STRIP: action("strip", False),
+                                    USAGE_TRANSLATE: action("translate", False, required=True)}},
+    }})
 
 
 # The largest request a call with a fallback chain may have: Envoy must hold it whole to re-send it
@@ -158,29 +168,13 @@ def complete_request_filter() -> dict[str, Any]:
     """
     buffer = {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
               "max_request_bytes": MAX_FALLBACK_REQUEST_BYTES}
-    return {
-        "name": COMPLETE_REQUEST_FILTER_NAME,
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-            "extension_config": {
-                "name": "composite",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"},
-            },
-            "xds_matcher": {"matcher_list": {"matchers": [{
-                "predicate": {"single_predicate": {
-                    "input": {"name": "fallback-state", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
-                        "header_name": fallback.HEADER,
-                    }},
-                    "value_match": {"safe_regex": {"google_re2": {}, "regex": ".+"}},
-                }},
-                "on_match": {"action": {"name": "buffer", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
-                    "typed_config": {"name": f"{COMPLETE_REQUEST_FILTER_NAME}.buffer", "typed_config": buffer},
-                }}},
-            }]}},
-        },
-    }
+    return _composite(COMPLETE_REQUEST_FILTER_NAME, {"matcher_list": {"matchers": [{
+        "predicate": {"single_predicate": {
+            "input": _header_input("fallback-state", fallback.HEADER),
+            "value_match": {"safe_regex": {"google_re2": {}, "regex": ".+"}},
+        }},
+        "on_match": _execute("buffer", {"name": f"{COMPLETE_REQUEST_FILTER_NAME}.buffer", "typed_config": buffer}),
+    }]}})
 
 
 def processor_http_filters(*, cluster_name: str, authority: str, failure_mode_allow: bool = False
@@ -326,30 +320,10 @@ def failover_protocol_options() -> dict[str, Any]:
                        "value": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{fallback.STATE_KEY})%"},
             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
     }}
-    first_attempt = {
-        "name": "ai.first_attempt",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-            "extension_config": {
-                "name": "composite",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"},
-            },
-            "xds_matcher": {"matcher_tree": {
-                "input": {"name": "attempt", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
-                    "header_name": "x-envoy-attempt-count",
-                }},
-                "exact_match_map": {"map": {
-                    "1": {"action": {"name": "provider", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
-                        "typed_config": strip}}},
-                    "2": {"action": {"name": "relay", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
-                        "typed_config": state}}},
-                }},
-            }},
-        },
-    }
+    first_attempt = _composite("ai.first_attempt", {"matcher_tree": {
+        "input": _header_input("attempt", "x-envoy-attempt-count"),
+        "exact_match_map": {"map": {"1": _execute("provider", strip), "2": _execute("relay", state)}},
+    }})
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
