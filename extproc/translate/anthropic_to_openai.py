@@ -48,7 +48,7 @@ from typing import Any, Final
 
 import orjson
 
-from extproc.translate import TranslationError, _fields
+from extproc.translate import TranslationError, _anthropic, _fields
 from extproc.translate.sse import SseParser, named_event
 
 __all__ = ["StreamTranslator", "error", "request", "response", "untranslatable_body", "untranslatable_event"]
@@ -96,10 +96,8 @@ _ERROR_TYPES: Final = {
     529: "overloaded_error",
 }
 
-_CUT_MESSAGE: Final = "The upstream provider's stream ended before the response was complete."
-_UNTRANSLATABLE_MESSAGE: Final = (
-    "The upstream provider's response could not be translated to the Anthropic Messages format."
-)
+_CUT_MESSAGE: Final = _anthropic.CUT_MESSAGE
+_UNTRANSLATABLE_MESSAGE: Final = _anthropic.untranslatable_message("Anthropic Messages")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -558,7 +556,7 @@ def _error_message(inner: Any) -> str | None:
 # streaming
 
 
-class StreamTranslator:
+class StreamTranslator(_anthropic.EventStream):
     """OpenAI chat.completion.chunk SSE → Anthropic Messages SSE, one event at a time.
 
     Content blocks open and close as OpenAI switches between text and tool calls. ``finish_reason``
@@ -584,34 +582,17 @@ class StreamTranslator:
         self._ended = False
         self.failure: str | None = None  # why the stream could not be translated, if it could not
 
-    @property
-    def complete(self) -> bool:
-        """True once the stream ended cleanly or with an error event the client has already seen."""
-        return self._ended
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._ended:
-            return b""
-        out: list[bytes] = []
-        for event in self._parser.feed(chunk):
-            try:
-                out.extend(self._event(event.data))
-            except TranslationError as exc:
-                # What this chunk would have added is dropped whole; what went out before stays.
-                self._ended = True
-                self.failure = exc.message
-                out.append(untranslatable_event())
-            if self._ended:
-                break
-        return b"".join(out)
-
     def finish(self) -> bytes:
         if self._ended:
             return b""
         self._ended = True
         return named_event("error", _anthropic_error("api_error", _CUT_MESSAGE))
 
-    def _event(self, data: bytes) -> Iterable[bytes]:
+    def _untranslatable(self) -> bytes:
+        self._ended = True
+        return untranslatable_event()
+
+    def _event(self, name: str | None, data: bytes) -> Iterable[bytes]:  # OpenAI's events have no name
         if data == b"[DONE]":
             return self._done()
         try:

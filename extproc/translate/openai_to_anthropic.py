@@ -49,22 +49,16 @@ keeping what it already sent; ``error`` never raises.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 from typing import Any, Final
 
 import orjson
 
-from extproc.translate import TranslationError, _fields
+from extproc.translate import TranslationError, _anthropic, _fields
 from extproc.translate.sse import SseParser, data_event
 
 __all__ = ["StreamTranslator", "error", "request", "response", "untranslatable_body", "untranslatable_event"]
-
-_MEDIA_TYPES: Final = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
-_DATA_URL: Final = re.compile(r"data:([\w.+/-]+);base64,(.*)", re.DOTALL)
-# Anthropic's temperature range is 0..1, OpenAI's 0..2: the top of OpenAI's range is "most random".
-_MAX_TEMPERATURE: Final = 1.0
 
 _DROPPED: Final = frozenset(
     (
@@ -116,25 +110,8 @@ _FINISH_REASONS: Final = {
     "refusal": "content_filter",
 }
 
-# Anthropic error type → (OpenAI error type, OpenAI code), as the OpenAI API spells the same failure.
-_ERROR_TYPES: Final = {
-    "invalid_request_error": ("invalid_request_error", None),
-    "authentication_error": ("invalid_request_error", "invalid_api_key"),
-    "permission_error": ("invalid_request_error", "permission_denied"),
-    "not_found_error": ("invalid_request_error", "model_not_found"),
-    "request_too_large": ("invalid_request_error", "request_too_large"),
-    "rate_limit_error": ("requests", "rate_limit_exceeded"),
-    "billing_error": ("insufficient_quota", "insufficient_quota"),
-    "timeout_error": ("server_error", "timeout"),
-    "api_error": ("server_error", None),
-    "overloaded_error": ("server_error", "overloaded"),
-}
-
-_CUT_MESSAGE: Final = "The upstream provider's stream ended before the response was complete."
-_UNTRANSLATABLE_MESSAGE: Final = (
-    "The upstream provider's response could not be translated to the OpenAI Chat Completions format."
-)
-_UNTRANSLATABLE_CODE: Final = "provider_response_untranslatable"
+_CUT_MESSAGE: Final = _anthropic.CUT_MESSAGE
+_UNTRANSLATABLE_MESSAGE: Final = _anthropic.untranslatable_message("OpenAI Chat Completions")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,19 +149,8 @@ def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096)
             raise _fields.wrong("stop", "a string or an array of strings")
         if stops:
             out["stop_sequences"] = stops
-    temperature = body.get("temperature")
-    if temperature is not None:
-        if not _fields.is_number(temperature):
-            raise _fields.wrong("temperature", "a number")
-        out["temperature"] = min(temperature, _MAX_TEMPERATURE)
-    top_p = body.get("top_p")
-    if top_p is not None:
-        if not _fields.is_number(top_p):
-            raise _fields.wrong("top_p", "a number")
-        out["top_p"] = top_p
-    if _optional_bool(body, "stream"):
-        out["stream"] = True
-    user = _optional_str(body, "user") or _optional_str(body, "safety_identifier")
+    _anthropic.sampling(body, out)
+    user = _anthropic.optional_str(body, "user") or _anthropic.optional_str(body, "safety_identifier")
     if user is not None:
         out["metadata"] = {"user_id": user}
 
@@ -194,25 +160,11 @@ def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096)
             raise _fields.wrong("tools", "an array")
         if tools:
             out["tools"] = [_tool(tool, index) for index, tool in enumerate(tools)]
-    parallel = _optional_bool(body, "parallel_tool_calls")
+    parallel = _anthropic.optional_bool(body, "parallel_tool_calls")
     choice = _tool_choice(body.get("tool_choice"), parallel, bool(tools))
     if choice is not None:
         out["tool_choice"] = choice
     return out
-
-
-def _optional_bool(body: dict[str, Any], key: str) -> bool | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise _fields.wrong(key, "a boolean")
-    return value
-
-
-def _optional_str(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, str):
-        raise _fields.wrong(key, "a string")
-    return value
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
@@ -228,7 +180,7 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
             raise _fields.wrong("n", "an integer")
         if n != 1:
             raise TranslationError("'n' > 1 cannot be served by the Anthropic Messages API (one choice per call)")
-    if _optional_bool(body, "logprobs") or body.get("top_logprobs") is not None:
+    if _anthropic.optional_bool(body, "logprobs") or body.get("top_logprobs") is not None:
         raise TranslationError("'logprobs' cannot be served by the Anthropic Messages API")
     logit_bias = body.get("logit_bias")
     if logit_bias is not None:
@@ -274,7 +226,7 @@ def _messages(raw: Any) -> tuple[str | list[dict[str, Any]] | None, list[dict[st
         if role in ("system", "developer"):
             content = message.get("content")
             system_strings += isinstance(content, str)
-            system.extend(_text_blocks(content, f"messages[{index}]"))
+            system.extend(_anthropic.text_blocks(content, f"messages[{index}]", ("text",), "text"))
         elif role == "user":
             _append(turns, "user", _user_content(message.get("content"), index))
         elif role == "assistant":
@@ -285,12 +237,7 @@ def _messages(raw: Any) -> tuple[str | list[dict[str, Any]] | None, list[dict[st
             raise TranslationError(f"'messages[{index}].role' {_fields.shown(role)} cannot be translated")
         else:
             raise _fields.wrong(f"messages[{index}].role", "a string")
-    if not system:
-        return None, turns
-    if system_strings == 1 and len(system) == 1:
-        # The common case keeps the caller's plain string, which round-trips exactly.
-        return system[0]["text"], turns
-    return system, turns
+    return _anthropic.system_prompt(system, system_strings), turns
 
 
 def _append(turns: list[dict[str, Any]], role: str, content: str | list[dict[str, Any]]) -> None:
@@ -307,38 +254,6 @@ def _append(turns: list[dict[str, Any]], role: str, content: str | list[dict[str
     turns.append({"role": role, "content": content})
 
 
-def _part(content: list[Any], position: int, where: str) -> tuple[dict[str, Any], str]:
-    """A content part and its type, both checked."""
-    part = content[position]
-    if not isinstance(part, dict):
-        raise _fields.wrong(f"{where}.content[{position}]", "an object")
-    kind = part.get("type")
-    if not isinstance(kind, str):
-        raise _fields.wrong(f"{where}.content[{position}].type", "a string")
-    return part, kind
-
-
-def _text_of(part: dict[str, Any], key: str, where: str, position: int) -> str:
-    text = part.get(key)
-    if not isinstance(text, str):
-        raise _fields.wrong(f"{where}.content[{position}].{key}", "a string")
-    return text
-
-
-def _text_blocks(content: Any, where: str) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    if not isinstance(content, list):
-        raise TranslationError(f"'{where}.content' must be a string or an array of text parts")
-    blocks: list[dict[str, Any]] = []
-    for position in range(len(content)):
-        part, kind = _part(content, position, where)
-        if kind != "text":
-            raise TranslationError(f"'{where}.content' may only hold text parts here")
-        blocks.append({"type": "text", "text": _text_of(part, "text", where, position)})
-    return blocks
-
-
 def _user_content(content: Any, index: int) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
@@ -347,9 +262,9 @@ def _user_content(content: Any, index: int) -> str | list[dict[str, Any]]:
         raise TranslationError(f"'{where}.content' must be a string or an array")
     blocks: list[dict[str, Any]] = []
     for position in range(len(content)):
-        part, kind = _part(content, position, where)
+        part, kind = _anthropic.part(content, position, where)
         if kind == "text":
-            blocks.append({"type": "text", "text": _text_of(part, "text", where, position)})
+            blocks.append({"type": "text", "text": _anthropic.text_of(part, "text", f"{where}.content[{position}]")})
         elif kind == "image_url":
             image = part.get("image_url")
             # Officially {"url": ..., "detail": ...}; a bare URL string is accepted as well.
@@ -367,38 +282,18 @@ def _user_content(content: Any, index: int) -> str | list[dict[str, Any]]:
     return blocks
 
 
+_IMAGE_ERRORS: Final = _anthropic.ImageErrors(
+    not_base64="'{where}' image data URL must be base64", not_url="'{where}' image url must be a data: or http(s) URL"
+)
+
+
 def _image(url: str, index: int) -> dict[str, Any]:
-    if url.startswith("data:"):
-        match = _DATA_URL.fullmatch(url)
-        if match is None:
-            raise TranslationError(f"'messages[{index}]' image data URL must be base64")
-        media_type, data = match.groups()
-        if media_type not in _MEDIA_TYPES:
-            raise TranslationError(
-                f"'messages[{index}]' image type {_fields.shown(media_type)} is not supported by Anthropic"
-            )
-        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
-    if url.startswith(("http://", "https://")):
-        return {"type": "image", "source": {"type": "url", "url": url}}
-    raise TranslationError(f"'messages[{index}]' image url must be a data: or http(s) URL")
+    return _anthropic.image(url, f"messages[{index}]", _IMAGE_ERRORS)
 
 
 def _document(file: dict[str, Any], where: str, index: int) -> dict[str, Any]:
-    data_url = file.get("file_data")
-    match = _DATA_URL.fullmatch(data_url) if isinstance(data_url, str) else None
-    if match is None or match.group(1) != "application/pdf":
-        # file_id refers to OpenAI's file store, which Anthropic cannot read.
-        raise TranslationError(f"'messages[{index}]' only inline PDF files can be translated")
-    block: dict[str, Any] = {
-        "type": "document",
-        "source": {"type": "base64", "media_type": "application/pdf", "data": match.group(2)},
-    }
-    filename = file.get("filename")
-    if filename is not None:
-        if not isinstance(filename, str):
-            raise _fields.wrong(f"{where}.filename", "a string")
-        block["title"] = filename
-    return block
+    # file_id refers to OpenAI's file store, which Anthropic cannot read.
+    return _anthropic.document(file, where, f"'messages[{index}]' only inline PDF files can be translated")
 
 
 def _assistant_blocks(message: dict[str, Any], index: int) -> list[dict[str, Any]]:
@@ -412,9 +307,9 @@ def _assistant_blocks(message: dict[str, Any], index: int) -> list[dict[str, Any
             blocks.append({"type": "text", "text": content})
     elif isinstance(content, list):
         for position in range(len(content)):
-            part, kind = _part(content, position, where)
+            part, kind = _anthropic.part(content, position, where)
             if kind in ("text", "refusal"):
-                blocks.append({"type": "text", "text": _text_of(part, kind, where, position)})
+                blocks.append({"type": "text", "text": _anthropic.text_of(part, kind, f"{where}.content[{position}]")})
             else:
                 raise TranslationError(f"'{where}.content' part type {_fields.shown(kind)} cannot be translated")
     elif content is None:
@@ -444,24 +339,9 @@ def _assistant_blocks(message: dict[str, Any], index: int) -> list[dict[str, Any
             raise _fields.wrong(f"{at}.id", "a string")
         if not isinstance(name, str):
             raise _fields.wrong(f"{at}.function.name", "a string")
-        blocks.append(
-            {"type": "tool_use", "id": call_id, "name": name, "input": _arguments(function.get("arguments"), at)}
-        )
+        arguments = _anthropic.arguments(function.get("arguments"), f"{at}.function.arguments")
+        blocks.append({"type": "tool_use", "id": call_id, "name": name, "input": arguments})
     return blocks
-
-
-def _arguments(raw: Any, at: str) -> dict[str, Any]:
-    if raw is None or raw == "":
-        return {}
-    if not isinstance(raw, str):
-        raise _fields.wrong(f"{at}.function.arguments", "a string")
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise TranslationError(f"'{at}.function.arguments' are not valid JSON") from exc
-    if not isinstance(value, dict):
-        raise TranslationError(f"'{at}.function.arguments' must be a JSON object")
-    return value
 
 
 def _tool_result(message: dict[str, Any], index: int) -> dict[str, Any]:
@@ -471,71 +351,32 @@ def _tool_result(message: dict[str, Any], index: int) -> dict[str, Any]:
     content = message.get("content")
     # A string stays a string so the round trip is exact; text parts stay parts.
     if not isinstance(content, str):
-        content = _text_blocks(content, f"messages[{index}]")
+        content = _anthropic.text_blocks(content, f"messages[{index}]", ("text",), "text")
     return {"type": "tool_result", "tool_use_id": call_id, "content": content}
 
 
 def _tool(tool: Any, index: int) -> dict[str, Any]:
     where = f"tools[{index}]"
-    if not isinstance(tool, dict):
-        raise _fields.wrong(where, "an object")
-    kind = tool.get("type")
-    if kind != "function":
-        shown = _fields.shown(kind) if isinstance(kind, str) else "without a type"
-        raise TranslationError(f"tool type {shown} cannot be translated (only function tools)")
-    function = tool.get("function")
+    function = _anthropic.function_object(tool, where, "tool").get("function")
     if not isinstance(function, dict):
         raise _fields.wrong(f"{where}.function", "an object")
-    name = function.get("name")
-    if not isinstance(name, str):
-        raise _fields.wrong(f"{where}.function.name", "a string")
-    out: dict[str, Any] = {"name": name}
-    description = function.get("description")
-    if description is not None:
-        if not isinstance(description, str):
-            raise _fields.wrong(f"{where}.function.description", "a string")
-        out["description"] = description
-    parameters = function.get("parameters")
-    if parameters is None or parameters == {}:
-        # Anthropic requires an object schema; OpenAI allows leaving out parameters for a no-argument tool.
-        parameters = {"type": "object", "properties": {}}
-    elif not isinstance(parameters, dict):
-        raise _fields.wrong(f"{where}.function.parameters", "an object")
-    else:
-        _fields.writable(parameters, f"{where}.function.parameters")
-    out["input_schema"] = parameters
-    return out
+    return _anthropic.function_tool(function, f"{where}.function")
 
 
 def _tool_choice(choice: Any, parallel: bool | None, has_tools: bool) -> dict[str, Any] | None:
-    if choice is None:
-        out: dict[str, Any] | None = {"type": "auto"} if parallel is False and has_tools else None
-    elif choice == "auto":
-        out = {"type": "auto"}
-    elif choice == "none":
-        return {"type": "none"}  # Anthropic's "none" takes no parallel flag
-    elif choice == "required":
-        out = {"type": "any"}
-    elif isinstance(choice, str):
-        raise TranslationError(f"'tool_choice' {_fields.shown(choice)} cannot be translated")
-    elif isinstance(choice, dict):
-        kind = choice.get("type")
-        if not isinstance(kind, str):
-            raise _fields.wrong("tool_choice.type", "a string")
-        if kind != "function":
-            raise TranslationError(f"'tool_choice' type {_fields.shown(kind)} cannot be translated")
-        function = choice.get("function")
-        if not isinstance(function, dict):
-            raise _fields.wrong("tool_choice.function", "an object")
-        name = function.get("name")
-        if not isinstance(name, str):
-            raise _fields.wrong("tool_choice.function.name", "a string")
-        out = {"type": "tool", "name": name}
-    else:
-        raise _fields.wrong("tool_choice", '"auto", "none", "required" or an object')
-    if out is not None and parallel is False:
-        out["disable_parallel_tool_use"] = True
-    return out
+    return _anthropic.tool_choice(choice, parallel, has_tools, _named_tool_choice)
+
+
+def _named_tool_choice(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+    if kind != "function":
+        raise TranslationError(f"'tool_choice' type {_fields.shown(kind)} cannot be translated")
+    function = choice.get("function")
+    if not isinstance(function, dict):
+        raise _fields.wrong("tool_choice.function", "an object")
+    name = function.get("name")
+    if not isinstance(name, str):
+        raise _fields.wrong("tool_choice.function.name", "a string")
+    return {"type": "tool", "name": name}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -555,12 +396,7 @@ def finish_reason(stop_reason: Any) -> str:
 
 def usage(raw: Any) -> dict[str, Any]:
     """Anthropic usage → OpenAI usage; Anthropic's input_tokens leave out cache reads and writes."""
-    if not isinstance(raw, dict):
-        raw = {}
-    uncached = _fields.count(raw.get("input_tokens"))
-    read = _fields.count(raw.get("cache_read_input_tokens"))
-    written = _fields.count(raw.get("cache_creation_input_tokens"))
-    output = _fields.count(raw.get("output_tokens"))
+    uncached, read, written, output = _anthropic.usage_counts(raw)
     prompt = uncached + read + written
     return {
         "prompt_tokens": prompt,
@@ -576,13 +412,7 @@ def response(body: Any, *, requested_model: str, created: int | None = None) -> 
     Content of the wrong shape raises :class:`TranslationError` (the answer cannot be passed on);
     an id, stop reason or usage of the wrong type is defaulted, as it does not change the answer.
     """
-    if not isinstance(body, dict):
-        raise TranslationError("the answer is not a JSON object")
-    content = body.get("content")
-    if content is None:
-        content = []
-    elif not isinstance(content, list):
-        raise TranslationError("'content' is not an array")
+    content = _anthropic.answer_content(body)
     text: list[str] = []
     calls: list[dict[str, Any]] = []
     for position, block in enumerate(content):
@@ -590,12 +420,11 @@ def response(body: Any, *, requested_model: str, created: int | None = None) -> 
             raise TranslationError(f"'content.{position}' is not an object")
         kind = block.get("type")
         if kind == "text":
-            text.append(_block_str(block, "text", position))
+            text.append(_anthropic.block_str(block, "text", position))
         elif kind == "tool_use":
-            call_id, name = _block_str(block, "id", position), _block_str(block, "name", position)
-            calls.append(
-                {"id": call_id, "type": "function", "function": {"name": name, "arguments": _input(block, position)}}
-            )
+            call_id, name = _anthropic.block_str(block, "id", position), _anthropic.block_str(block, "name", position)
+            arguments = _anthropic.tool_input(block, position)
+            calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
         elif not isinstance(kind, str):
             raise TranslationError(f"'content.{position}.type' is not a string")
         # thinking and server-tool blocks only come back when asked for, which this direction never does.
@@ -624,28 +453,9 @@ def _str_or_empty(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _block_str(block: dict[str, Any], key: str, position: int) -> str:
-    value = block.get(key)
-    if not isinstance(value, str):
-        raise TranslationError(f"'content.{position}.{key}' is not a string")
-    return value
-
-
-def _input(block: dict[str, Any], position: int) -> str:
-    """A tool_use block's input as OpenAI's JSON-string arguments; an object by Anthropic's contract."""
-    value = block.get("input")
-    if value is None:
-        return "{}"
-    if not isinstance(value, dict):
-        raise TranslationError(f"'content.{position}.input' is not an object")
-    return _fields.writable(value, f"content.{position}.input")
-
-
-def _openai_error(message: str, err_type: str, code: str | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": err_type, "param": None, "code": code}}
-
-
-_UNTRANSLATABLE: Final = _openai_error(_UNTRANSLATABLE_MESSAGE, "server_error", _UNTRANSLATABLE_CODE)
+_UNTRANSLATABLE: Final = _anthropic.openai_error(
+    _UNTRANSLATABLE_MESSAGE, "server_error", _anthropic.UNTRANSLATABLE_CODE
+)
 
 
 def untranslatable_body() -> bytes:
@@ -663,36 +473,14 @@ def error(status: int, body: bytes) -> bytes:
 
     Never raises: a body that is not Anthropic's error shape gives a message naming the HTTP status.
     """
-    err_type, message = _anthropic_error_fields(body)
-    if err_type is None:
-        err_type = "api_error" if status >= 500 else "invalid_request_error"
-    openai_type, code = _ERROR_TYPES.get(err_type, ("server_error" if status >= 500 else "invalid_request_error", None))
-    if not message:
-        message = f"Upstream provider error (HTTP {status})"
-    return orjson.dumps(_openai_error(message, openai_type, code))
-
-
-def _anthropic_error_fields(body: bytes) -> tuple[str | None, str | None]:
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None, None
-    return _error_fields(parsed.get("error") if isinstance(parsed, dict) else None)
-
-
-def _error_fields(inner: Any) -> tuple[str | None, str | None]:
-    """(type, message) of Anthropic's inner error object, each None unless a string."""
-    if not isinstance(inner, dict):
-        return None, None
-    err_type, message = inner.get("type"), inner.get("message")
-    return (err_type if isinstance(err_type, str) else None), (message if isinstance(message, str) else None)
+    return _anthropic.error(status, body)
 
 
 # ---------------------------------------------------------------------------------------------------
 # streaming
 
 
-class StreamTranslator:
+class StreamTranslator(_anthropic.EventStream):
     """Anthropic SSE → OpenAI chat.completion.chunk SSE, one event at a time.
 
     Each Anthropic event becomes at most a few OpenAI chunks, emitted as soon as the event is
@@ -718,32 +506,15 @@ class StreamTranslator:
         self._ended = False  # message_stop or an error event: nothing more goes out
         self.failure: str | None = None  # why the stream could not be translated, if it could not
 
-    @property
-    def complete(self) -> bool:
-        """True once the stream ended cleanly or with an error event the client has already seen."""
-        return self._ended
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._ended:
-            return b""
-        out: list[bytes] = []
-        for event in self._parser.feed(chunk):
-            try:
-                out.extend(self._event(event.event, event.data))
-            except TranslationError as exc:
-                # What this event would have added is dropped whole; what went out before stays.
-                self._ended = True
-                self.failure = exc.message
-                out.append(untranslatable_event())
-            if self._ended:
-                break
-        return b"".join(out)
-
     def finish(self) -> bytes:
         if self._ended:
             return b""
         self._ended = True
-        return data_event(_openai_error(_CUT_MESSAGE, "server_error", None))
+        return data_event(_anthropic.openai_error(_CUT_MESSAGE, "server_error", None))
+
+    def _untranslatable(self) -> bytes:
+        self._ended = True
+        return untranslatable_event()
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         payload: dict[str, Any] = {
@@ -761,36 +532,18 @@ class StreamTranslator:
         return data_event(payload)
 
     def _event(self, name: str | None, data: bytes) -> Iterable[bytes]:
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise TranslationError(f"a {_event_name(name)} event's data is not JSON") from None
-        if not isinstance(payload, dict):
-            raise TranslationError(f"a {_event_name(name)} event's data is not a JSON object")
-        kind = payload.get("type", name)
-        if not isinstance(kind, str):
-            raise TranslationError(f"a {_event_name(name)} event's type is not a string")
+        payload, kind = _anthropic.event_payload(name, data)
         if kind == "message_start":
-            message = _object(payload, "message", kind)
-            if isinstance(message.get("id"), str):
-                self._id = completion_id(message["id"])
-            usage_so_far = message.get("usage")
-            self._usage = dict(usage_so_far) if isinstance(usage_so_far, dict) else {}
+            message_id, self._usage = _anthropic.message_start(payload)
+            if message_id is not None:
+                self._id = completion_id(message_id)
             return [self._chunk({"role": "assistant", "content": "", "refusal": None})]
         if kind == "content_block_start":
             return self._block_start(payload)
         if kind == "content_block_delta":
             return self._block_delta(payload)
         if kind == "message_delta":
-            delta = payload.get("delta")
-            if delta is None:
-                delta = {}
-            elif not isinstance(delta, dict):
-                raise TranslationError("a message_delta event's 'delta' is not an object")
-            counts = payload.get("usage")
-            if isinstance(counts, dict):
-                # message_delta usage counts are cumulative totals that overwrite message_start's.
-                self._usage.update({k: v for k, v in counts.items() if v is not None})
+            delta = _anthropic.message_delta(payload, self._usage)
             return [self._chunk({}, finish_reason(delta.get("stop_reason")))]
         if kind == "message_stop":
             self._ended = True
@@ -811,20 +564,19 @@ class StreamTranslator:
         if kind == "error":
             # The provider's own error, passed on as such (not a translation failure), whatever its shape.
             self._ended = True
-            err_type, message = _error_fields(payload.get("error"))
-            openai_type, code = _ERROR_TYPES.get(err_type or "api_error", ("server_error", None))
-            message = message or "The upstream provider reported an error mid-stream."
-            return [data_event(_openai_error(message, openai_type, code))]
+            message, openai_type, code = _anthropic.stream_error(payload)
+            message = message or _anthropic.PROVIDER_ERROR_MESSAGE
+            return [data_event(_anthropic.openai_error(message, openai_type, code))]
         if kind == "content_block_stop":
             return self._block_stop(payload)
         return ()  # ping and event types newer than this code
 
     def _block_start(self, payload: dict[str, Any]) -> list[bytes]:
-        block_index = _index(payload, "content_block_start")
+        block_index = _anthropic.event_index(payload, "content_block_start")
         if block_index in self._blocks:
             raise TranslationError(f"content block {block_index} started twice")
         self._blocks.add(block_index)
-        block = _object(payload, "content_block", "content_block_start")
+        block = _anthropic.event_object(payload, "content_block", "content_block_start")
         kind = block.get("type")
         if kind == "tool_use":
             call_id, name = block.get("id"), block.get("name")
@@ -845,8 +597,8 @@ class StreamTranslator:
         return []
 
     def _block_delta(self, payload: dict[str, Any]) -> list[bytes]:
-        block_index = _index(payload, "content_block_delta")
-        delta = _object(payload, "delta", "content_block_delta")
+        block_index = _anthropic.event_index(payload, "content_block_delta")
+        delta = _anthropic.event_object(payload, "delta", "content_block_delta")
         kind = delta.get("type")
         if kind == "text_delta":
             text = delta.get("text")
@@ -867,7 +619,7 @@ class StreamTranslator:
         return []  # thinking, signature and citations deltas
 
     def _block_stop(self, payload: dict[str, Any]) -> list[bytes]:
-        block = _index(payload, "content_block_stop")
+        block = _anthropic.event_index(payload, "content_block_stop")
         index = self._tool_index.get(block)
         if index is None or block in self._tool_fed:
             return []
@@ -876,20 +628,3 @@ class StreamTranslator:
         # accumulated arguments, which fails on "", so send what OpenAI sends for such a call.
         return [self._chunk({"tool_calls": [{"index": index, "function": {"arguments": "{}"}}]})]
 
-
-def _event_name(name: str | None) -> str:
-    return _fields.shown(name, 30) if name else "nameless"
-
-
-def _object(payload: dict[str, Any], key: str, event: str) -> dict[str, Any]:
-    value = payload.get(key)
-    if not isinstance(value, dict):
-        raise TranslationError(f"a {event} event's {key!r} is not an object")
-    return value
-
-
-def _index(payload: dict[str, Any], event: str) -> int:
-    index = payload.get("index", 0)
-    if type(index) is not int:
-        raise TranslationError(f"a {event} event's 'index' is not an integer")
-    return index

@@ -76,15 +76,13 @@ are defaulted instead), the stream translator ends the stream as above (code
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 from typing import Any, Final
 
 import orjson
 
-from extproc.translate import TranslationError, _fields
-from extproc.translate import openai_to_anthropic as _chat
+from extproc.translate import TranslationError, _anthropic, _fields
 from extproc.translate.sse import SseParser, named_event
 
 __all__ = [
@@ -99,10 +97,6 @@ __all__ = [
 ]
 
 CALLER_FORMAT: Final = "openai_responses"  # the caller format ResponseTranslator and UsageTracker take
-
-_MEDIA_TYPES: Final = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
-_DATA_URL: Final = re.compile(r"data:([\w.+/-]+);base64,(.*)", re.DOTALL)
-_MAX_TEMPERATURE: Final = 1.0  # Anthropic's range is 0..1, OpenAI's 0..2
 
 _DROPPED: Final = frozenset(
     (
@@ -174,12 +168,8 @@ _STOP_STATUS: Final = {
     "refusal": ("incomplete", "content_filter"),
 }
 
-_CUT_MESSAGE: Final = "The upstream provider's stream ended before the response was complete."
-_PROVIDER_ERROR_MESSAGE: Final = "The upstream provider reported an error mid-stream."
-_UNTRANSLATABLE_MESSAGE: Final = (
-    "The upstream provider's response could not be translated to the OpenAI Responses format."
-)
-_UNTRANSLATABLE_CODE: Final = "provider_response_untranslatable"
+_CUT_MESSAGE: Final = _anthropic.CUT_MESSAGE
+_UNTRANSLATABLE_MESSAGE: Final = _anthropic.untranslatable_message("OpenAI Responses")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,7 +184,7 @@ def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096)
     if not isinstance(body, dict):
         raise TranslationError("the request body must be a JSON object")
     _refuse_unsupported(body)
-    instructions = _optional_str(body, "instructions")
+    instructions = _anthropic.optional_str(body, "instructions")
     system, messages = _input(body.get("input"), instructions)
     out: dict[str, Any] = {"model": model}
     if system is not None:
@@ -203,19 +193,8 @@ def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096)
 
     limit = body.get("max_output_tokens")
     out["max_tokens"] = default_max_tokens if limit is None else _fields.max_tokens(limit, "max_output_tokens")
-    temperature = body.get("temperature")
-    if temperature is not None:
-        if not _fields.is_number(temperature):
-            raise _fields.wrong("temperature", "a number")
-        out["temperature"] = min(temperature, _MAX_TEMPERATURE)
-    top_p = body.get("top_p")
-    if top_p is not None:
-        if not _fields.is_number(top_p):
-            raise _fields.wrong("top_p", "a number")
-        out["top_p"] = top_p
-    if _optional_bool(body, "stream"):
-        out["stream"] = True
-    user, safety_identifier = _optional_str(body, "user"), _optional_str(body, "safety_identifier")
+    _anthropic.sampling(body, out)
+    user, safety_identifier = _anthropic.optional_str(body, "user"), _anthropic.optional_str(body, "safety_identifier")
     user = user or safety_identifier
     if user:
         out["metadata"] = {"user_id": user}
@@ -226,7 +205,7 @@ def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096)
         if not isinstance(raw_tools, list):
             raise _fields.wrong("tools", "an array")
         tools = [_tool(tool, index) for index, tool in enumerate(raw_tools)]
-    parallel = _optional_bool(body, "parallel_tool_calls")
+    parallel = _anthropic.optional_bool(body, "parallel_tool_calls")
     tools, choice = _tool_choice(body.get("tool_choice"), tools, parallel)
     if tools:
         out["tools"] = tools
@@ -237,20 +216,6 @@ def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096)
         raise TranslationError("'tool_choice' requires a function call but 'tools' offers no function")
     # Without tools, "auto" and "none" mean what no tool_choice means: Anthropic takes none then.
     return out
-
-
-def _optional_bool(body: dict[str, Any], key: str) -> bool | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise _fields.wrong(key, "a boolean")
-    return value
-
-
-def _optional_str(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, str):
-        raise _fields.wrong(key, "a string")
-    return value
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
@@ -264,7 +229,7 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         if key not in _HANDLED:
             raise TranslationError(f"{_fields.shown(key)} cannot be translated to the Anthropic Messages API")
     _check_dropped(body)
-    if _optional_bool(body, "background"):
+    if _anthropic.optional_bool(body, "background"):
         raise TranslationError("'background': true cannot be served by the Anthropic Messages API")
     top_logprobs = body.get("top_logprobs")
     if top_logprobs is not None:
@@ -292,9 +257,9 @@ def _check_dropped(body: dict[str, Any]) -> None:
         value = body.get(key)
         if value is not None and not isinstance(value, dict):
             raise _fields.wrong(key, "an object")
-    _optional_bool(body, "store")
+    _anthropic.optional_bool(body, "store")
     for key in ("service_tier", "prompt_cache_key", "prompt_cache_retention", "truncation"):
-        _optional_str(body, key)
+        _anthropic.optional_str(body, key)
     calls = body.get("max_tool_calls")
     if calls is not None and type(calls) is not int:
         raise _fields.wrong("max_tool_calls", "an integer")
@@ -375,7 +340,7 @@ def _input(raw: Any, instructions: str | None) -> tuple[str | list[dict[str, Any
             if role in ("system", "developer"):
                 content = item.get("content")
                 system_strings += isinstance(content, str)
-                system.extend(_text_blocks(content, where))
+                system.extend(_anthropic.text_blocks(content, where, ("input_text", "text"), "input_text"))
             elif role == "user":
                 _append(turns, "user", _user_content(item.get("content"), where))
             elif role == "assistant":
@@ -407,11 +372,7 @@ def _input(raw: Any, instructions: str | None) -> tuple[str | list[dict[str, Any
             raise TranslationError("'input' ends with a function_call without its function_call_output")
         # OpenAI answers a trailing assistant message with a new message; Anthropic would continue it.
         raise TranslationError("a final assistant message would be continued (prefill) by the Anthropic API")
-    if not system:
-        return None, turns
-    if system_strings == 1 and len(system) == 1:
-        return system[0]["text"], turns  # one plain string stays one plain string
-    return system, turns
+    return _anthropic.system_prompt(system, system_strings), turns
 
 
 def _append(turns: list[dict[str, Any]], role: str, content: str | list[dict[str, Any]]) -> None:
@@ -446,37 +407,6 @@ def _append(turns: list[dict[str, Any]], role: str, content: str | list[dict[str
     turns.append({"role": role, "content": content})
 
 
-def _part(content: list[Any], position: int, where: str) -> tuple[dict[str, Any], str]:
-    part = content[position]
-    if not isinstance(part, dict):
-        raise _fields.wrong(f"{where}.content[{position}]", "an object")
-    kind = part.get("type")
-    if not isinstance(kind, str):
-        raise _fields.wrong(f"{where}.content[{position}].type", "a string")
-    return part, kind
-
-
-def _text_of(part: dict[str, Any], key: str, at: str) -> str:
-    text = part.get(key)
-    if not isinstance(text, str):
-        raise _fields.wrong(f"{at}.{key}", "a string")
-    return text
-
-
-def _text_blocks(content: Any, where: str) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    if not isinstance(content, list):
-        raise TranslationError(f"'{where}.content' must be a string or an array of text parts")
-    blocks: list[dict[str, Any]] = []
-    for position in range(len(content)):
-        part, kind = _part(content, position, where)
-        if kind not in ("input_text", "text"):
-            raise TranslationError(f"'{where}.content' may only hold input_text parts here")
-        blocks.append({"type": "text", "text": _text_of(part, "text", f"{where}.content[{position}]")})
-    return blocks
-
-
 def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
@@ -487,10 +417,10 @@ def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
 
 def _input_part(content: list[Any], position: int, where: str, *, files: bool = True) -> dict[str, Any]:
     """One input_text, input_image or input_file part (a user message's, or a function call output's)."""
-    part, kind = _part(content, position, where)
+    part, kind = _anthropic.part(content, position, where)
     at = f"{where}.content[{position}]" if files else f"{where}.output[{position}]"
     if kind == "input_text":
-        return {"type": "text", "text": _text_of(part, "text", at)}
+        return {"type": "text", "text": _anthropic.text_of(part, "text", at)}
     if kind == "input_image":
         url = part.get("image_url")
         if url is None and part.get("file_id") is not None:
@@ -503,38 +433,24 @@ def _input_part(content: list[Any], position: int, where: str, *, files: bool = 
     raise TranslationError(f"'{at}' part type {_fields.shown(kind)} cannot be translated")
 
 
+_IMAGE_ERRORS: Final = _anthropic.ImageErrors(
+    not_base64="'{where}.image_url' data URL must be base64",
+    not_url="'{where}.image_url' must be a data: or http(s) URL",
+)
+
+
 def _image(url: str, at: str) -> dict[str, Any]:
-    if url.startswith("data:"):
-        match = _DATA_URL.fullmatch(url)
-        if match is None:
-            raise TranslationError(f"'{at}.image_url' data URL must be base64")
-        media_type, data = match.groups()
-        if media_type not in _MEDIA_TYPES:
-            raise TranslationError(f"'{at}' image type {_fields.shown(media_type)} is not supported by Anthropic")
-        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
-    if url.startswith(("http://", "https://")):
-        return {"type": "image", "source": {"type": "url", "url": url}}
-    raise TranslationError(f"'{at}.image_url' must be a data: or http(s) URL")
+    return _anthropic.image(url, at, _IMAGE_ERRORS)
 
 
 def _document(part: dict[str, Any], at: str) -> dict[str, Any]:
     data_url = part.get("file_data")
     if data_url is not None and not isinstance(data_url, str):
         raise _fields.wrong(f"{at}.file_data", "a string")
-    match = _DATA_URL.fullmatch(data_url) if data_url is not None else None
-    if match is None or match.group(1) != "application/pdf":
-        # file_id and file_url name files OpenAI fetches or stores; Anthropic is only sent inline PDFs.
-        raise TranslationError(f"'{at}' only inline PDF files (file_data as a data: URL) can be translated")
-    block: dict[str, Any] = {
-        "type": "document",
-        "source": {"type": "base64", "media_type": "application/pdf", "data": match.group(2)},
-    }
-    filename = part.get("filename")
-    if filename is not None:
-        if not isinstance(filename, str):
-            raise _fields.wrong(f"{at}.filename", "a string")
-        block["title"] = filename
-    return block
+    # file_id and file_url name files OpenAI fetches or stores; Anthropic is only sent inline PDFs.
+    return _anthropic.document(
+        part, at, f"'{at}' only inline PDF files (file_data as a data: URL) can be translated"
+    )
 
 
 def _assistant_blocks(content: Any, where: str) -> list[dict[str, Any]]:
@@ -544,12 +460,12 @@ def _assistant_blocks(content: Any, where: str) -> list[dict[str, Any]]:
         raise TranslationError(f"'{where}.content' must be a string or an array")
     blocks: list[dict[str, Any]] = []
     for position in range(len(content)):
-        part, kind = _part(content, position, where)
+        part, kind = _anthropic.part(content, position, where)
         at = f"{where}.content[{position}]"
         if kind in ("output_text", "input_text"):
-            text = _text_of(part, "text", at)
+            text = _anthropic.text_of(part, "text", at)
         elif kind == "refusal":
-            text = _text_of(part, "refusal", at)
+            text = _anthropic.text_of(part, "refusal", at)
         else:
             raise TranslationError(f"'{where}.content' part type {_fields.shown(kind)} cannot be translated")
         if text:  # Anthropic refuses empty text blocks
@@ -563,21 +479,8 @@ def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
         raise _fields.wrong(f"{where}.call_id", "a string")
     if not isinstance(name, str):
         raise _fields.wrong(f"{where}.name", "a string")
-    return {"type": "tool_use", "id": call_id, "name": name, "input": _arguments(item.get("arguments"), where)}
-
-
-def _arguments(raw: Any, where: str) -> dict[str, Any]:
-    if raw is None or raw == "":
-        return {}
-    if not isinstance(raw, str):
-        raise _fields.wrong(f"{where}.arguments", "a string")
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise TranslationError(f"'{where}.arguments' are not valid JSON") from exc
-    if not isinstance(value, dict):
-        raise TranslationError(f"'{where}.arguments' must be a JSON object")
-    return value
+    arguments = _anthropic.arguments(item.get("arguments"), f"{where}.arguments")
+    return {"type": "tool_use", "id": call_id, "name": name, "input": arguments}
 
 
 def _function_output(item: dict[str, Any], where: str, calls: set[str]) -> dict[str, Any]:
@@ -612,62 +515,29 @@ def _tool(tool: Any, index: int) -> dict[str, Any]:
         )
     if kind != "function":
         raise TranslationError(f"'{where}' type {_fields.shown(kind)} cannot be translated (only function tools)")
-    name = tool.get("name")
-    if not isinstance(name, str):
-        raise _fields.wrong(f"{where}.name", "a string")
-    out: dict[str, Any] = {"name": name}
-    description = tool.get("description")
-    if description is not None:
-        if not isinstance(description, str):
-            raise _fields.wrong(f"{where}.description", "a string")
-        out["description"] = description
-    strict = tool.get("strict")
-    if strict is not None and not isinstance(strict, bool):
-        raise _fields.wrong(f"{where}.strict", "a boolean")
-    parameters = tool.get("parameters")
-    if parameters is None or parameters == {}:
-        # Anthropic requires an object schema; OpenAI allows leaving out parameters for a no-argument tool.
-        parameters = {"type": "object", "properties": {}}
-    elif not isinstance(parameters, dict):
-        raise _fields.wrong(f"{where}.parameters", "an object")
-    else:
-        _fields.writable(parameters, f"{where}.parameters")
-    out["input_schema"] = parameters
-    return out
+    return _anthropic.function_tool(tool, where, check_strict=True)
 
 
 def _tool_choice(
     choice: Any, tools: list[dict[str, Any]], parallel: bool | None
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """(the tools to send, Anthropic's tool_choice) for a Responses tool_choice."""
-    if choice is None:
-        out: dict[str, Any] | None = {"type": "auto"} if parallel is False and tools else None
-    elif choice == "auto":
-        out = {"type": "auto"}
-    elif choice == "none":
-        return tools, {"type": "none"}  # Anthropic's "none" takes no parallel flag
-    elif choice == "required":
-        out = {"type": "any"}
-    elif isinstance(choice, str):
-        raise TranslationError(f"'tool_choice' {_fields.shown(choice)} cannot be translated")
-    elif isinstance(choice, dict):
-        kind = choice.get("type")
-        if not isinstance(kind, str):
-            raise _fields.wrong("tool_choice.type", "a string")
+    offered = tools
+
+    def named(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+        nonlocal offered
         if kind == "function":
             name = choice.get("name")
             if not isinstance(name, str):
                 raise _fields.wrong("tool_choice.name", "a string")
-            out = {"type": "tool", "name": name}
-        elif kind == "allowed_tools":
-            tools, out = _allowed_tools(choice, tools)
-        else:
-            raise TranslationError(f"'tool_choice' type {_fields.shown(kind)} cannot be translated")
-    else:
-        raise _fields.wrong("tool_choice", '"auto", "none", "required" or an object')
-    if out is not None and parallel is False:
-        out["disable_parallel_tool_use"] = True
-    return tools, out
+            return {"type": "tool", "name": name}
+        if kind == "allowed_tools":
+            offered, out = _allowed_tools(choice, tools)
+            return out
+        raise TranslationError(f"'tool_choice' type {_fields.shown(kind)} cannot be translated")
+
+    out = _anthropic.tool_choice(choice, parallel, bool(tools), named)
+    return offered, out
 
 
 def _allowed_tools(choice: dict[str, Any], tools: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -680,13 +550,7 @@ def _allowed_tools(choice: dict[str, Any], tools: list[dict[str, Any]]) -> tuple
     names: set[str] = set()
     for position, tool in enumerate(allowed):
         at = f"tool_choice.tools[{position}]"
-        if not isinstance(tool, dict):
-            raise _fields.wrong(at, "an object")
-        kind = tool.get("type")
-        if kind != "function":
-            shown = _fields.shown(kind) if isinstance(kind, str) else "without a type"
-            raise TranslationError(f"'{at}' type {shown} cannot be translated (only function tools)")
-        name = tool.get("name")
+        name = _anthropic.function_object(tool, at, f"'{at}'").get("name")
         if not isinstance(name, str):
             raise _fields.wrong(f"{at}.name", "a string")
         names.add(name)
@@ -770,12 +634,7 @@ def _call_item_id(tool_use_id: str) -> str:
 
 def usage(raw: Any) -> dict[str, Any]:
     """Anthropic usage → Responses usage; Anthropic's input_tokens leave out cache reads and writes."""
-    if not isinstance(raw, dict):
-        raw = {}
-    uncached = _fields.count(raw.get("input_tokens"))
-    read = _fields.count(raw.get("cache_read_input_tokens"))
-    written = _fields.count(raw.get("cache_creation_input_tokens"))
-    output = _fields.count(raw.get("output_tokens"))
+    uncached, read, written, output = _anthropic.usage_counts(raw)
     total_input = uncached + read + written
     return {
         "input_tokens": total_input,
@@ -882,13 +741,7 @@ def response(
     Content of the wrong shape raises :class:`TranslationError` (the answer cannot be passed on);
     an id, stop reason or usage of the wrong type is defaulted, as it does not change the answer.
     """
-    if not isinstance(body, dict):
-        raise TranslationError("the answer is not a JSON object")
-    content = body.get("content")
-    if content is None:
-        content = []
-    elif not isinstance(content, list):
-        raise TranslationError("'content' is not an array")
+    content = _anthropic.answer_content(body)
     message_id = body.get("id") if isinstance(body.get("id"), str) else ""
     output: list[dict[str, Any]] = []
     messages = 0
@@ -898,15 +751,16 @@ def response(
             raise TranslationError(f"'content.{position}' is not an object")
         kind = block.get("type")
         if kind == "text":
-            output.append(_message_item(_message_item_id(message_id, messages), _block_str(block, "text", position)))
+            text = _anthropic.block_str(block, "text", position)
+            output.append(_message_item(_message_item_id(message_id, messages), text))
             messages += 1
         elif kind == "tool_use":
-            call_id, name = _block_str(block, "id", position), _block_str(block, "name", position)
+            call_id, name = _anthropic.block_str(block, "id", position), _anthropic.block_str(block, "name", position)
             if call_id in call_ids:
                 # The caller answers a call by its id: two calls with one id cannot both be answered.
                 raise TranslationError(f"tool_use id {_fields.shown(call_id)} appears twice")
             call_ids.add(call_id)
-            output.append(_call_item(call_id, name, _tool_input(block, position)))
+            output.append(_call_item(call_id, name, _anthropic.tool_input(block, position)))
         elif not isinstance(kind, str):
             raise TranslationError(f"'content.{position}.type' is not a string")
         # thinking and server-tool blocks only come back when asked for, which this direction never does.
@@ -925,26 +779,9 @@ def response(
     )
 
 
-def _block_str(block: dict[str, Any], key: str, position: int) -> str:
-    value = block.get(key)
-    if not isinstance(value, str):
-        raise TranslationError(f"'content.{position}.{key}' is not a string")
-    return value
-
-
-def _tool_input(block: dict[str, Any], position: int) -> str:
-    """A tool_use block's input as the JSON-string arguments OpenAI sends; an object by Anthropic's contract."""
-    value = block.get("input")
-    if value is None:
-        return "{}"
-    if not isinstance(value, dict):
-        raise TranslationError(f"'content.{position}.input' is not an object")
-    return _fields.writable(value, f"content.{position}.input")
-
-
-_UNTRANSLATABLE: Final = {
-    "error": {"message": _UNTRANSLATABLE_MESSAGE, "type": "server_error", "param": None, "code": _UNTRANSLATABLE_CODE}
-}
+_UNTRANSLATABLE: Final = _anthropic.openai_error(
+    _UNTRANSLATABLE_MESSAGE, "server_error", _anthropic.UNTRANSLATABLE_CODE
+)
 
 
 def untranslatable_body() -> bytes:
@@ -958,7 +795,7 @@ def untranslatable_event(sequence_number: int = 0) -> bytes:
     ``StreamTranslator.untranslatable_events`` is the better ending (it knows the sequence and sends
     ``response.failed`` too); this one is for when the translator itself cannot be trusted any more.
     """
-    return _error_event(sequence_number, _UNTRANSLATABLE_MESSAGE, "server_error", _UNTRANSLATABLE_CODE)
+    return _error_event(sequence_number, _UNTRANSLATABLE_MESSAGE, "server_error", _anthropic.UNTRANSLATABLE_CODE)
 
 
 def _error_event(sequence_number: int, message: str, err_type: str, code: str | None) -> bytes:
@@ -980,14 +817,14 @@ def error(status: int, body: bytes) -> bytes:
 
     Never raises: a body that is not Anthropic's error shape gives a message naming the HTTP status.
     """
-    return _chat.error(status, body)
+    return _anthropic.error(status, body)
 
 
 # ---------------------------------------------------------------------------------------------------
 # streaming
 
 
-class StreamTranslator:
+class StreamTranslator(_anthropic.EventStream):
     """Anthropic SSE → Responses API SSE, one event at a time (see the module docstring for the mapping).
 
     An event that cannot be translated (not JSON, not an object, a known event type with fields of the
@@ -1018,29 +855,9 @@ class StreamTranslator:
         self.failure: str | None = None
 
     @property
-    def complete(self) -> bool:
-        """True once the stream ended cleanly or with an error event the client has already seen."""
-        return self._ended
-
-    @property
     def sequence_number(self) -> int:
         """The sequence number the next event would carry."""
         return self._sequence
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._ended:
-            return b""
-        out: list[bytes] = []
-        for event in self._parser.feed(chunk):
-            try:
-                out.extend(self._event(event.event, event.data))
-            except TranslationError as exc:
-                # What this event would have added is dropped whole; what went out before stays.
-                self.failure = exc.message
-                out.append(self.untranslatable_events())
-            if self._ended:
-                break
-        return b"".join(out)
 
     def finish(self) -> bytes:
         if self._ended:
@@ -1051,7 +868,10 @@ class StreamTranslator:
         """The end of a stream that cannot be translated further: response.failed (if started) and error."""
         if self._ended:
             return b""
-        return self._fail(_UNTRANSLATABLE_MESSAGE, "server_error", _UNTRANSLATABLE_CODE)
+        return self._fail(_UNTRANSLATABLE_MESSAGE, "server_error", _anthropic.UNTRANSLATABLE_CODE)
+
+    def _untranslatable(self) -> bytes:
+        return self.untranslatable_events()
 
     # -- output ------------------------------------------------------------------------------------
 
@@ -1115,57 +935,38 @@ class StreamTranslator:
     # -- input -------------------------------------------------------------------------------------
 
     def _event(self, name: str | None, data: bytes) -> Iterable[bytes]:
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise TranslationError(f"a {_event_name(name)} event's data is not JSON") from None
-        if not isinstance(payload, dict):
-            raise TranslationError(f"a {_event_name(name)} event's data is not a JSON object")
-        kind = payload.get("type", name)
-        if not isinstance(kind, str):
-            raise TranslationError(f"a {_event_name(name)} event's type is not a string")
+        payload, kind = _anthropic.event_payload(name, data)
         if kind == "message_start":
             if self._started:
                 raise TranslationError("message_start arrived after the message had started")
-            message = _object(payload, "message", kind)
-            if isinstance(message.get("id"), str):
-                self._message_id = message["id"]
-            counts = message.get("usage")
-            self._usage = dict(counts) if isinstance(counts, dict) else {}
+            message_id, self._usage = _anthropic.message_start(payload)
+            if message_id is not None:
+                self._message_id = message_id
             return self._start()
         if kind == "content_block_start":
             return self._block_start(payload)
         if kind == "content_block_delta":
             return self._block_delta(payload)
         if kind == "content_block_stop":
-            return self._block_stop(_index(payload, kind))
+            return self._block_stop(_anthropic.event_index(payload, kind))
         if kind == "message_delta":
-            delta = payload.get("delta")
-            if delta is None:
-                delta = {}
-            elif not isinstance(delta, dict):
-                raise TranslationError("a message_delta event's 'delta' is not an object")
+            delta = _anthropic.message_delta(payload, self._usage)
             if "stop_reason" in delta:
                 self._stop_reason = delta["stop_reason"]
-            counts = payload.get("usage")
-            if isinstance(counts, dict):
-                # message_delta usage counts are cumulative totals that overwrite message_start's.
-                self._usage.update({k: v for k, v in counts.items() if v is not None})
             return ()
         if kind == "message_stop":
             return self._stop()
         if kind == "error":
             # The provider's own error, passed on as such (not a translation failure), whatever its shape.
-            err_type, message = _chat._error_fields(payload.get("error"))
-            openai_type, code = _chat._ERROR_TYPES.get(err_type or "api_error", ("server_error", None))
-            return [self._fail(message or _PROVIDER_ERROR_MESSAGE, openai_type, code)]
+            message, openai_type, code = _anthropic.stream_error(payload)
+            return [self._fail(message or _anthropic.PROVIDER_ERROR_MESSAGE, openai_type, code)]
         return ()  # ping and event types newer than this code
 
     def _block_start(self, payload: dict[str, Any]) -> list[bytes]:
-        block_index = _index(payload, "content_block_start")
+        block_index = _anthropic.event_index(payload, "content_block_start")
         if block_index in self._blocks or block_index in self._skipped:
             raise TranslationError(f"content block {block_index} started twice")
-        block = _object(payload, "content_block", "content_block_start")
+        block = _anthropic.event_object(payload, "content_block", "content_block_start")
         kind = block.get("type")
         if kind == "tool_use":
             call_id, name = block.get("id"), block.get("name")
@@ -1208,8 +1009,8 @@ class StreamTranslator:
                           content_index=0, delta=text, logprobs=[])
 
     def _block_delta(self, payload: dict[str, Any]) -> list[bytes]:
-        block_index = _index(payload, "content_block_delta")
-        delta = _object(payload, "delta", "content_block_delta")
+        block_index = _anthropic.event_index(payload, "content_block_delta")
+        delta = _anthropic.event_object(payload, "delta", "content_block_delta")
         kind = delta.get("type")
         if not isinstance(kind, str):
             raise TranslationError("a content_block_delta's delta type is not a string")
@@ -1277,20 +1078,3 @@ class StreamTranslator:
         out.append(self._emit(kind, response=snapshot))
         return out
 
-
-def _event_name(name: str | None) -> str:
-    return _fields.shown(name, 30) if name else "nameless"
-
-
-def _object(payload: dict[str, Any], key: str, event: str) -> dict[str, Any]:
-    value = payload.get(key)
-    if not isinstance(value, dict):
-        raise TranslationError(f"a {event} event's {key!r} is not an object")
-    return value
-
-
-def _index(payload: dict[str, Any], event: str) -> int:
-    index = payload.get("index", 0)
-    if type(index) is not int:
-        raise TranslationError(f"a {event} event's 'index' is not an integer")
-    return index

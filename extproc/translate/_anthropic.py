@@ -1,0 +1,440 @@
+"""Building blocks shared by the translators between the OpenAI APIs and Anthropic Messages.
+
+``openai_to_anthropic`` (Chat Completions callers) and ``responses_to_anthropic`` (Responses API
+callers) both build Anthropic requests and read Anthropic answers; the pieces that do the same thing
+for both live here: request field checks, image/document/tool/tool_choice conversion, tool-call
+argument parsing, usage counts, error-type mapping, the stream event checks, and the stream feed loop
+(also used by ``anthropic_to_openai``). Where the callers' error messages differ only in a name or
+path, the difference is a parameter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, Final, NamedTuple
+
+import orjson
+
+from extproc.translate import TranslationError, _fields
+from extproc.translate.sse import SseParser
+
+MEDIA_TYPES: Final = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
+DATA_URL: Final = re.compile(r"data:([\w.+/-]+);base64,(.*)", re.DOTALL)
+# Anthropic's temperature range is 0..1, OpenAI's 0..2: the top of OpenAI's range is "most random".
+MAX_TEMPERATURE: Final = 1.0
+
+# Anthropic error type → (OpenAI error type, OpenAI code), as the OpenAI API spells the same failure.
+ERROR_TYPES: Final = {
+    "invalid_request_error": ("invalid_request_error", None),
+    "authentication_error": ("invalid_request_error", "invalid_api_key"),
+    "permission_error": ("invalid_request_error", "permission_denied"),
+    "not_found_error": ("invalid_request_error", "model_not_found"),
+    "request_too_large": ("invalid_request_error", "request_too_large"),
+    "rate_limit_error": ("requests", "rate_limit_exceeded"),
+    "billing_error": ("insufficient_quota", "insufficient_quota"),
+    "timeout_error": ("server_error", "timeout"),
+    "api_error": ("server_error", None),
+    "overloaded_error": ("server_error", "overloaded"),
+}
+
+CUT_MESSAGE: Final = "The upstream provider's stream ended before the response was complete."
+PROVIDER_ERROR_MESSAGE: Final = "The upstream provider reported an error mid-stream."
+UNTRANSLATABLE_CODE: Final = "provider_response_untranslatable"
+
+
+def untranslatable_message(caller_format: str) -> str:
+    """What a client is told when the provider's answer could not be put into its ``caller_format``."""
+    return f"The upstream provider's response could not be translated to the {caller_format} format."
+
+
+# ---------------------------------------------------------------------------------------------------
+# request
+
+
+def optional_bool(body: dict[str, Any], key: str) -> bool | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise _fields.wrong(key, "a boolean")
+    return value
+
+
+def optional_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise _fields.wrong(key, "a string")
+    return value
+
+
+def sampling(body: dict[str, Any], out: dict[str, Any]) -> None:
+    """``temperature`` (clamped to Anthropic's range), ``top_p`` and ``stream`` into ``out``, in that order."""
+    temperature = body.get("temperature")
+    if temperature is not None:
+        if not _fields.is_number(temperature):
+            raise _fields.wrong("temperature", "a number")
+        out["temperature"] = min(temperature, MAX_TEMPERATURE)
+    top_p = body.get("top_p")
+    if top_p is not None:
+        if not _fields.is_number(top_p):
+            raise _fields.wrong("top_p", "a number")
+        out["top_p"] = top_p
+    if optional_bool(body, "stream"):
+        out["stream"] = True
+
+
+def system_prompt(
+    system: list[dict[str, Any]], system_strings: int
+) -> str | list[dict[str, Any]] | None:
+    """Anthropic's ``system``: none, the caller's one plain string (which round-trips exactly), or text blocks."""
+    if not system:
+        return None
+    if system_strings == 1 and len(system) == 1:
+        return system[0]["text"]
+    return system
+
+
+def part(content: list[Any], position: int, where: str) -> tuple[dict[str, Any], str]:
+    """A content part and its type, both checked."""
+    found = content[position]
+    if not isinstance(found, dict):
+        raise _fields.wrong(f"{where}.content[{position}]", "an object")
+    kind = found.get("type")
+    if not isinstance(kind, str):
+        raise _fields.wrong(f"{where}.content[{position}].type", "a string")
+    return found, kind
+
+
+def text_of(found: dict[str, Any], key: str, at: str) -> str:
+    """The string ``key`` of the part at ``at``."""
+    text = found.get(key)
+    if not isinstance(text, str):
+        raise _fields.wrong(f"{at}.{key}", "a string")
+    return text
+
+
+def text_blocks(content: Any, where: str, kinds: tuple[str, ...], kinds_name: str) -> list[dict[str, Any]]:
+    """A string or an array of text parts (of ``kinds``, named ``kinds_name`` when refused) → text blocks."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise TranslationError(f"'{where}.content' must be a string or an array of text parts")
+    blocks: list[dict[str, Any]] = []
+    for position in range(len(content)):
+        found, kind = part(content, position, where)
+        if kind not in kinds:
+            raise TranslationError(f"'{where}.content' may only hold {kinds_name} parts here")
+        blocks.append({"type": "text", "text": text_of(found, "text", f"{where}.content[{position}]")})
+    return blocks
+
+
+class ImageErrors(NamedTuple):
+    """How a caller format words a refused image URL (``{where}`` is the path of the part or message)."""
+
+    not_base64: str
+    not_url: str
+
+
+def image(url: str, where: str, errors: ImageErrors) -> dict[str, Any]:
+    """An image URL → Anthropic image block (``data:`` URL → base64 source, http(s) → url source)."""
+    if url.startswith("data:"):
+        match = DATA_URL.fullmatch(url)
+        if match is None:
+            raise TranslationError(errors.not_base64.format(where=where))
+        media_type, data = match.groups()
+        if media_type not in MEDIA_TYPES:
+            raise TranslationError(f"'{where}' image type {_fields.shown(media_type)} is not supported by Anthropic")
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    if url.startswith(("http://", "https://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    raise TranslationError(errors.not_url.format(where=where))
+
+
+def document(file: dict[str, Any], where: str, refusal: str) -> dict[str, Any]:
+    """An inline PDF (``file_data`` as a data: URL, optional ``filename``) → Anthropic document block.
+
+    Anything else raises ``refusal``: file ids and URLs name files OpenAI stores or fetches.
+    """
+    data_url = file.get("file_data")
+    match = DATA_URL.fullmatch(data_url) if isinstance(data_url, str) else None
+    if match is None or match.group(1) != "application/pdf":
+        raise TranslationError(refusal)
+    block: dict[str, Any] = {
+        "type": "document",
+        "source": {"type": "base64", "media_type": "application/pdf", "data": match.group(2)},
+    }
+    filename = file.get("filename")
+    if filename is not None:
+        if not isinstance(filename, str):
+            raise _fields.wrong(f"{where}.filename", "a string")
+        block["title"] = filename
+    return block
+
+
+def arguments(raw: Any, where: str) -> dict[str, Any]:
+    """A function call's JSON-string arguments (at ``where``) → tool_use input; a JSON object or nothing."""
+    if raw is None or raw == "":
+        return {}
+    if not isinstance(raw, str):
+        raise _fields.wrong(where, "a string")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise TranslationError(f"'{where}' are not valid JSON") from exc
+    if not isinstance(value, dict):
+        raise TranslationError(f"'{where}' must be a JSON object")
+    return value
+
+
+def function_object(tool: Any, where: str, subject: str) -> dict[str, Any]:
+    """``tool`` (at ``where``) checked to be an object of type function; ``subject`` names it when refused."""
+    if not isinstance(tool, dict):
+        raise _fields.wrong(where, "an object")
+    kind = tool.get("type")
+    if kind != "function":
+        shown = _fields.shown(kind) if isinstance(kind, str) else "without a type"
+        raise TranslationError(f"{subject} type {shown} cannot be translated (only function tools)")
+    return tool
+
+
+def function_tool(function: dict[str, Any], where: str, *, check_strict: bool = False) -> dict[str, Any]:
+    """A function definition (``name``, ``description``, ``parameters``, at ``where``) → Anthropic tool.
+
+    ``check_strict`` type-checks the ``strict`` flag too (it is dropped either way).
+    """
+    name = function.get("name")
+    if not isinstance(name, str):
+        raise _fields.wrong(f"{where}.name", "a string")
+    out: dict[str, Any] = {"name": name}
+    description = function.get("description")
+    if description is not None:
+        if not isinstance(description, str):
+            raise _fields.wrong(f"{where}.description", "a string")
+        out["description"] = description
+    if check_strict:
+        strict = function.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise _fields.wrong(f"{where}.strict", "a boolean")
+    parameters = function.get("parameters")
+    if parameters is None or parameters == {}:
+        # Anthropic requires an object schema; OpenAI allows leaving out parameters for a no-argument tool.
+        parameters = {"type": "object", "properties": {}}
+    elif not isinstance(parameters, dict):
+        raise _fields.wrong(f"{where}.parameters", "an object")
+    else:
+        _fields.writable(parameters, f"{where}.parameters")
+    out["input_schema"] = parameters
+    return out
+
+
+def tool_choice(
+    choice: Any,
+    parallel: bool | None,
+    has_tools: bool,
+    from_object: Callable[[str, dict[str, Any]], dict[str, Any]],
+) -> dict[str, Any] | None:
+    """OpenAI's ``tool_choice`` → Anthropic's (``required`` → ``any``), with ``parallel_tool_calls: false``.
+
+    ``from_object(type, choice)`` translates the object forms, whose shape differs between the APIs.
+    """
+    if choice is None:
+        out: dict[str, Any] | None = {"type": "auto"} if parallel is False and has_tools else None
+    elif choice == "auto":
+        out = {"type": "auto"}
+    elif choice == "none":
+        return {"type": "none"}  # Anthropic's "none" takes no parallel flag
+    elif choice == "required":
+        out = {"type": "any"}
+    elif isinstance(choice, str):
+        raise TranslationError(f"'tool_choice' {_fields.shown(choice)} cannot be translated")
+    elif isinstance(choice, dict):
+        kind = choice.get("type")
+        if not isinstance(kind, str):
+            raise _fields.wrong("tool_choice.type", "a string")
+        out = from_object(kind, choice)
+    else:
+        raise _fields.wrong("tool_choice", '"auto", "none", "required" or an object')
+    if out is not None and parallel is False:
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# response and error
+
+
+def answer_content(body: Any) -> list[Any]:
+    """The content blocks of an Anthropic answer, checked to be an object with an array (or no) ``content``."""
+    if not isinstance(body, dict):
+        raise TranslationError("the answer is not a JSON object")
+    content = body.get("content")
+    if content is None:
+        return []
+    if not isinstance(content, list):
+        raise TranslationError("'content' is not an array")
+    return content
+
+
+def usage_counts(raw: Any) -> tuple[int, int, int, int]:
+    """(uncached input, cache reads, cache writes, output) tokens of Anthropic usage, each 0 unless a count.
+
+    Anthropic's input_tokens leave out cache reads and writes: OpenAI's input counts are their sum.
+    """
+    if not isinstance(raw, dict):
+        raw = {}
+    return (
+        _fields.count(raw.get("input_tokens")),
+        _fields.count(raw.get("cache_read_input_tokens")),
+        _fields.count(raw.get("cache_creation_input_tokens")),
+        _fields.count(raw.get("output_tokens")),
+    )
+
+
+def block_str(block: dict[str, Any], key: str, position: int) -> str:
+    value = block.get(key)
+    if not isinstance(value, str):
+        raise TranslationError(f"'content.{position}.{key}' is not a string")
+    return value
+
+
+def tool_input(block: dict[str, Any], position: int) -> str:
+    """A tool_use block's input as OpenAI's JSON-string arguments; an object by Anthropic's contract."""
+    value = block.get("input")
+    if value is None:
+        return "{}"
+    if not isinstance(value, dict):
+        raise TranslationError(f"'content.{position}.input' is not an object")
+    return _fields.writable(value, f"content.{position}.input")
+
+
+def openai_error(message: str, err_type: str, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": err_type, "param": None, "code": code}}
+
+
+def error(status: int, body: bytes) -> bytes:
+    """Anthropic error body → OpenAI error body (both OpenAI APIs use one envelope). Never raises."""
+    err_type, message = _body_error_fields(body)
+    if err_type is None:
+        err_type = "api_error" if status >= 500 else "invalid_request_error"
+    openai_type, code = ERROR_TYPES.get(err_type, ("server_error" if status >= 500 else "invalid_request_error", None))
+    if not message:
+        message = f"Upstream provider error (HTTP {status})"
+    return orjson.dumps(openai_error(message, openai_type, code))
+
+
+def _body_error_fields(body: bytes) -> tuple[str | None, str | None]:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None
+    return error_fields(parsed.get("error") if isinstance(parsed, dict) else None)
+
+
+def error_fields(inner: Any) -> tuple[str | None, str | None]:
+    """(type, message) of Anthropic's inner error object, each None unless a string."""
+    if not isinstance(inner, dict):
+        return None, None
+    err_type, message = inner.get("type"), inner.get("message")
+    return (err_type if isinstance(err_type, str) else None), (message if isinstance(message, str) else None)
+
+
+def stream_error(payload: dict[str, Any]) -> tuple[str | None, str, str | None]:
+    """(message, OpenAI error type, OpenAI code) of an Anthropic ``error`` event, whatever its shape."""
+    err_type, message = error_fields(payload.get("error"))
+    openai_type, code = ERROR_TYPES.get(err_type or "api_error", ("server_error", None))
+    return message, openai_type, code
+
+
+# ---------------------------------------------------------------------------------------------------
+# streaming
+
+
+class EventStream:
+    """The feed loop of a stream translator: SSE events in, translated bytes out, ending at a failure.
+
+    Subclasses set ``_parser``, ``_ended`` and ``failure`` and implement ``_event`` (one event →
+    bytes, raising :class:`TranslationError` when it cannot be read) and ``_untranslatable`` (the
+    stream's ending after such an event, which must end the stream).
+    """
+
+    _parser: SseParser
+    _ended: bool
+    failure: str | None
+
+    @property
+    def complete(self) -> bool:
+        """True once the stream ended cleanly or with an error event the client has already seen."""
+        return self._ended
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._ended:
+            return b""
+        out: list[bytes] = []
+        for event in self._parser.feed(chunk):
+            try:
+                out.extend(self._event(event.event, event.data))
+            except TranslationError as exc:
+                # What this event would have added is dropped whole; what went out before stays.
+                self.failure = exc.message
+                out.append(self._untranslatable())
+            if self._ended:
+                break
+        return b"".join(out)
+
+    def _event(self, name: str | None, data: bytes) -> Iterable[bytes]:
+        raise NotImplementedError
+
+    def _untranslatable(self) -> bytes:
+        raise NotImplementedError
+
+
+def event_payload(name: str | None, data: bytes) -> tuple[dict[str, Any], str]:
+    """An Anthropic event's JSON object and its type (the ``type`` field, else the event name)."""
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise TranslationError(f"a {_event_name(name)} event's data is not JSON") from None
+    if not isinstance(payload, dict):
+        raise TranslationError(f"a {_event_name(name)} event's data is not a JSON object")
+    kind = payload.get("type", name)
+    if not isinstance(kind, str):
+        raise TranslationError(f"a {_event_name(name)} event's type is not a string")
+    return payload, kind
+
+
+def _event_name(name: str | None) -> str:
+    return _fields.shown(name, 30) if name else "nameless"
+
+
+def message_start(payload: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """(message id if a string, usage so far) of a ``message_start`` event."""
+    message = event_object(payload, "message", "message_start")
+    message_id = message.get("id")
+    counts = message.get("usage")
+    return (message_id if isinstance(message_id, str) else None), (dict(counts) if isinstance(counts, dict) else {})
+
+
+def message_delta(payload: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+    """A ``message_delta`` event's delta; its usage counts (cumulative totals) overwrite ``usage``'s."""
+    delta = payload.get("delta")
+    if delta is None:
+        delta = {}
+    elif not isinstance(delta, dict):
+        raise TranslationError("a message_delta event's 'delta' is not an object")
+    counts = payload.get("usage")
+    if isinstance(counts, dict):
+        usage.update({k: v for k, v in counts.items() if v is not None})
+    return delta
+
+
+def event_object(payload: dict[str, Any], key: str, event: str) -> dict[str, Any]:
+    value = payload.get(key)
+    if not isinstance(value, dict):
+        raise TranslationError(f"a {event} event's {key!r} is not an object")
+    return value
+
+
+def event_index(payload: dict[str, Any], event: str) -> int:
+    index = payload.get("index", 0)
+    if type(index) is not int:
+        raise TranslationError(f"a {event} event's 'index' is not an integer")
+    return index
