@@ -89,10 +89,12 @@ async def redeem(token: str, *, authority: str, body: bytes, peer: Peer | None, 
     if grant.body != ANY_BODY and body_digest(body) != grant.body:
         return _refused("the request is not the one the grant was issued for", "grant_wrong_body")
     provider = policy.providers.get(grant.provider)
-    if provider is None or provider.credential is None:
-        return _refused(f"provider {grant.provider!r} has no credential in the current policy", "grant_no_credential")
+    if provider is None:
+        return _refused(f"provider {grant.provider!r} is not in the current policy", "grant_unknown_provider")
     if not await inflight.first_use("grant:" + grant.nonce, _NONCE_MEMORY_S):
         return _refused("the grant was already used", "grant_replayed")
+    if provider.credential is None:
+        return []  # a provider that takes no key: the grant still proves the policy decided this call
     key = credentials.get(provider.credential)
     if key is None:
         return ApiError(ErrorKind.UNAVAILABLE, f"the credential for provider {provider.name!r} is not available; "

@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from extproc.core.apis import Api, ApiError, Endpoint, ErrorKind, canonical_path, split_path
-from extproc.core.grants import ANY_BODY, Grant, body_digest, through_gateway
+from extproc.core.grants import ANY_BODY, GRANT_HEADER, Grant, body_digest, through_gateway
 from extproc.core.identity import Caller
 from extproc.core.settlement import SettleInfo
 from extproc.policy.compiled import PolicySet, ServiceModels
@@ -96,11 +96,13 @@ class ProviderCall:
         headers: list[tuple[str, str]] = [(":authority", provider.authority),
                                           (":path", provider.base_path + self.endpoint.suffix
                                            + split_path(self.request.path)[1])]
-        remove = [*self.strip, "authorization", "x-api-key"]
+        remove = [*self.strip, "authorization", "x-api-key", GRANT_HEADER]  # only ours go on
         credential = self._credential()
         if isinstance(credential, ApiError):
             return LocalReply(credential.kind.status, credential.render(self.endpoint.api), f"ai_{credential.code}")
         headers += credential
+        set_names = {name for name, _ in headers}
+        remove = [name for name in remove if name not in set_names]  # never remove what is set here
         metadata = {"service": service, "namespace": namespace, "provider": provider.name,
                     "route": self.endpoint.operation, "policy_version": self.policy.version}
         if self.decider.observe_all:  # one record per call: read when its answer ends
@@ -137,7 +139,6 @@ class ProviderCall:
 
     def _credential(self) -> list[tuple[str, str]] | ApiError:
         from extproc.core.credentials import auth_header
-        from extproc.core.grants import GRANT_HEADER
 
         provider = self.provider
         extra = [("anthropic-version", provider.anthropic_version)] if (
