@@ -8,6 +8,7 @@ layer turns into one ext_proc response.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -252,9 +253,9 @@ class Exchange:
         token = self.request.headers.get(fallback.HEADER)
         if token is not None:
             state = fallback.HopState.decode(token, self.decider.signer)
-            if state is not None and state.index > 0 and self._owns(state) and await self.decider.inflight.first_use(
+            if state is not None and state.relayed and self._owns(state) and await self.decider.inflight.first_use(
                     state.nonce, fallback.nonce_ttl(state)):
-                return self._next_hop(data, state)
+                return await self._next_hop(data, state)
             # A forged, expired, replayed or foreign token is ignored: the call is decided afresh (and charged).
             self.decider.metrics.tokens_refused.labels("fallback").inc()
             log.warning("fallback token refused for %s (%s): deciding the call afresh", self.caller.describe(),
@@ -292,8 +293,10 @@ class Exchange:
         try:
             decision = self._send(data, route, hops, start, skipped, target, cache, held)
             if isinstance(decision, Forward) and held.tracked:
-                await self.decider.inflight.open(held.call)
+                # From here on only close() releases it: if the caller goes away while the record is being
+                # written, the write still completes (shielded) and the sweeper releases it, once.
                 opened = True
+                await asyncio.shield(self.decider.inflight.open(held.call))
         except BaseException:  # a defect, or the caller gone mid-decision: give back what it holds
             await self._release(held, opened)
             raise
@@ -451,8 +454,20 @@ class Exchange:
         """A hop token is honoured only for its own caller (and only once: its nonce, checked next)."""
         return (state.namespace, state.service) == self._scope
 
-    def _next_hop(self, data: dict[str, object], state: fallback.HopState) -> Decision:
-        """A fallback attempt, re-entering after the relay moved the call on: no second charge, no cache."""
+    async def _next_hop(self, data: dict[str, object], state: fallback.HopState) -> Decision:
+        """A fallback attempt, re-entering after the relay moved the call on: no second charge, no cache.
+
+        A refusal here ends the call without a response stream to settle it: what it holds (its slot, its
+        reservation) is given back now, not at the sweep.
+        """
+        decision = self._hop(data, state)
+        if isinstance(decision, LocalReply) and state.settle.call_id:
+            held = await self.decider.inflight.take(state.settle.call_id)
+            if held is not None:
+                await release(held, quota=self.decider.quota, bulkhead=self.decider.bulkhead, used=None)
+        return decision
+
+    def _hop(self, data: dict[str, object], state: fallback.HopState) -> Decision:
         caller_api = format_api(state.caller_api)
         route = self.service.resolve(state.route)
         first = self.policy.providers.get(state.first[0])
@@ -629,8 +644,8 @@ class Exchange:
             # Envoy retries only calls carrying this header; the retry reaches the relay, which moves on.
             # The provider sees only the marker: the state itself rides in the call's metadata, and
             # Envoy puts it on the relay's attempt alone (filter.failover_protocol_options).
-            hop_token = replace(state, hop_started_at=time.time(), nonce=fallback.new_nonce()).encode(
-                self.decider.signer)
+            hop_token = replace(state, hop_started_at=time.time(), nonce=fallback.new_nonce(),
+                                relayed=False).encode(self.decider.signer)  # good only at the relay
             headers.append((fallback.HEADER, fallback.MARKER))
             if route.fallback_on_context_length:
                 headers.append((RETRIABLE_CODES_HEADER, "400"))
@@ -677,17 +692,19 @@ class Exchange:
             new_body = dump_json(data)
             headers.append(("content-length", str(len(new_body))))
         if at_gateway:
-            headers.append((GRANT_HEADER, self._grant(target, state, self._body if new_body is None else new_body)))
+            path = provider.base_path + suffix + split_path(self.request.path)[1]
+            headers.append((GRANT_HEADER, self._grant(target, state, self._body if new_body is None else new_body,
+                                                      path)))
         return Forward(tuple(headers), tuple(remove), new_body, metadata)
 
-    def _grant(self, target: Target, state: fallback.HopState, body: bytes) -> str:
+    def _grant(self, target: Target, state: fallback.HopState, body: bytes, path: str) -> str:
         """This attempt's single-use grant for the provider's credential, redeemed at the egress gateway."""
         # Bound to the workload whose sidecar presents it (a worker replaying a job presents its own).
         peer = self.request.peer
         namespace = peer.namespace if peer is not None else self._scope[0]
         account = peer.service_account if peer is not None else (self.caller.service_account or "")
         grant = Grant(target.provider.name, target.provider.authority, namespace, self._scope[1], account,
-                      fallback.new_nonce(), body_digest(body))
+                      fallback.new_nonce(), body_digest(body), "POST", path)
         ttl = max(1.0, state.started_at + state.timeout_ms / 1000 + GRACE_S - time.time())
         return grant.encode(self.decider.signer, ttl)
 

@@ -61,7 +61,11 @@ class HopState:
     policy_version: str
     timeout_ms: int  # the whole call's budget, every hop included
     limit: int = 1_000  # how many hops of the chain this call may use (what its request can be sent to)
-    nonce: str = ""  # single use: each hop's token is honoured once (the in-flight store remembers it)
+    nonce: str = ""
+    # Made by the relay (the attempt before failed): the only kind the decision honours. One the decision
+    # made is only good at the relay. So a token cannot be cycled through the decision alone: each
+    # extra hop costs a relay round trip, and the chain's length bounds them.
+    relayed: bool = False  # single use: each hop's token is honoured once (the in-flight store remembers it)
 
     def encode(self, signer: Signer) -> str:
         return signer.sign({
@@ -70,6 +74,7 @@ class HopState:
             "h": [[h.provider, h.model, h.outcome, h.started_at] for h in self.hops],
             "t0": self.started_at, "th": self.hop_started_at, "id": self.call_id, "st": self.settle.encode(),
             "pv": self.policy_version, "to": self.timeout_ms, "lm": self.limit, "n": self.nonce,
+            "rl": self.relayed,
         }, max(1.0, self.started_at + self.timeout_ms / 1000 + _TOKEN_GRACE_S - time.time()))
 
     @classmethod
@@ -84,7 +89,7 @@ class HopState:
                 (str(first[0]), str(first[1])), str(raw["va"]), int(raw["i"]),
                 tuple(Hop(str(p), str(m), str(o), float(t)) for p, m, o, t in raw["h"]),
                 float(raw["t0"]), float(raw["th"]), str(raw["id"]), SettleInfo.decode(str(raw["st"])), str(raw["pv"]),
-                int(raw["to"]), int(raw["lm"]), str(raw["n"]))
+                int(raw["to"]), int(raw["lm"]), str(raw["n"]), bool(raw["rl"]))
         except (KeyError, TypeError, ValueError, IndexError):
             return None
 
@@ -92,7 +97,7 @@ class HopState:
         """The state for the next hop, after ``target`` (this hop) failed for ``reason``."""
         hop = Hop(target.provider.name, target.model, reason, self.hop_started_at)
         return replace(self, index=self.index + 1, hops=(*self.hops, hop), hop_started_at=now or time.time(),
-                       nonce=new_nonce())
+                       nonce=new_nonce(), relayed=True)
 
 
 def chain(route: ModelRoute, first: Target, providers: Mapping[str, Provider]) -> list[Target]:

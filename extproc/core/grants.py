@@ -49,11 +49,14 @@ class Grant:
     service: str  # the service the call is charged to (a job's submitter when a worker replays it)
     service_account: str  # of the presenting workload ("" when not known)
     nonce: str  # single use: the credential port remembers it
-    body: str  # body_digest of the request the decision forwarded
+    body: str  # body_digest of the request the decision forwarded (ANY_BODY for an allowed path)
+    method: str  # the request the decision let through: a grant for GET /v1/models buys nothing else
+    path: str
 
     def encode(self, signer: Signer, ttl_s: float) -> str:
         return signer.sign({"gp": self.provider, "ga": self.authority, "ns": self.namespace, "sv": self.service,
-                            "sa": self.service_account, "n": self.nonce, "bh": self.body}, ttl_s)
+                            "sa": self.service_account, "n": self.nonce, "bh": self.body, "gm": self.method,
+                            "gh": self.path}, ttl_s)
 
     @classmethod
     def decode(cls, token: str, signer: Signer) -> Grant | None:
@@ -62,12 +65,12 @@ class Grant:
             return None
         try:
             return cls(str(raw["gp"]), str(raw["ga"]), str(raw["ns"]), str(raw["sv"]), str(raw["sa"]),
-                       str(raw["n"]), str(raw["bh"]))
+                       str(raw["n"]), str(raw["bh"]), str(raw["gm"]), str(raw["gh"]))
         except KeyError:
             return None
 
 
-async def redeem(token: str, *, authority: str, body: bytes, peer: Peer | None, signer: Signer,
+async def redeem(token: str, *, method: str, path: str, authority: str, body: bytes, peer: Peer | None, signer: Signer,
                  inflight: InFlightStore, credentials: CredentialStore, policy: PolicySet
                  ) -> list[tuple[str, str]] | ApiError:
     """The credential header for a genuine, unused grant presented for its own call; else why not.
@@ -82,6 +85,8 @@ async def redeem(token: str, *, authority: str, body: bytes, peer: Peer | None, 
     host = authority.lower()
     if host != grant.authority.lower() and host.split(":", 1)[0] != grant.authority.lower().split(":", 1)[0]:
         return _refused(f"the grant is for {grant.authority}, not {authority}", "grant_wrong_host")
+    if (method, path) != (grant.method, grant.path):
+        return _refused(f"the grant is for {grant.method} {grant.path}, not {method} {path}", "grant_wrong_request")
     if peer is not None and (peer.namespace != grant.namespace
                              or (grant.service_account and peer.service_account != grant.service_account)):
         return _refused(f"the grant was issued to {grant.namespace}/{grant.service_account or grant.service}, "

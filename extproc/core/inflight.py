@@ -73,6 +73,10 @@ class InFlightStore(Protocol):
         """True for exactly one caller per opened call: that caller releases what it holds."""
         ...
 
+    async def take(self, call_id: str) -> OpenCall | None:
+        """Like close, returning what the call holds (for a releaser that does not know it)."""
+        ...
+
     async def expired(self, now: float) -> list[OpenCall]:
         """Calls past their deadline, each handed out (and closed) once, for the sweeper to release."""
         ...
@@ -97,6 +101,9 @@ class MemoryInFlight:
 
     async def close(self, call_id: str) -> bool:
         return self._calls.pop(call_id, None) is not None
+
+    async def take(self, call_id: str) -> OpenCall | None:
+        return self._calls.pop(call_id, None)
 
     async def expired(self, now: float) -> list[OpenCall]:
         due = [c for c in self._calls.values() if c.deadline <= now][:_SWEEP_BATCH]
@@ -177,6 +184,24 @@ class RedisInFlight:
             return True
         self.outage.recovered()
         return bool(removed)
+
+    async def take(self, call_id: str) -> OpenCall | None:
+        from redis.exceptions import RedisError
+
+        local = await self._local.take(call_id)
+        if local is not None or self.outage.skip():
+            return local
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.zrem(self._deadlines, call_id)
+                pipe.hget(self._records, call_id)
+                pipe.hdel(self._records, call_id)
+                removed, record, _ = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.outage.failed(exc)
+            return None  # the sweeper releases it after its deadline
+        self.outage.recovered()
+        return OpenCall.decode(record) if removed and record is not None else None
 
     async def expired(self, now: float) -> list[OpenCall]:
         from redis.exceptions import RedisError

@@ -93,11 +93,10 @@ class ProviderCall:
             return reply
         provider = self.provider
         namespace, service = self.caller.namespace or "", self.caller.service or "unknown"
-        headers: list[tuple[str, str]] = [(":authority", provider.authority),
-                                          (":path", provider.base_path + self.endpoint.suffix
-                                           + split_path(self.request.path)[1])]
+        path = provider.base_path + self.endpoint.suffix + split_path(self.request.path)[1]
+        headers: list[tuple[str, str]] = [(":authority", provider.authority), (":path", path)]
         remove = [*self.strip, "authorization", "x-api-key", GRANT_HEADER]  # only ours go on
-        credential = self._credential()
+        credential = self._credential(path)
         if isinstance(credential, ApiError):
             return LocalReply(credential.kind.status, credential.render(self.endpoint.api), f"ai_{credential.code}")
         headers += credential
@@ -137,20 +136,22 @@ class ProviderCall:
                             "quota_backend_unavailable")
         return None
 
-    def _credential(self) -> list[tuple[str, str]] | ApiError:
+    def _credential(self, path: str) -> list[tuple[str, str]] | ApiError:
         from extproc.core.credentials import auth_header
 
         provider = self.provider
         extra = [("anthropic-version", provider.anthropic_version)] if (
             provider.api == Api.ANTHROPIC and "anthropic-version" not in self.request.headers) else []
-        if provider.credential is None:
-            return extra
         if self.policy.mesh.credential_injection == "gateway" and through_gateway(provider):
+            # The gateway wants a grant for every call, keyed provider or not: it is what proves the policy
+            # decided this very request (its method and path; its body unless an allowed path's).
             peer = self.request.peer
             grant = Grant(provider.name, provider.authority, peer.namespace if peer else self.caller.namespace or "",
                           self.caller.service or "", peer.service_account if peer else "", uuid.uuid4().hex,
-                          ANY_BODY if self.any_body else body_digest(b""))
+                          ANY_BODY if self.any_body else body_digest(b""), self.request.method, path)
             return [*extra, (GRANT_HEADER, grant.encode(self.decider.signer, _CALL_TTL_S))]
+        if provider.credential is None:
+            return extra
         key = self.decider.credentials.get(provider.credential)
         if key is None:
             return ApiError(ErrorKind.UNAVAILABLE, f"the credential for provider {provider.name!r} is not available; "

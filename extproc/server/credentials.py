@@ -33,6 +33,7 @@ class CredentialSession:
         self._decider = decider
         self._headers: dict[str, str] = {}
         self._path = "/"
+        self._method = ""
         self._authority = ""
         self._peer_uri = ""
         self._chunks: list[bytes] = []
@@ -43,6 +44,7 @@ class CredentialSession:
         if kind == "request_headers":
             request = request_from(message)
             self._headers, self._path, self._authority = dict(request.headers), request.path, request.authority
+            self._method = request.method
             attributes = message.attributes.get(ATTRIBUTES_KEY)
             if attributes is not None and PEER_ATTRIBUTE in attributes.fields:
                 self._peer_uri = attributes.fields[PEER_ATTRIBUTE].string_value
@@ -66,7 +68,8 @@ class CredentialSession:
                 ErrorKind.PERMISSION, "credential refused: the caller's mTLS identity is unknown",
                 "grant_unverified_caller")
         else:
-            result = await redeem(self._headers.get(GRANT_HEADER, ""), authority=self._authority, body=body, peer=peer,
+            result = await redeem(self._headers.get(GRANT_HEADER, ""), method=self._method, path=self._path,
+                                  authority=self._authority, body=body, peer=peer,
                                   signer=decider.signer, inflight=decider.inflight, credentials=decider.credentials,
                                   policy=decider.policy())
         if isinstance(result, ApiError):

@@ -33,6 +33,8 @@ async def relay(decider: Decider, headers: dict[str, str], authority: str, path:
     """The answer to one failed attempt: a redirect to the same URL with the next hop's state."""
     api = api_of_caller(path, headers)
     state = fallback.HopState.decode(headers.get(fallback.HEADER, ""), decider.signer)
+    if state is not None and state.relayed:
+        state = None  # the relay's own output, sent back to it: only a decision's token moves a call on
     if state is not None and decider.peer_identity:
         # In the mesh the retry comes through the processor's sidecar from the caller's own sidecar.
         peer = from_xfcc(headers.get(XFCC_HEADER, ""))

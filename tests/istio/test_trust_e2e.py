@@ -220,9 +220,10 @@ def gateway_client(identity: Identity) -> httpx.Client:
     return httpx.Client(verify=context, timeout=10)
 
 
-def redeem(mesh: Mesh, identity: Identity, grant: str, body: bytes) -> httpx.Response:
+def redeem(mesh: Mesh, identity: Identity, grant: str, body: bytes, path: str = "/v1/chat/completions"
+           ) -> httpx.Response:
     with gateway_client(identity) as client:
-        return client.post(f"https://127.0.0.1:{mesh.gateway_port}/v1/chat/completions", content=body,
+        return client.post(f"https://127.0.0.1:{mesh.gateway_port}{path}", content=body,
                            headers={"host": "api.openai.com", "content-type": "application/json",
                                     "x-ai-grant": grant})
 
@@ -240,6 +241,8 @@ def test_a_direct_client_gets_a_grant_but_never_a_key(mesh: Mesh) -> None:
     # The grant buys exactly this call: not another body, not for another workload, and only once.
     wrong_body = redeem(mesh, mesh.order, grant, forwarded.replace(b"hello", b"something else"))
     assert wrong_body.status_code == 403 and wrong_body.json()["error"]["code"] == "grant_wrong_body"
+    other_path = redeem(mesh, mesh.order, grant, forwarded, "/v1/embeddings")
+    assert other_path.status_code == 403 and other_path.json()["error"]["code"] == "grant_wrong_request"
     other_caller = redeem(mesh, mesh.product, grant, forwarded)
     assert other_caller.status_code == 403 and other_caller.json()["error"]["code"] == "grant_wrong_caller"
     used = redeem(mesh, mesh.order, grant, forwarded)

@@ -508,13 +508,16 @@ def test_a_grant_for_a_provider_without_a_key_is_redeemed_with_nothing_added(tmp
     decider = make_decider(tmp_path)
     policy = decider.policy()
     local = policy.providers["local"]
-    token = Grant("local", local.authority, "shop", "order-service", "", "n1", body_digest(b"{}")).encode(
-        decider.signer, 60)
+    token = Grant("local", local.authority, "shop", "order-service", "", "n1", body_digest(b"{}"), "POST",
+                  "/serving/v1/chat/completions").encode(decider.signer, 60)
 
     async def scenario() -> None:
         store = MemoryInFlight()
         args = {"authority": local.authority, "body": b"{}", "peer": None, "signer": decider.signer,
-                "inflight": store, "credentials": decider.credentials, "policy": policy}
+                "inflight": store, "credentials": decider.credentials, "policy": policy, "method": "POST",
+                "path": "/serving/v1/chat/completions"}
+        other = await redeem(token, **{**args, "path": "/serving/v1/embeddings"})  # type: ignore[arg-type]
+        assert not isinstance(other, list) and other.code == "grant_wrong_request"  # for this request only
         assert await redeem(token, **args) == []  # type: ignore[arg-type]
         again = await redeem(token, **args)  # type: ignore[arg-type]
         assert not isinstance(again, list) and again.code == "grant_replayed"

@@ -472,7 +472,9 @@ def test_hop_state_failed_advances_and_records_the_hop(tmp_path: Path) -> None:
     assert after.hop_started_at == 1_700_000_002.0
     assert after.nonce and after.nonce != state.nonce  # a new token, honoured once
     # Nothing else changed.
-    assert replace(after, index=0, hops=(), hop_started_at=state.hop_started_at, nonce=state.nonce) == state
+    assert after.relayed  # the relay's token: the only kind a decision honours
+    assert replace(after, index=0, hops=(), hop_started_at=state.hop_started_at, nonce=state.nonce,
+                   relayed=False) == state
     second = after.failed(Target(policy.providers["openai"], "gpt-4o", None), "timeout", now=1_700_000_003.0)
     assert second.index == 2
     assert second.hops == (*after.hops, Hop("openai", "gpt-4o", "timeout", 1_700_000_002.0))
@@ -741,7 +743,7 @@ def test_relay_answers_307_with_the_advanced_state(tmp_path: Path, monkeypatch: 
     advanced = fallback.HopState.decode(answer.headers["x-ai-fallback"], decider.signer)
     left = Hop("claude", "claude-3", "upstream_error", state.hop_started_at)
     assert advanced is not None and advanced.nonce and advanced.nonce != state.nonce  # each hop's token: its own
-    assert advanced == replace(state, index=1, hops=(left,), hop_started_at=now, nonce=advanced.nonce)
+    assert advanced == replace(state, index=1, hops=(left,), hop_started_at=now, nonce=advanced.nonce, relayed=True)
     # One failure recorded against claude for order-service: the breaker (2 in a row) is one failure from opening.
     assert decider.breakers.state(CLAUDE_KEY) == State.CLOSED
     decider.breakers.record(CLAUDE_KEY, route_breaker(decider), failed=True)
@@ -798,8 +800,14 @@ def test_relay_expired_state_is_a_502(tmp_path: Path) -> None:
 def test_relay_exhausted_chain_is_a_502(tmp_path: Path) -> None:
     decider = make_decider(tmp_path)
     token, _ = fresh_token(decider)
-    last = relay(decider, {"x-ai-fallback": token}, "h", "/v1/messages").headers["x-ai-fallback"]
+    relayed = relay(decider, {"x-ai-fallback": token}, "h", "/v1/messages").headers["x-ai-fallback"]
     assert decider.breakers.snapshot() == {CLAUDE_KEY: State.CLOSED}
+    # The relay's own token sent back to it is refused: only a decision's token moves a call on.
+    assert relay(decider, {"x-ai-fallback": relayed}, "h", "/v1/messages").status == 502
+    # What a decision at the last hop would carry, had the chain let it mint one.
+    at_last = fallback.HopState.decode(relayed, decider.signer)
+    assert at_last is not None
+    last = replace(at_last, relayed=False, nonce="n-last").encode(decider.signer)
     answer = relay(decider, {"x-ai-fallback": last}, "h", "/v1/chat/completions")
     assert answer.status == 502 and answer.headers == {"content-type": "application/json"}
     error = orjson.loads(answer.body)["error"]
@@ -1009,3 +1017,40 @@ def test_a_responses_call_to_an_anthropic_model_is_translated(tmp_path: Path) ->
     status, body = error_of(refused)
     assert status == 400 and body["error"]["code"] == "untranslatable_request"  # type: ignore[index]
     assert "previous_response_id" in body["error"]["message"]  # type: ignore[index]
+
+
+def test_a_hop_token_cannot_be_cycled_through_the_decision(tmp_path: Path) -> None:
+    """A decision honours only the relay's tokens, and mints only tokens the relay takes: an app holding a
+    relayed token gets one uncharged hop from it, and the token it gets back is no good at a decision."""
+    decider = make_decider(tmp_path, FALLBACK_POLICY.replace("fallback: [openai/gpt-4o]",
+                                                             "fallback: [openai/gpt-4o, openai/gpt-4o-mini]", 1))
+    first = decide(decider, ANTHROPIC_BODY, path="/v1/messages")
+    relayed = relay(decider, {"x-ai-fallback": first.metadata["fallback_state"]}, "h", "/v1/messages"
+                    ).headers["x-ai-fallback"]
+    hop = decide(decider, ANTHROPIC_BODY, path="/v1/messages", headers={"x-ai-fallback": relayed})
+    assert isinstance(hop, Forward) and headers_of(hop)[":authority"] == "api.openai.com"  # uncharged hop 1
+    minted = hop.metadata["fallback_state"]  # its own token for hop 1 (a third hop is left): only the relay takes it
+    again = decide(decider, ANTHROPIC_BODY, path="/v1/messages", headers={"x-ai-fallback": minted})
+    assert error_of(again)[0] == 429  # decided afresh: charged, and the 1/min limit is spent
+    onward = relay(decider, {"x-ai-fallback": minted}, "h", "/v1/chat/completions")
+    assert onward.status == 307  # at the relay it moves the call on, once: the chain bounds the hops
+    assert error_of(decide(decider, ANTHROPIC_BODY, path="/v1/messages",
+                           headers={"x-ai-fallback": relayed}))[0] == 429  # and the relayed one is used up
+    assert relay(decider, {"x-ai-fallback": relayed}, "h", "/v1/messages").status == 502  # not at the relay either
+
+
+def test_a_fallback_hop_refused_by_the_decision_gives_back_what_the_call_holds(tmp_path: Path) -> None:
+    """All the next hops' breakers open: the call ends at the decision, with no response stream to settle it."""
+    policy = FALLBACK_POLICY.replace("  models:\n  - name: fraud_detector", "  max_in_flight: 1\n  models:\n"
+                                     "  - name: fraud_detector", 1)
+    decider = make_decider(tmp_path, policy)
+    first = decide(decider, ANTHROPIC_BODY, path="/v1/messages")
+    assert isinstance(first, Forward) and decider.bulkhead.slots.in_flight(SCOPE) == 1
+    assert len(decider.inflight) == 1  # type: ignore[arg-type]
+    relayed = relay(decider, {"x-ai-fallback": first.metadata["fallback_state"]}, "h", "/v1/messages"
+                    ).headers["x-ai-fallback"]
+    open_breaker(decider, OPENAI_KEY)
+    refused = decide(decider, ANTHROPIC_BODY, path="/v1/messages", headers={"x-ai-fallback": relayed})
+    assert error_of(refused)[0] == 503
+    assert decider.bulkhead.slots.in_flight(SCOPE) == 0  # given back now, not at the sweep
+    assert len(decider.inflight) == 0  # type: ignore[arg-type]
