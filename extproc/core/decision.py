@@ -41,7 +41,7 @@ from extproc.core.apis import (
 from extproc.core.async_calls import JOB_HEADER, JOBS_PATH, JobClaim, JobLookup, accepted, wants_async
 from extproc.core.breaker import BreakerKey, Breakers, State
 from extproc.core.bulkhead import LocalBulkhead, SharedBulkhead
-from extproc.core.credentials import CredentialStore, auth_header
+from extproc.core.credentials import CredentialStore, api_headers, key_headers
 from extproc.core.grants import GRANT_HEADER, Grant, body_digest, through_gateway
 from extproc.core.identity import Caller, bind_to_peer, identify
 from extproc.core.inflight import GRACE_S, InFlightStore, MemoryInFlight, OpenCall
@@ -542,24 +542,9 @@ class Exchange:
             headers.append(("x-ai-variant", target.variant))
         return LocalReply(entry.status, entry.body, "ai_cache_hit", tuple(headers))
 
-    def _api_headers(self, target: Target) -> list[tuple[str, str]]:
-        """What the provider's API needs besides the key (which the gateway adds)."""
-        if target.provider.api == Api.ANTHROPIC and "anthropic-version" not in self.request.headers:
-            return [("anthropic-version", target.provider.anthropic_version)]
-        return []
-
     def _credential_headers(self, target: Target) -> list[tuple[str, str]] | ApiError:
-        provider = target.provider
-        headers: list[tuple[str, str]] = []
-        if provider.credential is not None:
-            key = self.decider.credentials.get(provider.credential)
-            if key is None:
-                return ApiError(
-                    ErrorKind.UNAVAILABLE,
-                    f"the credential for provider {provider.name!r} is not available; the platform team must "
-                    "provide it", "credential_unavailable")
-            headers.append(auth_header(str(provider.api), key))
-        return [*headers, *self._api_headers(target)]
+        key = key_headers(target.provider, self.decider.credentials)
+        return key if isinstance(key, ApiError) else [*key, *api_headers(target.provider, self.request.headers)]
 
     async def _charge(self, data: dict[str, object], route: ModelRoute, target: Target) -> Charge | LocalReply | None:
         quota = self.decider.quota
@@ -602,7 +587,7 @@ class Exchange:
         provider = target.provider
         caller_api = format_api(state.caller_api)
         at_gateway = self.policy.mesh.credential_injection == "gateway" and through_gateway(provider)
-        credential = self._api_headers(target) if at_gateway else self._credential_headers(target)
+        credential = api_headers(provider, self.request.headers) if at_gateway else self._credential_headers(target)
         if isinstance(credential, ApiError):
             return _reject(caller_api, credential)
         form = provider_form(self.endpoint, Api(provider.api))

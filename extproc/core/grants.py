@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from extproc.core.apis import ApiError, ErrorKind
-from extproc.core.credentials import CredentialStore, auth_header
+from extproc.core.credentials import CredentialStore, key_headers
 from extproc.core.inflight import InFlightStore
 from extproc.core.peer import Peer
 from extproc.core.tokens import Signer
@@ -98,13 +98,8 @@ async def redeem(token: str, *, method: str, path: str, authority: str, body: by
         return _refused(f"provider {grant.provider!r} is not in the current policy", "grant_unknown_provider")
     if not await inflight.first_use("grant:" + grant.nonce, _NONCE_MEMORY_S):
         return _refused("the grant was already used", "grant_replayed")
-    if provider.credential is None:
-        return []  # a provider that takes no key: the grant still proves the policy decided this call
-    key = credentials.get(provider.credential)
-    if key is None:
-        return ApiError(ErrorKind.UNAVAILABLE, f"the credential for provider {provider.name!r} is not available; "
-                        "the platform team must provide it", "credential_unavailable")
-    return [auth_header(str(provider.api), key)]
+    # A provider that takes no key gets nothing added: the grant still proved the policy decided this call.
+    return key_headers(provider, credentials)
 
 
 # Long enough to outlive any grant (a grant lives at most the longest call timeout plus a grace period).

@@ -18,6 +18,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from extproc.core.apis import Api, ApiError, Endpoint, ErrorKind, canonical_path, split_path
+from extproc.core.credentials import api_headers, key_headers
 from extproc.core.grants import ANY_BODY, GRANT_HEADER, Grant, body_digest, through_gateway
 from extproc.core.identity import Caller
 from extproc.core.settlement import SettleInfo
@@ -137,11 +138,8 @@ class ProviderCall:
         return None
 
     def _credential(self, path: str) -> list[tuple[str, str]] | ApiError:
-        from extproc.core.credentials import auth_header
-
         provider = self.provider
-        extra = [("anthropic-version", provider.anthropic_version)] if (
-            provider.api == Api.ANTHROPIC and "anthropic-version" not in self.request.headers) else []
+        extra = api_headers(provider, self.request.headers)
         if self.policy.mesh.credential_injection == "gateway" and through_gateway(provider):
             # The gateway wants a grant for every call, keyed provider or not: it is what proves the policy
             # decided this very request (its method and path; its body unless an allowed path's).
@@ -150,11 +148,6 @@ class ProviderCall:
                           self.caller.service or "", peer.service_account if peer else "", uuid.uuid4().hex,
                           ANY_BODY if self.any_body else body_digest(b""), self.request.method, path)
             return [*extra, (GRANT_HEADER, grant.encode(self.decider.signer, _CALL_TTL_S))]
-        if provider.credential is None:
-            return extra
-        key = self.decider.credentials.get(provider.credential)
-        if key is None:
-            return ApiError(ErrorKind.UNAVAILABLE, f"the credential for provider {provider.name!r} is not available; "
-                            "the platform team must provide it", "credential_unavailable")
-        return [*extra, auth_header(str(provider.api), key)]
+        key = key_headers(provider, self.decider.credentials)
+        return key if isinstance(key, ApiError) else [*extra, *key]
 
