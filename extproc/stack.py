@@ -62,15 +62,17 @@ class Stack:
             mocks = {"openai": ("127.0.0.1", openai_port), "anthropic": ("127.0.0.1", anthropic_port)}
             overrides = upstream_overrides or {}
             upstreams = tuple(upstream_for(p, overrides.get(p.name, mocks[p.api])) for p in policy.providers.values())
+            self.envoy_admin_ports: dict[str, int] = {}
             for service in services:
-                port = free_port()
-                spec = SidecarSpec(service=service, namespace=NAMESPACE, listen_port=port, admin_port=free_port(),
+                port, envoy_admin = free_port(), free_port()
+                spec = SidecarSpec(service=service, namespace=NAMESPACE, listen_port=port, admin_port=envoy_admin,
                                    processor=("127.0.0.1", self.processor_port), upstreams=upstreams,
                                    more_processors=tuple(("127.0.0.1", p) for p in self.processor_ports[1:]),
                                    relay=tuple(("127.0.0.1", p) for p in self.relay_ports),
                                    failure_mode_allow=policy.fails_open(service, NAMESPACE))
                 self.parts.append(start_envoy(spec, log_dir))
                 self.ports[service] = port
+                self.envoy_admin_ports[service] = envoy_admin
             self.worker: Managed | None = None
             if jobs is not None:
                 # The worker replays each job through its own service's sidecar, as a mesh worker would

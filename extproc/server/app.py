@@ -38,6 +38,15 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 _MAX_MESSAGE = 80 * 1024 * 1024  # above the largest body policy allows (64 MiB) plus framing
+# Sidecars ping the processor every second (filter.PROCESSOR_KEEPALIVE) to notice a frozen replica.
+# gRPC's default server policy counts pings on an idle connection as abuse and, after two, closes it
+# with GOAWAY(too_many_pings): a call racing that GOAWAY fails as "processor could not be reached".
+# Accept pings at twice the sidecar's rate, with or without calls open, and never strike them.
+PING_POLICY: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 0),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +96,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
             ("grpc.so_reuseport", 0),  # fail loudly if the port is taken instead of sharing it
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),
+            *PING_POLICY,
         ]
     )
     events = build_event_sinks(options.events_nats, options.events_file, metrics.registry,
@@ -113,7 +123,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     credential_server = None
     if options.credentials is not None:
         # Its own port, so that an AuthorizationPolicy can open it to the egress gateway alone.
-        credential_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        credential_server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *PING_POLICY])
         pb_grpc.add_ExternalProcessorServicer_to_server(CredentialProcessor(decider), credential_server)
         if credential_server.add_insecure_port(f"{options.credentials[0]}:{options.credentials[1]}") == 0:
             raise OSError(f"cannot listen on {options.credentials[0]}:{options.credentials[1]}")

@@ -198,3 +198,22 @@ def test_a_burst_of_successful_calls_logs_no_traceback(stack: Stack) -> None:
     assert statuses.count(200) > 0
     log = stack.processor.log_text()[mark:]
     assert "Traceback" not in log and "ExecuteBatchError" not in log, log[-3000:]
+
+
+def envoy_stat(stack: Stack, name: str) -> int:
+    text = httpx.get(f"http://127.0.0.1:{stack.envoy_admin_ports['order-service']}/stats",
+                     params={"filter": f"^{name}$"}).text
+    return int(text.split(":")[1])
+
+
+def test_an_idle_sidecar_keeps_its_processor_connection(stack: Stack) -> None:
+    """The sidecar pings its processor every second. gRPC's default server policy answers pings on an
+    idle connection with GOAWAY(too_many_pings) after two; a call racing that GOAWAY got a 503
+    "processor could not be reached" (seen in CI). The processor accepts the sidecar's pings."""
+    assert post(stack, CHAT, {"model": "chat", "messages": [{"role": "user", "content": "x"}]}).status_code == 200
+    closed = envoy_stat(stack, "cluster.ai-extproc.upstream_cx_close_notify")
+    opened = envoy_stat(stack, "cluster.ai-extproc.upstream_cx_total")
+    time.sleep(5)  # five pings with no call open: the old policy closed the connection by the third
+    assert post(stack, CHAT, {"model": "chat", "messages": [{"role": "user", "content": "x"}]}).status_code == 200
+    assert envoy_stat(stack, "cluster.ai-extproc.upstream_cx_close_notify") == closed
+    assert envoy_stat(stack, "cluster.ai-extproc.upstream_cx_total") == opened
