@@ -53,6 +53,7 @@ def cmd_render_crds(args: argparse.Namespace) -> int:
 
 def cmd_render_istio(args: argparse.Namespace) -> int:
     from extproc.envoy_config.istio import (
+        PROCESSOR_SERVICE,
         IstioSpec,
         client_sidecar_objects,
         egress_gateway_objects,
@@ -61,6 +62,7 @@ def cmd_render_istio(args: argparse.Namespace) -> int:
         policy_objects,
         provider_objects,
         security_objects,
+        service_host,
         worker_access_objects,
     )
 
@@ -79,6 +81,8 @@ def cmd_render_istio(args: argparse.Namespace) -> int:
             for k, v in d.data.items() if k != "providers"}
     # Where keys are added follows the objects rendered (the egress gateway, or none).
     mesh["mesh"] = {**(mesh.get("mesh") or {}), "credential_injection": args.credentials}
+    if args.cluster_domain != "cluster.local":  # the processor tells in-mesh model servers by it
+        mesh["mesh"]["cluster_domain"] = args.cluster_domain
     # Opted-in workloads run where their AIPolicies are: by default, the rendered ones' namespaces.
     clients = tuple(dict.fromkeys(args.client_namespace or sorted({o["metadata"]["namespace"] for o in policies})))
     if not clients:
@@ -89,7 +93,8 @@ def cmd_render_istio(args: argparse.Namespace) -> int:
         spec = IstioSpec(
             # Built-in providers a file did not define are the processor's defaults, not objects to install.
             providers=tuple(p for p in policy.providers.values() if not any(p is b for b in BUILTIN_PROVIDERS)),
-            processor_host=args.processor_host,
+            processor_host=args.processor_host or service_host(*PROCESSOR_SERVICE, args.cluster_domain),
+            cluster_domain=args.cluster_domain,
             processor_port=args.processor_port,
             filter_namespace=args.filter_namespace,
             selector=() if args.no_selector else tuple(args.selector or [("ai.extproc.io/enabled", "true")]),
@@ -132,7 +137,8 @@ def add_render_parsers(render_sub: Any) -> None:
     istio = render_sub.add_parser("istio", help="EnvoyFilter, provider ServiceEntry/DestinationRule/AIProvider, "
                                   "egress gateway, the processor's access policies, sample AIPolicy objects")
     istio.add_argument("--policy", action="append", help="policy files (providers and service policies)")
-    istio.add_argument("--processor-host", default="ai-extproc.ai-system.svc.cluster.local")
+    istio.add_argument("--processor-host", help="the processor Service's host (default: "
+                       "ai-extproc.ai-system.svc.CLUSTER_DOMAIN)")
     istio.add_argument("--processor-port", type=int, default=50051)
     istio.add_argument("--filter-namespace", default="istio-system",
                        help="where the EnvoyFilter lives: the root namespace (mesh-wide) or one namespace")
@@ -147,6 +153,8 @@ def add_render_parsers(render_sub: Any) -> None:
                        "for the key; no key reaches an application's pod) or sidecar (the decision hands the key to "
                        "the caller's sidecar: single-tenant development clusters only)")
     istio.add_argument("--trust-domain", default="cluster.local", help="the mesh's trust domain, in every principal")
+    istio.add_argument("--cluster-domain", default="cluster.local",
+                       help="the cluster's DNS domain: Service hosts are NAME.NAMESPACE.svc.CLUSTER_DOMAIN")
     istio.add_argument("--client-namespace", action="append", metavar="NAMESPACE",
                        help="a namespace of opted-in workloads: only these reach the decision and relay ports "
                        "(repeatable; default: the namespaces of the rendered AIPolicies)")

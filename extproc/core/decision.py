@@ -586,7 +586,8 @@ class Exchange:
         target = hops[state.index]
         provider = target.provider
         caller_api = format_api(state.caller_api)
-        at_gateway = self.policy.mesh.credential_injection == "gateway" and through_gateway(provider)
+        mesh = self.policy.mesh
+        at_gateway = mesh.credential_injection == "gateway" and through_gateway(provider, mesh.cluster_domain)
         credential = api_headers(provider, self.request.headers) if at_gateway else self._credential_headers(target)
         if isinstance(credential, ApiError):
             return _reject(caller_api, credential)

@@ -29,12 +29,19 @@ GRANT_HEADER = "x-ai-grant"
 ANY_BODY = "*"  # a grant for a path the policy allows without reading its body (files, batches)
 
 
-def through_gateway(provider: Provider) -> bool:
+def in_mesh(host: str, cluster_domain: str = "cluster.local") -> bool:
+    """Whether a provider host is a Kubernetes Service of the mesh (``*.svc``, ``*.svc.<cluster domain>``)
+    or otherwise cluster-local (``*.local``) rather than a host outside it. The renderer (what goes through
+    the egress gateway) and the decision (who adds the key) use this one rule."""
+    host = host.split(":", 1)[0].lower().rstrip(".")
+    return host.endswith((".svc", f".svc.{cluster_domain.lower()}", ".local"))
+
+
+def through_gateway(provider: Provider, cluster_domain: str = "cluster.local") -> bool:
     """Whether the provider is reached through the egress gateway: hosts outside the mesh. An in-mesh
-    server (``*.svc``, ``*.local``) is reached directly, so its credential, if it has one, is added by
-    the caller's sidecar (prefer mesh authorization to keys for in-mesh servers)."""
-    host = provider.authority.split(":", 1)[0].lower()
-    return not host.endswith((".svc", ".svc.cluster.local", ".local"))
+    server is reached directly, so its credential, if it has one, is added by the caller's sidecar
+    (prefer mesh authorization to keys for in-mesh servers)."""
+    return not in_mesh(provider.authority, cluster_domain)
 
 
 def body_digest(body: bytes) -> str:

@@ -140,7 +140,8 @@ class ProviderCall:
     def _credential(self, path: str) -> list[tuple[str, str]] | ApiError:
         provider = self.provider
         extra = api_headers(provider, self.request.headers)
-        if self.policy.mesh.credential_injection == "gateway" and through_gateway(provider):
+        mesh = self.policy.mesh
+        if mesh.credential_injection == "gateway" and through_gateway(provider, mesh.cluster_domain):
             # The gateway wants a grant for every call, keyed provider or not: it is what proves the policy
             # decided this very request (its method and path; its body unless an allowed path's).
             peer = self.request.peer

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from extproc.core.grants import GRANT_HEADER
+from extproc.core.grants import GRANT_HEADER, in_mesh
 from extproc.envoy_config.filter import (
     EXT_PROC_TYPE,
     FILTER_NAME,
@@ -57,6 +57,13 @@ SECRET_KEY = "api-key"
 
 CREDENTIAL_MODES = ("gateway", "sidecar")
 DEFAULT_TRUST_DOMAIN = "cluster.local"
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
+PROCESSOR_SERVICE = ("ai-extproc", "ai-system")  # istio/processor.yaml: the processor's Service and namespace
+
+
+def service_host(name: str, namespace: str, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> str:
+    """A Service's fully qualified name, as Istio names its clusters (``outbound|PORT||<this>``)."""
+    return f"{name}.{namespace}.svc.{cluster_domain}"
 # Prometheus scraping /metrics with the mesh's certificates (kube-prometheus-stack's account).
 METRICS_ACCOUNT = ("monitoring", "prometheus-k8s")
 
@@ -64,7 +71,7 @@ METRICS_ACCOUNT = ("monitoring", "prometheus-k8s")
 @dataclass(frozen=True, slots=True)
 class IstioSpec:
     providers: tuple[Provider, ...]
-    processor_host: str = "ai-extproc.ai-system.svc.cluster.local"
+    processor_host: str = service_host(*PROCESSOR_SERVICE)
     processor_port: int = 50051
     relay_port: int = 50052  # the processor Service's fallback relay port (HTTP)
     credentials_port: int = 50053  # the processor Service's credential port (gRPC, the egress gateway only)
@@ -82,6 +89,7 @@ class IstioSpec:
     client_namespaces: tuple[str, ...] = ()  # where opted-in workloads run: they alone reach the decision port
     metrics_principal: str = ""  # default: <trust domain>/ns/monitoring/sa/prometheus-k8s
     max_body_bytes: int = 4 * 1024 * 1024  # the mesh settings' max_body_bytes: what a decision may let through
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN  # Service names: <name>.<namespace>.svc.<cluster domain>
 
     def __post_init__(self) -> None:
         if self.credentials not in CREDENTIAL_MODES:
@@ -119,7 +127,7 @@ class IstioSpec:
 
     @property
     def gateway_host(self) -> str:
-        return f"{self.gateway_name}.{self.gateway_namespace}.svc.cluster.local"
+        return service_host(self.gateway_name, self.gateway_namespace, self.cluster_domain)
 
     @property
     def gateway_principal(self) -> str:
@@ -145,6 +153,7 @@ class IstioSpec:
 class ProviderHost:
     host: str
     port: int
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
 
     @property
     def vhost(self) -> str:
@@ -152,15 +161,15 @@ class ProviderHost:
 
     @property
     def external(self) -> bool:
-        return not self.host.endswith((".svc", ".svc.cluster.local", ".local"))
+        return not in_mesh(self.host, self.cluster_domain)
 
 
-def provider_host(provider: Provider) -> ProviderHost:
+def provider_host(provider: Provider, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> ProviderHost:
     parts = urlsplit(provider.base_url)
     if parts.scheme != "http":
         raise ValueError(f"provider {provider.name!r}: base_url must be http:// (the sidecar originates TLS); "
                          f"an https:// call is opaque to the sidecar and cannot be governed")
-    return ProviderHost(parts.hostname or "", parts.port or 80)
+    return ProviderHost(parts.hostname or "", parts.port or 80, cluster_domain)
 
 
 def processor_filters(spec: IstioSpec) -> list[dict[str, Any]]:
@@ -176,7 +185,7 @@ def _named_hosts(spec: IstioSpec) -> dict[ProviderHost, str]:
     """Each provider host, named after the first provider on it (a DNS label, for subsets and objects)."""
     seen: dict[ProviderHost, str] = {}
     for provider in spec.providers:
-        host = provider_host(provider)
+        host = provider_host(provider, spec.cluster_domain)
         seen.setdefault(host, re.sub(r"[^a-z0-9-]+", "-", provider.name.lower()).strip("-") or "provider")
     return seen
 
@@ -326,7 +335,7 @@ def provider_objects(spec: IstioSpec) -> list[dict[str, Any]]:
     """Per provider: its AIProvider and, for hosts outside the mesh, ServiceEntry + DestinationRule."""
     objects: list[dict[str, Any]] = []
     for provider in spec.providers:
-        host = provider_host(provider)
+        host = provider_host(provider, spec.cluster_domain)
         meta = {"name": provider.name, "namespace": spec.provider_namespace, "labels": dict(spec.labels)}
         provider_spec: dict[str, Any] = {"api": provider.api, "base_url": provider.base_url}
         if provider.credential is not None:

@@ -443,6 +443,10 @@ class MeshSettings(_Frozen):
         default="sidecar", description="Where provider credentials are added: by the caller's sidecar (standalone, "
         "or single-tenant development clusters), or only at the egress gateway, which trades the decision's "
         "signed single-use grant for the key (the Istio install: no key ever reaches an application's pod).")
+    cluster_domain: str = Field(
+        default="cluster.local", pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$",
+        description="The Kubernetes cluster domain: a provider host under .svc.<cluster_domain> (or .svc) is an "
+        "in-mesh model server, reached directly rather than through the egress gateway.")
     default_limits: Limits | None = Field(
         default=None, description="Service-wide quotas for services whose policy sets no limits."
     )
