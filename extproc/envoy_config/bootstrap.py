@@ -8,6 +8,7 @@ listener with plain HTTP; our filter picks the provider and rewrites ``:authorit
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from extproc.envoy_config.filter import (
     provider_vhost_settings,
     response_headers_to_add,
 )
+from extproc.envoy_config.versions import STANDALONE_ENVOY, EnvoyVersion
 from extproc.policy.model import Provider
 
 PROCESSOR_CLUSTER = "ai-extproc"
@@ -84,6 +86,7 @@ class SidecarSpec:
     more_processors: tuple[tuple[str, int], ...] = ()  # further replicas, load-balanced per stream
     relay: tuple[tuple[str, int], ...] = ()  # the processors' fallback relay ports; empty: no fallback
     failure_mode_allow: bool = False  # processor unreachable: pass calls untouched instead of a 503
+    envoy: EnvoyVersion = STANDALONE_ENVOY  # the binary this bootstrap is for (versions.py: fields it lacks)
 
     @property
     def failover(self) -> bool:
@@ -151,6 +154,25 @@ def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+# What every Istio sidecar route carries before our EnvoyFilter's MERGE, which keeps these (it sets only
+# the retry fields it names): the standalone sidecar has them too, so fallback is tested under the
+# retry settings a mesh uses (tests/istio/test_mesh_e2e.py compares the two routes).
+ISTIO_ROUTE_RETRY_DEFAULTS: dict[str, Any] = {
+    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "host_selection_retry_max_attempts": "5",
+}
+
+
+def _provider_route(spec: SidecarSpec, upstream: Upstream) -> dict[str, Any]:
+    # Model timeouts come per request from policy; this is only the ceiling.
+    if not spec.failover:
+        return {"cluster": upstream.cluster_name, "timeout": "300s"}
+    route = {"cluster": failover_cluster_name(upstream.cluster_name), "timeout": "300s", **failover_route_settings()}
+    route["retry_policy"] = {**route["retry_policy"], **copy.deepcopy(ISTIO_ROUTE_RETRY_DEFAULTS)}
+    return route
+
+
 def _listener(spec: SidecarSpec) -> dict[str, Any]:
     virtual_hosts = [
         {
@@ -158,13 +180,7 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
             **provider_vhost_settings(),
             "domains": [upstream.authority, f"{upstream.authority}:*"] if ":" not in upstream.authority
             else [upstream.authority],
-            "routes": [{
-                "match": {"prefix": "/"},
-                # Model timeouts come per request from policy; this is only the ceiling.
-                "route": {"cluster": failover_cluster_name(upstream.cluster_name), "timeout": "300s",
-                          **failover_route_settings()} if spec.failover
-                else {"cluster": upstream.cluster_name, "timeout": "300s"},
-            }],
+            "routes": [{"match": {"prefix": "/"}, "route": _provider_route(spec, upstream)}],
         }
         for upstream in _unique(spec)
     ]
@@ -198,7 +214,8 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
         "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD",
         "http_filters": [
             *(processor_http_filters(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_AUTHORITY,
-                                     failure_mode_allow=spec.failure_mode_allow) if spec.with_processor else []),
+                                     failure_mode_allow=spec.failure_mode_allow, envoy=spec.envoy)
+              if spec.with_processor else []),
             {"name": "envoy.filters.http.router",
              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],

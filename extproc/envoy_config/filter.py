@@ -7,6 +7,7 @@ from typing import Any
 from extproc.core import fallback
 from extproc.core.decision import METADATA_NAMESPACE, USAGE_HEADER, USAGE_OBSERVE, USAGE_STRIP, USAGE_TRANSLATE
 from extproc.core.identity import REQUEST_ATTRIBUTES
+from extproc.envoy_config.versions import CONTENT_LENGTH_AFTER_REWRITE, STANDALONE_ENVOY, EnvoyVersion
 
 FILTER_NAME = "envoy.filters.http.ext_proc"
 EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
@@ -37,6 +38,7 @@ def ext_proc_filter(
     authority: str,
     message_timeout_ms: int = 5000,
     failure_mode_allow: bool = False,
+    envoy: EnvoyVersion = STANDALONE_ENVOY,
 ) -> dict[str, Any]:
     """The HTTP filter entry for an HCM ``http_filters`` list.
 
@@ -45,7 +47,7 @@ def ext_proc_filter(
     trip. Response phases are off: replies, including SSE streams, never pass through us.
     ``allow_all_routing`` lets us rewrite ``:authority`` to route to the provider; ``allow_envoy``
     lets us set ``x-envoy-upstream-rq-timeout-ms`` from policy; ``allow_content_length_header``
-    keeps the content-length we set after rewriting the body.
+    keeps the content-length we set after rewriting the body (on an ``envoy`` that has it: versions.py).
     """
     return {
         "name": FILTER_NAME,
@@ -66,7 +68,7 @@ def ext_proc_filter(
                 "response_trailer_mode": "SKIP",
             },
             "send_body_without_waiting_for_header_response": True,
-            "allow_content_length_header": True,
+            **({"allow_content_length_header": True} if envoy >= CONTENT_LENGTH_AFTER_REWRITE else {}),
             "request_attributes": list(REQUEST_ATTRIBUTES),
             "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
             "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
@@ -177,10 +179,11 @@ def complete_request_filter() -> dict[str, Any]:
     }]}})
 
 
-def processor_http_filters(*, cluster_name: str, authority: str, failure_mode_allow: bool = False
-                           ) -> list[dict[str, Any]]:
-    """Our HTTP filters, in order, for an HCM's http_filters (before the router)."""
-    return [ext_proc_filter(cluster_name=cluster_name, authority=authority, failure_mode_allow=failure_mode_allow),
+def processor_http_filters(*, cluster_name: str, authority: str, failure_mode_allow: bool = False,
+                           envoy: EnvoyVersion = STANDALONE_ENVOY) -> list[dict[str, Any]]:
+    """Our HTTP filters, in order, for an HCM's http_filters (before the router), for that Envoy."""
+    return [ext_proc_filter(cluster_name=cluster_name, authority=authority, failure_mode_allow=failure_mode_allow,
+                            envoy=envoy),
             usage_filter(cluster_name=cluster_name, authority=authority),
             complete_request_filter()]
 

@@ -46,6 +46,7 @@ from extproc.envoy_config.filter import (
     provider_vhost_settings,
     response_headers_to_add,
 )
+from extproc.envoy_config.versions import DEFAULT_ISTIO, EnvoyVersion, envoy_for_istio
 from extproc.policy.crd import API_VERSION
 from extproc.policy.model import Provider
 
@@ -90,10 +91,16 @@ class IstioSpec:
     metrics_principal: str = ""  # default: <trust domain>/ns/monitoring/sa/prometheus-k8s
     max_body_bytes: int = 4 * 1024 * 1024  # the mesh settings' max_body_bytes: what a decision may let through
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN  # Service names: <name>.<namespace>.svc.<cluster domain>
+    istio_version: str = DEFAULT_ISTIO  # the sidecars' Istio release: its Envoy decides which fields are written
 
     def __post_init__(self) -> None:
         if self.credentials not in CREDENTIAL_MODES:
             raise ValueError(f"credentials must be one of {', '.join(CREDENTIAL_MODES)}, not {self.credentials!r}")
+        envoy_for_istio(self.istio_version)  # an unsupported release is refused here, not at apply time
+
+    @property
+    def envoy(self) -> EnvoyVersion:
+        return envoy_for_istio(self.istio_version)
 
     @property
     def processor_cluster(self) -> str:
@@ -156,8 +163,13 @@ class ProviderHost:
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
 
     @property
+    def fqdn(self) -> str:
+        """The name Istio gives the host's clusters and virtual hosts: a Service's is fully qualified."""
+        return f"{self.host}.{self.cluster_domain}" if self.host.endswith(".svc") else self.host
+
+    @property
     def vhost(self) -> str:
-        return f"{self.host}:{self.port}"  # Istio's virtual host name in route configuration PORT
+        return f"{self.fqdn}:{self.port}"  # Istio's virtual host name in route configuration PORT
 
     @property
     def external(self) -> bool:
@@ -174,7 +186,8 @@ def provider_host(provider: Provider, cluster_domain: str = DEFAULT_CLUSTER_DOMA
 
 def processor_filters(spec: IstioSpec) -> list[dict[str, Any]]:
     """The HTTP filters our processor needs, in order, pointed at the processor's Istio cluster."""
-    return processor_http_filters(cluster_name=spec.processor_cluster, authority=spec.processor_host)
+    return processor_http_filters(cluster_name=spec.processor_cluster, authority=spec.processor_host,
+                                  envoy=spec.envoy)
 
 
 def _hosts(spec: IstioSpec) -> list[ProviderHost]:
@@ -208,7 +221,7 @@ def route_target(spec: IstioSpec, host: ProviderHost) -> str:
     """
     if spec.at_gateway and host.external:
         return f"outbound|{GATEWAY_PORT}|{external_hosts(spec)[host]}|{spec.gateway_host}"
-    return f"outbound|{host.port}||{host.host}"
+    return f"outbound|{host.port}||{host.fqdn}"
 
 
 def provider_calls_only(config: dict[str, Any], hosts: Iterable[ProviderHost]) -> dict[str, Any]:
@@ -572,6 +585,9 @@ class PortAccess:
 
 
 ISTIO_AGENT_PORT = 15020  # pilot-agent: merged Prometheus metrics (plaintext, never through the proxy's policies)
+# The processor's --metrics port (GET /metrics only; istio/processor.yaml): the PodMonitor's target, left out
+# of the sidecar's inbound capture (excludeInboundPorts), so plaintext and never through the proxy's policies.
+METRICS_PORT = 9903
 
 
 def _namespace_peer(namespace: str) -> dict[str, Any]:
@@ -616,11 +632,12 @@ def security_objects(spec: IstioSpec) -> list[dict[str, Any]]:
     def meta() -> dict[str, Any]:
         return {"name": spec.processor_service, "namespace": namespace, "labels": dict(spec.labels)}
 
-    # Istio's merged metrics (the PodMonitor's target) are served by pilot-agent, outside the proxy:
-    # only the NetworkPolicy can keep them to the scraper's namespace. The kubelet's probes (15021,
-    # and the rewritten app probes on 15020) come from the node, which NetworkPolicy always admits.
+    # The metrics-only port (the PodMonitor's target) bypasses the sidecar, and Istio's merged metrics
+    # (for prometheus.io annotation users) are served by pilot-agent, outside the proxy: only the
+    # NetworkPolicy can keep them to the scraper's namespace. The kubelet's probes (15021, and the
+    # rewritten app probes on 15020) come from the node, which NetworkPolicy always admits.
     agent = {"from": [_namespace_peer(principal_namespace(spec.scraper_principal))],
-             "ports": [{"port": ISTIO_AGENT_PORT, "protocol": "TCP"}]}
+             "ports": [{"port": port, "protocol": "TCP"} for port in (METRICS_PORT, ISTIO_AGENT_PORT)]}
     return [
         {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": meta(),
          "spec": {"selector": {"matchLabels": dict(app)}, "mtls": {"mode": "STRICT"}}},
@@ -658,14 +675,19 @@ def worker_access_objects(spec: IstioSpec) -> list[dict[str, Any]]:
 def client_sidecar_objects(spec: IstioSpec) -> list[dict[str, Any]]:
     """Per client namespace: egress only to registered hosts (REGISTRY_ONLY), so an unknown host, or a
     provider's https:// port, is no way around the policy. The provider ServiceEntries, the egress
-    gateway and the processor stay visible."""
+    gateway and the processor stay visible: every namespace of ``required_egress_hosts`` (what
+    ``extproc check sidecars`` checks a platform team's own Sidecars against)."""
     platform = {spec.processor_namespace, spec.provider_namespace}
-    hosts = ["./*", "istio-system/*", *sorted(f"{ns}/*" for ns in platform if ns != "istio-system")]
+    needed = {need.namespace for need in required_egress_hosts(spec)} - {"istio-system"}
+
+    def hosts(namespace: str) -> list[str]:
+        return ["./*", "istio-system/*", *sorted(f"{ns}/*" for ns in needed if ns != namespace)]
+
     return [{
         "apiVersion": "networking.istio.io/v1",
         "kind": "Sidecar",
         "metadata": {"name": "default", "namespace": namespace, "labels": dict(spec.labels)},
-        "spec": {"egress": [{"hosts": list(hosts)}], "outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}},
+        "spec": {"egress": [{"hosts": hosts(namespace)}], "outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}},
     } for namespace in spec.client_namespaces if namespace not in platform]
 
 
@@ -677,3 +699,67 @@ def policy_objects(policies: Iterable[tuple[str, Mapping[str, Any]]], namespace:
         objects.append({"apiVersion": API_VERSION, "kind": "AIPolicy",
                         "metadata": {"name": service, "namespace": namespace}, "spec": spec})
     return objects
+
+
+# --- what an opted-in workload's sidecar must see -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EgressNeed:
+    """A host an opted-in workload's sidecar must import (Sidecar ``egress[].hosts``, ``namespace/dnsName``).
+
+    ``namespace`` is where Istio finds the host: a Service's own namespace, a ServiceEntry's or
+    VirtualService's namespace. ``vhost``: the filter also patches the host's virtual host on ``port``,
+    so the egress listener that makes the route table for that port must import it; otherwise only its
+    cluster is needed, which any egress listener of the Sidecar provides (docs/istio-security.md)."""
+
+    namespace: str
+    host: str
+    port: int
+    why: str
+    vhost: bool = False
+
+    @property
+    def entry(self) -> str:
+        """The egress host entry that imports exactly this host."""
+        return f"{self.namespace}/{self.host}"
+
+
+def _service_namespace(host: str, cluster_domain: str) -> tuple[str, str] | None:
+    """``name.ns.svc[.<cluster domain>]`` as Istio names the Service (the FQDN), and its namespace."""
+    labels = host.lower().rstrip(".").split(".")
+    if len(labels) < 3 or labels[2] != "svc" or not labels[0] or not labels[1]:
+        return None
+    return ".".join(labels if len(labels) > 3 else [*labels, cluster_domain]), labels[1]
+
+
+def required_egress_hosts(spec: IstioSpec) -> list[EgressNeed]:
+    """What an opted-in workload's sidecar must import for the rendered objects to work.
+
+    A host a ``Sidecar`` hides has no cluster (and no virtual host) in that sidecar: the processor's
+    hides every decision (500 ``cluster_not_available``, fail closed), a provider's or the gateway's
+    leaves every call to it without a route. ``client_sidecar_objects`` renders its egress hosts from these;
+    ``extproc check sidecars`` (sidecar_check.py) checks other Sidecars against them.
+    """
+    needs = [
+        EgressNeed(spec.processor_namespace, spec.processor_host, spec.processor_port, "ext_proc decisions"),
+        EgressNeed(spec.processor_namespace, spec.processor_host, spec.relay_port, "the fallback relay"),
+    ]
+    for host, name in _named_hosts(spec).items():
+        if host.external:
+            # Its ServiceEntry (and, in gateway mode, its VirtualService to the gateway) is in the provider
+            # namespace; the filter is enabled on its virtual host in either mode.
+            needs.append(EgressNeed(spec.provider_namespace, host.host, host.port, f"provider {name}", vhost=True))
+            continue
+        service = _service_namespace(host.host, spec.cluster_domain)
+        if service is not None:
+            fqdn, namespace = service
+            needs.append(EgressNeed(namespace, fqdn, host.port, f"in-mesh model server {name}", vhost=True))
+        else:  # cluster-local but not a Service name: wherever its ServiceEntry is; assume the provider namespace
+            needs.append(EgressNeed(spec.provider_namespace, host.host, host.port,
+                                    f"in-mesh model server {name}, assumed registered in {spec.provider_namespace}",
+                                    vhost=True))
+    if spec.at_gateway and external_hosts(spec):
+        needs.append(EgressNeed(spec.gateway_namespace, spec.gateway_host, GATEWAY_PORT,
+                                "the egress gateway, where provider calls go"))
+    return needs

@@ -1,4 +1,5 @@
-"""The admin HTTP port: liveness, readiness, the active policy and live quota usage (no secrets)."""
+"""The admin HTTP port: liveness, readiness, the active policy and live quota usage (no secrets); and the
+metrics-only port, which serves nothing but the same /metrics."""
 
 from __future__ import annotations
 
@@ -21,23 +22,14 @@ async def serve_app(app: web.Application, host: str, port: int) -> web.AppRunner
     return runner
 
 
-class AdminServer:
-    def __init__(self, policy: Callable[[], PolicySet], quota: QuotaEngine, cache: ResponseCache,
-                 metrics: Metrics) -> None:
+class MetricsServer:
+    """GET /metrics (Prometheus text) and nothing else: a port a scraper may reach without the mesh's mTLS."""
+
+    def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._policy = policy
-        self._quota = quota
-        self._cache = cache
-        self.ready = False
         self._runner: web.AppRunner | None = None
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/config", self._config)
-        app.router.add_get("/quota", self._quota_usage)
-        app.router.add_get("/cache", self._cache_stats)
-        app.router.add_get("/metrics", self._prometheus)
-        self._app = app
+        self._app = web.Application()
+        self._app.router.add_get("/metrics", self._prometheus)
 
     async def start(self, host: str, port: int) -> None:
         self._runner = await serve_app(self._app, host, port)
@@ -45,6 +37,27 @@ class AdminServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.render(), content_type="text/plain", charset="utf-8",
+                            headers={"x-content-type-options": "nosniff"})
+
+
+class AdminServer(MetricsServer):
+    """/metrics plus health, readiness, the active policy, quota usage and cache statistics."""
+
+    def __init__(self, policy: Callable[[], PolicySet], quota: QuotaEngine, cache: ResponseCache,
+                 metrics: Metrics) -> None:
+        super().__init__(metrics)
+        self._policy = policy
+        self._quota = quota
+        self._cache = cache
+        self.ready = False
+        self._app.router.add_get("/healthz", self._healthz)
+        self._app.router.add_get("/readyz", self._readyz)
+        self._app.router.add_get("/config", self._config)
+        self._app.router.add_get("/quota", self._quota_usage)
+        self._app.router.add_get("/cache", self._cache_stats)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -63,10 +76,6 @@ class AdminServer:
                 "models": [m.name for m in models.proxy.models]}
                 for (ns, name), models in policy.services.items()},
         })
-
-    async def _prometheus(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._metrics.render(), content_type="text/plain", charset="utf-8",
-                            headers={"x-content-type-options": "nosniff"})
 
     async def _cache_stats(self, request: web.Request) -> web.Response:
         return web.json_response({"backend": self._cache.backend_name, "stats": vars(self._cache.stats)})

@@ -21,7 +21,7 @@ from extproc.core.decision import Decider
 from extproc.core.inflight import InFlightStore, MemoryInFlight, RedisInFlight
 from extproc.events.sinks import build_event_sinks
 from extproc.quota.engine import QuotaEngine
-from extproc.server.admin import AdminServer
+from extproc.server.admin import AdminServer, MetricsServer
 from extproc.server.credentials import CredentialProcessor
 from extproc.server.policy_store import PolicyStore
 from extproc.server.processor import AsyncExternalProcessor
@@ -58,6 +58,7 @@ class ServeOptions:
     kubernetes: KubeOptions | None = None  # also take AIPolicy/AIProvider objects from the Kubernetes API
     kube_api: str | None = None  # explicit API server URL; default: in-cluster, else ~/.kube/config
     admin: tuple[str, int] | None = None  # HOST, PORT of the admin HTTP endpoint (off when None)
+    metrics: tuple[str, int] | None = None  # HOST, PORT serving GET /metrics only (off when None)
     relay: tuple[str, int] | None = None  # HOST, PORT of the fallback relay Envoy retries failed attempts to
     peer_identity: bool = False  # bind callers to the mTLS identity in x-forwarded-client-cert (the mesh)
     credentials: tuple[str, int] | None = None  # HOST, PORT of the credential port (the egress gateway's)
@@ -91,6 +92,9 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     admin = AdminServer(store.current, quota, cache, metrics)
     if options.admin is not None:
         await admin.start(*options.admin)
+    metrics_server = MetricsServer(metrics)
+    if options.metrics is not None:
+        await metrics_server.start(*options.metrics)
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),  # fail loudly if the port is taken instead of sharing it
@@ -172,6 +176,7 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
         await decider.bulkhead.close()
         await cache.close()
         await admin.stop()
+        await metrics_server.stop()
         await relay.stop()
         for sink in events:
             await sink.close(timeout=min(5.0, options.grace_seconds))

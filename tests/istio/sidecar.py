@@ -71,8 +71,9 @@ def _cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
 
 def istio_outbound_bootstrap(*, service: str, namespace: str, labels: Mapping[str, str], listen_port: int,
                              admin_port: int, processor_port: int, hosts: Mapping[str, int],
-                             relay_port: int | None = None) -> dict[str, Any]:
-    """``hosts``: every HTTP service on port 80 the sidecar knows (provider or not) → local port."""
+                             relay_port: int | None = None, processor_host: str = PROCESSOR_HOST) -> dict[str, Any]:
+    """``hosts``: every HTTP service on port 80 the sidecar knows (provider or not) → local port;
+    ``processor_host``: the processor Service's name, as the cluster domain makes it."""
     vhosts = [
         {"name": f"{host}:80", "domains": [host, f"{host}:80"],
          "routes": [{"name": "default", "match": {"prefix": "/"}, "route": {
@@ -109,8 +110,8 @@ def istio_outbound_bootstrap(*, service: str, namespace: str, labels: Mapping[st
             "log_format": {"json_format": {"authority": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%",
                                            "cluster": "%UPSTREAM_CLUSTER%", "route": "%ROUTE_NAME%"}}}}],
     }
-    clusters = [_cluster(PROCESSOR_CLUSTER, processor_port, http2=True),
-                _cluster(RELAY_CLUSTER, relay_port or processor_port + 1),
+    clusters = [_cluster(f"outbound|50051||{processor_host}", processor_port, http2=True),
+                _cluster(f"outbound|50052||{processor_host}", relay_port or processor_port + 1),
                 *(_cluster(f"outbound|80||{host}", port) for host, port in hosts.items()),
                 _cluster("PassthroughCluster", next(iter(hosts.values())))]
     return {

@@ -26,6 +26,7 @@ import yaml
 from extproc.envoy_config.bootstrap import SidecarSpec, render_bootstrap, upstream_for
 from extproc.envoy_config.filter import FILTER_NAME, ext_proc_filter
 from extproc.envoy_config.istio import ProviderHost, provider_calls_only
+from extproc.envoy_config.versions import DEFAULT_ISTIO, envoy_for_istio
 from extproc.launch import LaunchError, Managed, find_envoy, free_port, start_mock_provider, wait_for_port
 from extproc.policy.model import Provider
 from tests.istio.fake_kube import FakeKube, Served
@@ -185,15 +186,18 @@ def test_patches_land_where_istio_would_put_them() -> None:
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     names = [f["name"] for f in hcm["http_filters"]]
     # Ours come after Istio's own filters and right before the router, in the bootstrap's order.
+    # (the standalone bootstrap rendered for the Envoy of the release the install is rendered for)
     bootstrap = render_bootstrap(SidecarSpec(service="s", namespace="n", listen_port=1, admin_port=2,
-                                             processor=("127.0.0.1", 3), upstreams=()))
+                                             processor=("127.0.0.1", 3), upstreams=(),
+                                             envoy=envoy_for_istio(DEFAULT_ISTIO)))
     standalone = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     ours = [f["name"] for f in standalone["http_filters"][:-1]]
     assert names == ["envoy.filters.http.grpc_stats", "envoy.filters.http.fault", "envoy.filters.http.cors",
                      *ours, "envoy.filters.http.router"]
     inserted = {f["name"]: f for f in hcm["http_filters"] if f["name"] in ours}
     assert all(f.pop("disabled") is True for f in inserted.values())  # off unless a provider vhost turns it on
-    assert inserted[FILTER_NAME] == ext_proc_filter(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_HOST)
+    assert inserted[FILTER_NAME] == ext_proc_filter(cluster_name=PROCESSOR_CLUSTER, authority=PROCESSOR_HOST,
+                                                    envoy=envoy_for_istio(DEFAULT_ISTIO))
     # Every filter is the bootstrap's own filter, only pointed at the processor's Istio cluster.
     for name, patched in inserted.items():
         (plain,) = [f for f in standalone["http_filters"] if f["name"] == name]
@@ -220,6 +224,11 @@ def test_patches_land_where_istio_would_put_them() -> None:
         policy = route["route"]["retry_policy"]
         assert policy["retriable_request_headers"] == [{"name": "x-ai-fallback", "present_match": True}]
         assert policy["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"
+        # Istio's own retry host predicate survives the MERGE, and the standalone sidecar's route
+        # carries the very same retry policy: fallback is tested under the mesh's retry settings.
+        assert [p["name"] for p in policy["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
+        assert policy["host_selection_retry_max_attempts"] == "5"
+        assert policy == standalone_retry_policy()
     assert vhosts["reports.ai-demo.svc.cluster.local:80"]["routes"][0]["route"]["cluster"] == (
         "outbound|80||reports.ai-demo.svc.cluster.local")  # other services keep Istio's own route
     labelled, _ = patched_bootstrap("reporting", {**OPT_IN, "ai.extproc.io/on-processor-failure": "open"}, ports,
@@ -229,6 +238,17 @@ def test_patches_land_where_istio_would_put_them() -> None:
     assert ext_proc["typed_config"]["failure_mode_allow"] is True
     _, unselected = patched_bootstrap("legacy-batch", {}, ports, mocks)
     assert unselected == 0
+
+
+def standalone_retry_policy() -> dict[str, Any]:
+    """The retry policy of a provider route in the standalone sidecar (envoy/), with fallback on."""
+    provider = Provider(name="openai", api="openai", base_url="http://api.openai.com/v1")
+    bootstrap = render_bootstrap(SidecarSpec(service="s", namespace="n", listen_port=1, admin_port=2,
+                                             processor=("127.0.0.1", 3), relay=(("127.0.0.1", 4),),
+                                             upstreams=(upstream_for(provider, ("127.0.0.1", 5)),)))
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (vhost,) = [v for v in hcm["route_config"]["virtual_hosts"] if v["name"] != "no_ai_route"]
+    return dict(vhost["routes"][0]["route"]["retry_policy"])
 
 
 def test_envoy_validates_the_patched_sidecar(tmp_path: Path) -> None:
@@ -283,6 +303,10 @@ def test_anthropic_sdk_call_and_stream(mesh: Mesh) -> None:
 
 def test_cross_provider_fallback_in_the_istio_sidecar(mesh: Mesh) -> None:
     """order-service's Claude fails; the call is answered by OpenAI within the same call, in Anthropic format."""
+    # The running sidecar's route has Istio's default retry host predicate next to ours.
+    dump = httpx.get(f"http://127.0.0.1:{mesh.admins['order-service']}/config_dump").text
+    assert dump.count("envoy.retry_host_predicates.previous_hosts") >= 3  # every port-80 vhost, Istio's way
+    assert "envoy.retry_priorities.previous_priorities" in dump
     raw = mesh.anthropic("order-service").messages.with_raw_response.create(
         model="fraud_detector", max_tokens=16, messages=[{"role": "user", "content": "check order 43"}],
         extra_headers={"x-mock-only": "anthropic", "x-mock-status": "529"})

@@ -10,6 +10,7 @@ here); the objects' agreement with each other is checked exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -30,6 +31,7 @@ import yaml
 
 from extproc.cli import main
 from extproc.envoy_config.filter import MAX_FALLBACK_REQUEST_BYTES, credential_filter
+from extproc.envoy_config.istio import METRICS_PORT
 from tests.istio.test_manifests import kustomize
 
 ISTIO = Path(__file__).resolve().parents[2] / "istio"
@@ -115,7 +117,11 @@ INTENDED = {
     "grpc-credentials": (50053, [{"principals": [GATEWAY_PRINCIPAL]}]),
     "http-admin": (9902, [{"principals": [SCRAPER], "paths": ["/metrics"], "methods": ["GET"]},
                           {"principals": [PLATFORM]}]),
+    "http-metrics": (METRICS_PORT, []),  # outside the sidecar: the NetworkPolicy alone (below)
 }
+# Left out of the sidecar's inbound capture: no AuthorizationPolicy sees these ports, and the Service
+# does not expose them (the PodMonitor scrapes the pods). tests/istio/test_metrics_scrape.py.
+UNCAPTURED = {"http-metrics": METRICS_PORT}
 
 
 def test_every_port_is_covered_by_exactly_its_rule(install: dict[Key, dict[str, Any]]) -> None:
@@ -131,19 +137,23 @@ def test_every_port_is_covered_by_exactly_its_rule(install: dict[Key, dict[str, 
                     for r in rules if str(number) in r["to"][0]["operation"]["ports"]]
         assert covering == intended, name
     policy_ports = {int(p) for r in rules for p in r["to"][0]["operation"]["ports"]}
-    assert policy_ports == set(ports.values())
+    assert policy_ports == set(ports.values()) - set(UNCAPTURED.values())
+    template = install[("Deployment", "ai-system", "ai-extproc")]["spec"]["template"]
+    excluded = template["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeInboundPorts"]
+    assert excluded.split(",") == [str(p) for p in UNCAPTURED.values()]
     # The Service exposes exactly the container's ports, by name, with the protocol Istio needs.
     service = install[("Service", "ai-system", "ai-extproc")]
     exposed = {p["name"]: p for p in service["spec"]["ports"]}
-    assert {name: p["port"] for name, p in exposed.items()} == ports
+    assert {name: p["port"] for name, p in exposed.items()} == {n: p for n, p in ports.items() if n not in UNCAPTURED}
     assert all(p["targetPort"] == name for name, p in exposed.items())
     assert {name: p["appProtocol"] for name, p in exposed.items()} == {
         "grpc-extproc": "grpc", "http-relay": "http", "grpc-credentials": "grpc", "http-admin": "http"}
     # The processor listens on exactly these ports.
     (container,) = install[("Deployment", "ai-system", "ai-extproc")]["spec"]["template"]["spec"]["containers"]
     listens = {a.split("=", 1)[0]: int(a.rsplit(":", 1)[1]) for a in container["args"]
-               if a.startswith(("--listen=", "--relay=", "--credentials-listen=", "--admin="))}
-    assert listens == {"--listen": 50051, "--relay": 50052, "--credentials-listen": 50053, "--admin": 9902}
+               if a.startswith(("--listen=", "--relay=", "--credentials-listen=", "--admin=", "--metrics="))}
+    assert listens == {"--listen": 50051, "--relay": 50052, "--credentials-listen": 50053, "--admin": 9902,
+                       "--metrics": METRICS_PORT}
 
 
 def namespace_peer(namespace: str) -> dict[str, Any]:
@@ -162,15 +172,17 @@ def test_network_policy_admits_the_same_callers(install: dict[Key, dict[str, Any
         {"from": [gateway_pods], "ports": [{"port": 50053, "protocol": "TCP"}]},
         {"from": [namespace_peer("monitoring")], "ports": [{"port": 9902, "protocol": "TCP"}]},
         {"from": [namespace_peer("ai-system")], "ports": [{"port": 9902, "protocol": "TCP"}]},
-        # Istio's merged metrics (pilot-agent, outside the proxy's policies): the PodMonitor's target.
-        {"from": [namespace_peer("monitoring")], "ports": [{"port": 15020, "protocol": "TCP"}]},
+        # Outside the proxy's policies: the metrics-only port (the PodMonitor's target) and Istio's
+        # merged metrics (pilot-agent, for prometheus.io annotation scrapers).
+        {"from": [namespace_peer("monitoring")], "ports": [{"port": METRICS_PORT, "protocol": "TCP"},
+                                                           {"port": 15020, "protocol": "TCP"}]},
     ]
     admitted = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert admitted == {*processor_ports(install).values(), 15020}
     gateway = install[("Deployment", "ai-system", "ai-egress")]["spec"]["template"]["metadata"]["labels"]
     assert gateway["istio"] == "ai-egress"
     monitor = yaml.safe_load((ISTIO / "observability" / "podmonitor.yaml").read_text())
-    assert monitor["spec"]["podMetricsEndpoints"][0]["targetPort"] == 15020
+    assert processor_ports(install)[monitor["spec"]["podMetricsEndpoints"][0]["port"]] == METRICS_PORT
 
 
 def test_async_worker_may_reach_the_decision_port(install: dict[Key, dict[str, Any]]) -> None:
@@ -704,8 +716,7 @@ class GatewayMesh:
 @pytest.fixture(scope="module")
 def gateway_mesh(install: dict[Key, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[GatewayMesh]:
-    from extproc.launch import LaunchError, Managed, find_envoy, free_port, start_mock_provider, wait_for_port
-    from tests.istio.fake_kube import FakeKube, Served
+    from extproc.launch import LaunchError, find_envoy
 
     try:
         envoy = find_envoy()
@@ -714,7 +725,17 @@ def gateway_mesh(install: dict[Key, dict[str, Any]], tmp_path_factory: pytest.Te
 
         missing(str(exc))
         raise
-    tmp = tmp_path_factory.mktemp("gateway")
+    with running_gateway_mesh(install, tmp_path_factory.mktemp("gateway"), envoy) as mesh:
+        yield mesh
+
+
+@contextlib.contextmanager
+def running_gateway_mesh(install: dict[Key, dict[str, Any]], tmp: Path, envoy: str) -> Iterator[GatewayMesh]:
+    """The gateway-mode install on real Envoys (``envoy``: the binary for the gateway and the sidecars):
+    two sample workloads' sidecars, the egress gateway, the processor and the mock providers."""
+    from extproc.launch import LaunchError, Managed, free_port, start_mock_provider, wait_for_port
+    from tests.istio.fake_kube import FakeKube, Served
+
     services = ("user-service", "order-service")
     certs = make_certs(tmp, {
         spiffe(GATEWAY_PRINCIPAL): list(PROVIDER_HOSTS.values()),
