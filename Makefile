@@ -39,8 +39,10 @@ $(ENVOY_DIR)/.installed:
 demo: setup
 	$(BIN)/extproc demo
 
+# ruff, then mypy over extproc/ as [tool.mypy] in pyproject.toml configures it (strict).
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # The Istio install tests build istio/ with `kubectl kustomize` (Debian package kubernetes-client).
 kubectl:
@@ -66,4 +68,4 @@ render-istio: setup
 	$(BIN)/extproc render istio -o istio/
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .ruff_cache
+	rm -rf $(VENV) .tools .pytest_cache .ruff_cache .mypy_cache

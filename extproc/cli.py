@@ -10,12 +10,33 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
 from extproc.policy.loader import PolicyError, load_policy
 
 if TYPE_CHECKING:
     from extproc.server.app import ServeOptions
+    from extproc.telemetry.telemetry import TelemetryOptions
+
+
+class TrustSettings(TypedDict):
+    """The ``ServeOptions`` fields ``trust_settings`` fills."""
+
+    peer_identity: bool
+    credentials: tuple[str, int] | None
+
+
+class TelemetrySettings(TypedDict):
+    """The ``ServeOptions`` fields ``telemetry_settings`` fills."""
+
+    telemetry: TelemetryOptions
+    events_nats: str | None
+    events_file: str | None
+    events_prefix: str
+    events_stream: str
+    jobs_nats: str | None
+    jobs_prefix: str
+    jobs_workers: tuple[str, ...]
 
 
 def sample_policy_dir() -> Path:
@@ -83,7 +104,7 @@ def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
                        "provider key (only the gateway may reach it); off when absent")
 
 
-def trust_settings(args: argparse.Namespace) -> dict[str, Any]:
+def trust_settings(args: argparse.Namespace) -> TrustSettings:
     return {"peer_identity": args.peer_identity == "xfcc", "credentials": args.credentials_listen}
 
 
@@ -116,7 +137,7 @@ def add_telemetry_arguments(parser: argparse.ArgumentParser) -> None:
                       "(repeatable; default ai-extproc-worker)")
 
 
-def telemetry_settings(args: argparse.Namespace) -> dict[str, object]:
+def telemetry_settings(args: argparse.Namespace) -> TelemetrySettings:
     """ServeOptions fields from the telemetry arguments; a bad value stops startup here."""
     from extproc.telemetry.telemetry import TelemetryOptions
 
@@ -251,10 +272,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here: these modules import helpers from this one.
+    from extproc.cli_events import add_events_parser
+    from extproc.cli_jobs import add_jobs_parser
+    from extproc.cli_mesh import add_serve_kubernetes_parser
+
     parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
+    # `extproc --help` lists the commands in this order.
+    _add_serve_parser(sub)
+    _add_check_parser(sub)
+    _add_render_parser(sub)
+    add_serve_kubernetes_parser(sub)
+    add_events_parser(sub)
+    add_jobs_parser(sub)
+    _add_mock_provider_parser(sub)
+    _add_quota_parser(sub)
+    _add_demo_parser(sub)
+    return parser
 
+
+def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="run the ext_proc gRPC server")
     serve.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (use 0.0.0.0:50051 in a pod)")
     serve.add_argument("--policy", action="append", help="policy file or directory (repeatable); "
@@ -268,15 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_telemetry_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
+
+def _add_check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from extproc.cli_mesh import add_check_parsers
+
     check = sub.add_parser("check", help="validate policy files (check [policy] FILE...) or Sidecar resources "
                            "(check sidecars FILE...); non-zero exit on any problem")
     check_sub = check.add_subparsers(dest="check_target", required=True)
     check_policy = check_sub.add_parser("policy", help="validate policy files (the default: extproc check FILE...)")
     check_policy.add_argument("files", nargs="+")
     check_policy.set_defaults(func=cmd_check)
-    from extproc.cli_mesh import add_check_parsers
-
     add_check_parsers(check_sub)  # check sidecars
+
+
+def _add_render_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from extproc.cli_mesh import add_render_parsers
 
     render = sub.add_parser("render", help="render Envoy configuration")
     render_sub = render.add_subparsers(dest="target", required=True)
@@ -293,15 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="AUTHORITY=HOST:PORT: send a provider host elsewhere (e.g. a local mock)")
     envoy.add_argument("-o", "--output")
     envoy.set_defaults(func=cmd_render)
-    from extproc.cli_mesh import add_render_parsers, add_serve_kubernetes_parser
-
     add_render_parsers(render_sub)  # render crds, render istio
-    add_serve_kubernetes_parser(sub)
-    from extproc.cli_events import add_events_parser
-    add_events_parser(sub)
-    from extproc.cli_jobs import add_jobs_parser
-    add_jobs_parser(sub)
 
+
+def _add_mock_provider_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mock = sub.add_parser("mock-provider", help="OpenAI/Anthropic-compatible mock provider for tests and demos")
     mock.add_argument("--listen", type=_host_port, default=("127.0.0.1", 18080))
     mock.add_argument("--name", default="mock")
@@ -311,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--fault-status", type=int)
     mock.set_defaults(func=cmd_mock_provider)
 
+
+def _add_quota_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     quota = sub.add_parser("quota", help="quota tools")
     quota_sub = quota.add_subparsers(dest="quota_command", required=True)
     show = quota_sub.add_parser("show", help="live usage against every limit in the policy")
@@ -319,10 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--admin", type=_host_port, help="HOST:PORT of a processor's admin port (memory backend)")
     show.set_defaults(func=cmd_quota_show)
 
+
+def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="run Envoy + processor + mock providers and show what policy does")
     demo.add_argument("--keep-logs", action="store_true", help="keep the component logs and print where")
     demo.set_defaults(func=cmd_demo)
-    return parser
 
 
 def _without_output(argv: list[str]) -> list[str]:

@@ -59,16 +59,7 @@ def cmd_render_crds(args: argparse.Namespace) -> int:
 
 
 def cmd_render_istio(args: argparse.Namespace) -> int:
-    from extproc.envoy_config.istio import (
-        client_sidecar_objects,
-        egress_gateway_objects,
-        envoy_filter_object,
-        fail_open_object,
-        policy_objects,
-        provider_objects,
-        security_objects,
-        worker_access_objects,
-    )
+    from extproc.envoy_config.istio import policy_objects
 
     paths = args.policy or [_sample_dir()]
     try:
@@ -76,44 +67,14 @@ def cmd_render_istio(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"extproc: the policy is invalid:\n{exc}", file=sys.stderr)
         return 1
+    documents = [d.data for d in read_documents(expand_paths(paths))[0] if isinstance(d.data, dict)]
     # AIPolicy specs are the service policy documents exactly as written in the files.
-    documents, _ = read_documents(expand_paths(paths))
-    services = [(d.data["service"], d.data) for d in documents if isinstance(d.data, dict) and "service" in d.data]
-    policies = policy_objects(services, args.sample_namespace)
-    # The mesh ConfigMap: the files' mesh-wide settings; providers become AIProvider objects instead.
-    mesh = {k: copy.deepcopy(v) for d in documents if isinstance(d.data, dict) and "service" not in d.data
-            for k, v in d.data.items() if k != "providers"}
-    # Where keys are added follows the objects rendered (the egress gateway, or none).
-    mesh["mesh"] = {**(mesh.get("mesh") or {}), "credential_injection": args.credentials}
-    if args.cluster_domain != "cluster.local":  # the processor tells in-mesh model servers by it
-        mesh["mesh"]["cluster_domain"] = args.cluster_domain
-    # Opted-in workloads run where their AIPolicies are: by default, the rendered ones' namespaces.
-    clients = tuple(dict.fromkeys(args.client_namespace or sorted({o["metadata"]["namespace"] for o in policies})))
-    if not clients:
-        print("extproc: no client namespace (no AIPolicy, no --client-namespace): the decision port admits no one",
-              file=sys.stderr)
-    command = "extproc render istio" + (f" --istio-version {args.istio_version}"
-                                         if args.istio_version != DEFAULT_ISTIO else "")
+    policies = policy_objects([(d["service"], d) for d in documents if "service" in d], args.sample_namespace)
+    mesh = _mesh_settings(documents, args)
+    clients = _client_namespaces(args, policies)
     try:
-        spec = istio_spec(
-            args, policy,
-            filter_namespace=args.filter_namespace,
-            selector=() if args.no_selector else tuple(args.selector or [("ai.extproc.io/enabled", "true")]),
-            trust_domain=args.trust_domain,
-            client_namespaces=clients,
-            metrics_principal=args.metrics_principal or "",
-            istio_version=args.istio_version,
-        )
-        parts = {
-            "envoyfilter.yaml": [envoy_filter_object(spec), fail_open_object(spec)],
-            "providers.yaml": provider_objects(spec),
-            "egress-gateway.yaml": egress_gateway_objects(spec),  # none in sidecar mode
-            "security.yaml": security_objects(spec),
-            "client-namespaces.yaml": client_sidecar_objects(spec),
-            "mesh.yaml": [mesh],
-            "samples/policies.yaml": policies,
-            "async-jobs/access.yaml": worker_access_objects(spec),
-        }
+        spec = _render_istio_spec(args, policy, clients)
+        parts = _istio_parts(spec, mesh, policies)
     except ValueError as exc:
         print(f"extproc: {exc}", file=sys.stderr)
         return 1
@@ -122,15 +83,85 @@ def cmd_render_istio(args: argparse.Namespace) -> int:
     notes = [f"Istio {args.istio_version} (Envoy {spec.envoy}): left out {note}" for note in left_out(spec.envoy)]
     for note in notes:
         print(f"extproc: {note}", file=sys.stderr)
-    if args.output:
+    _write_istio_parts(parts, args.output, _render_istio_command(args), notes)
+    return 0
+
+
+def _mesh_settings(documents: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """The mesh ConfigMap: the files' mesh-wide settings; providers become AIProvider objects instead."""
+    mesh = {k: copy.deepcopy(v) for d in documents if "service" not in d for k, v in d.items() if k != "providers"}
+    # Where keys are added follows the objects rendered (the egress gateway, or none).
+    mesh["mesh"] = {**(mesh.get("mesh") or {}), "credential_injection": args.credentials}
+    if args.cluster_domain != "cluster.local":  # the processor tells in-mesh model servers by it
+        mesh["mesh"]["cluster_domain"] = args.cluster_domain
+    return mesh
+
+
+def _client_namespaces(args: argparse.Namespace, policies: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Opted-in workloads run where their AIPolicies are: by default, the rendered ones' namespaces."""
+    clients = tuple(dict.fromkeys(args.client_namespace or sorted({o["metadata"]["namespace"] for o in policies})))
+    if not clients:
+        print("extproc: no client namespace (no AIPolicy, no --client-namespace): the decision port admits no one",
+              file=sys.stderr)
+    return clients
+
+
+def _render_istio_spec(args: argparse.Namespace, policy: PolicySet, clients: tuple[str, ...]) -> IstioSpec:
+    return istio_spec(
+        args, policy,
+        filter_namespace=args.filter_namespace,
+        selector=() if args.no_selector else tuple(args.selector or [("ai.extproc.io/enabled", "true")]),
+        trust_domain=args.trust_domain,
+        client_namespaces=clients,
+        metrics_principal=args.metrics_principal or "",
+        istio_version=args.istio_version,
+    )
+
+
+def _istio_parts(
+    spec: IstioSpec, mesh: dict[str, Any], policies: list[dict[str, Any]],
+) -> dict[str, list[dict[str, Any]]]:
+    """The objects of each file ``render istio`` writes (RENDER_ISTIO_FILES), in that order."""
+    from extproc.envoy_config.istio import (
+        client_sidecar_objects,
+        egress_gateway_objects,
+        envoy_filter_object,
+        fail_open_object,
+        provider_objects,
+        security_objects,
+        worker_access_objects,
+    )
+
+    return {
+        "envoyfilter.yaml": [envoy_filter_object(spec), fail_open_object(spec)],
+        "providers.yaml": provider_objects(spec),
+        "egress-gateway.yaml": egress_gateway_objects(spec),  # none in sidecar mode
+        "security.yaml": security_objects(spec),
+        "client-namespaces.yaml": client_sidecar_objects(spec),
+        "mesh.yaml": [mesh],
+        "samples/policies.yaml": policies,
+        "async-jobs/access.yaml": worker_access_objects(spec),
+    }
+
+
+def _render_istio_command(args: argparse.Namespace) -> str:
+    """The command the files' header names: the one that renders them again."""
+    return "extproc render istio" + (f" --istio-version {args.istio_version}"
+                                     if args.istio_version != DEFAULT_ISTIO else "")
+
+
+def _write_istio_parts(
+    parts: dict[str, list[dict[str, Any]]], output: str | None, command: str, notes: list[str],
+) -> None:
+    """One file per part under `output`; without it, every object but the mesh settings on stdout."""
+    if output:
         for name, objects in parts.items():
-            target = Path(args.output) / name
+            target = Path(output) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(_yaml_stream(objects, command, notes if name == "envoyfilter.yaml" else ()))
     else:
         objects = [o for name, group in parts.items() if name != "mesh.yaml" for o in group]
         sys.stdout.write(_yaml_stream(objects, command, notes))
-    return 0
 
 
 def add_render_parsers(render_sub: Any) -> None:

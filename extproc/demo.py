@@ -7,6 +7,7 @@ the table shows what each service's policy did with it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
@@ -15,11 +16,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from extproc.cli import sample_policy_dir
 from extproc.launch import LaunchError
 from extproc.stack import SERVICES, Stack
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str], str]:
 
     def chat(service: str, label: str, model: str, stream: bool = False, **extra: Any) -> None:
         client = openai_client(service)
-        messages = [{"role": "user", "content": f"{label} request from {service}"}]
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": f"{label} request from {service}"}]
         try:
             raw, ms = _timed(lambda: client.chat.completions.with_raw_response.create(
                 model=model, messages=messages, stream=stream, **extra))
@@ -90,8 +94,8 @@ def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str], str]:
         variant = raw.headers.get("x-ai-variant", "?")
         variants[variant] += 1
         first_user.setdefault(variant, f"user-{user}")
-    for _variant, user in sorted(first_user.items()):
-        chat("product-service", f"A/B ({user})", "recommendation_engine", extra_headers={"x-user-id": user})
+    for _variant, user_id in sorted(first_user.items()):
+        chat("product-service", f"A/B ({user_id})", "recommendation_engine", extra_headers={"x-user-id": user_id})
     for attempt in range(40):  # the first answer is stored just after the caller has it
         label = "repeat, temperature 0" if attempt else "first, temperature 0"
         raw, ms = _timed(lambda: client.chat.completions.with_raw_response.create(
@@ -133,7 +137,8 @@ def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str], str]:
     # OpenAI, and the Anthropic SDK still reads an Anthropic answer.
     for label, fault in (("claude 503 → fallback", {"x-mock-status": "503"}),
                          ("claude reset → fallback", {"x-mock-reset": "1"})):
-        msg, ms = _timed(lambda fault=fault: claude.messages.with_raw_response.create(
+        msg, ms = _timed(functools.partial(
+            claude.messages.with_raw_response.create,
             model="fraud_detector", max_tokens=64, messages=[{"role": "user", "content": "order 44 looks odd"}],
             extra_headers={"x-mock-only": "anthropic", **fault}))
         answer = msg.parse()

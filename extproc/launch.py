@@ -63,6 +63,11 @@ def envoy_version(binary: str) -> EnvoyVersion:
     return EnvoyVersion.parse(run.stdout.split("version:", 1)[-1].split()[0])
 
 
+def temp_log_dir() -> Path:
+    """A new directory for child process logs, when the caller names none."""
+    return Path(tempfile.mkdtemp(prefix="extproc-"))
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -87,7 +92,7 @@ class Managed:
     name: str
     args: Sequence[str]
     env: dict[str, str] | None = None
-    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="extproc-")))
+    log_dir: Path = field(default_factory=temp_log_dir)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -135,14 +140,14 @@ def start_processor(
     args = [sys.executable, "-m", "extproc", "serve", "--listen", f"127.0.0.1:{port}",
             *[a for p in policy_paths for a in ("--policy", str(p))], *extra_args]
     return Managed(name, args, env={**os.environ, **(env or {})},
-                   **({"log_dir": log_dir} if log_dir else {})).start_listening(port)
+                   log_dir=log_dir or temp_log_dir()).start_listening(port)
 
 
 def start_mock_provider(port: int, args: Sequence[str] = (), name: str = "mock",
                         log_dir: Path | None = None) -> Managed:
     return Managed(f"mock-{name}", [sys.executable, "-m", "extproc", "mock-provider", "--listen",
                                     f"127.0.0.1:{port}", "--name", name, *args],
-                   **({"log_dir": log_dir} if log_dir else {})).start_listening(port)
+                   log_dir=log_dir or temp_log_dir()).start_listening(port)
 
 
 def start_worker(jobs: tuple[str, str], envoys: Sequence[str], env: Mapping[str, str],
@@ -153,11 +158,11 @@ def start_worker(jobs: tuple[str, str], envoys: Sequence[str], env: Mapping[str,
                               # Local mocks answer in milliseconds: short timeouts keep redelivery quick.
                               "--backoff-base", "0.2", "--backoff-max", "2", "--timeout", "5", "--ack-wait", "6",
                               *envoys],
-                   env={**os.environ, **env}, **({"log_dir": log_dir} if log_dir else {})).start()
+                   env={**os.environ, **env}, log_dir=log_dir or temp_log_dir()).start()
 
 
 def start_envoy(spec: SidecarSpec, log_dir: Path | None = None, concurrency: int = 1) -> Managed:
-    directory = log_dir or Path(tempfile.mkdtemp(prefix="extproc-"))
+    directory = log_dir or temp_log_dir()
     config = directory / f"envoy-{spec.service}.yaml"
     binary = find_envoy()
     config.write_text(to_yaml(render_bootstrap(dataclasses.replace(spec, envoy=envoy_version(binary)))))

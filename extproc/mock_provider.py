@@ -53,7 +53,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 from aiohttp import web
@@ -224,13 +224,18 @@ def _word_deltas(reply: str) -> list[str]:
 # _arguments_for), so they validate against it and stay deterministic.
 
 
-def _pick_tool(tools: list[tuple[str, Any]], forced: str | None, required: bool, prompt: str) -> tuple[str, Any] | None:
-    """(name, parameters schema) of the function to call, or None to answer in text."""
+_Name = TypeVar("_Name")
+
+
+def _pick_tool(tools: list[tuple[_Name, Any]], forced: object, required: bool, prompt: str
+               ) -> tuple[_Name, Any] | None:
+    """(name, parameters schema) of the function to call, or None to answer in text. Names come from the
+    caller's JSON unchecked: a name that is not a string is never matched against the prompt."""
     if not tools:
         return None
     if forced is not None:
         return next((tool for tool in tools if tool[0] == forced), None)
-    named = next((tool for tool in tools if tool[0] and tool[0] in prompt), None)
+    named = next((tool for tool in tools if isinstance(tool[0], str) and tool[0] and tool[0] in prompt), None)
     if named is not None:
         return named
     return tools[0] if required else None
@@ -310,7 +315,7 @@ def _anthropic_tool(payload: dict[str, Any], messages: list[Any]) -> tuple[str, 
     ):
         return None
     functions = [(tool.get("name"), tool.get("input_schema")) for tool in tools if isinstance(tool, dict)]
-    forced = choice.get("name") if choice_type == "tool" else None
+    forced = choice.get("name") if isinstance(choice, dict) and choice_type == "tool" else None
     picked = _pick_tool(functions, forced, choice_type == "any", _text_of(content))
     if picked is None or not isinstance(picked[0], str):
         return None
@@ -656,7 +661,7 @@ async def _chat_completions(
     prompt_tokens = _prompt_tokens(sum(len(_text_of(m.get("content"))) for m in messages))
     tool = _openai_chat_tool(payload, messages)
     call = None if tool is None else (_rand_id("call_", 24), *tool)
-    usage = _chat_usage(prompt_tokens, len(reply.split()) if call is None else _call_tokens(*tool))
+    usage = _chat_usage(prompt_tokens, len(reply.split()) if tool is None else _call_tokens(*tool))
     completion_id = _rand_id("chatcmpl-", 29)
     created = int(time.time())
 
@@ -800,7 +805,7 @@ def _sse(event: str, payload: dict[str, Any]) -> bytes:
 
 
 def _message_events(message_id: str, model: str, reply: str, input_tokens: int) -> Iterator[bytes]:
-    start = {
+    start: dict[str, Any] = {
         "id": message_id,
         "type": "message",
         "role": "assistant",
@@ -837,7 +842,7 @@ def _tool_use_events(
     message_id: str, model: str, tool_id: str, name: str, arguments: dict[str, Any], input_tokens: int
 ) -> Iterator[bytes]:
     """A Messages stream whose answer is one tool_use block, its input JSON in fragments as Claude sends it."""
-    start = {
+    start: dict[str, Any] = {
         "id": message_id,
         "type": "message",
         "role": "assistant",
@@ -1246,8 +1251,12 @@ def _response_object(
     tools: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """A response object with the request's settings echoed, as the API returns them; status in_progress."""
-    text = payload.get("text") if isinstance(payload.get("text"), dict) else {}
-    reasoning = payload.get("reasoning") if isinstance(payload.get("reasoning"), dict) else {}
+    text = payload.get("text")
+    if not isinstance(text, dict):
+        text = {}
+    reasoning = payload.get("reasoning")
+    if not isinstance(reasoning, dict):
+        reasoning = {}
     return {
         "id": response_id,
         "object": "response",

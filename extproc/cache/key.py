@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from extproc.core.wire import CACHE_HEADER
 from extproc.policy.model import ModelRoute
-
-BYPASS_HEADER = "x-ai-cache"  # "bypass": neither read nor write the cache for this call
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +33,7 @@ def plan_cache(
     """``body`` is the request as it will reach the provider (after routing), so variants never mix."""
     if route.cache_ttl is None:
         return None
-    if headers.get(BYPASS_HEADER, "").strip().lower() == "bypass":
+    if headers.get(CACHE_HEADER, "").strip().lower() == "bypass":
         return None
     directives = {d.strip().lower() for d in headers.get("cache-control", "").split(",")}
     if "no-store" in directives:

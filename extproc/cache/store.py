@@ -92,7 +92,10 @@ class ResponseCache:
                 self.stats.errors += 1
                 log.warning("cache read failed, treating as a miss: %s", exc)
                 return None
-            return bytes(value) if value is not None else None
+            if value is None:
+                return None
+            # The pool does not decode responses, so this is bytes; redis types it as bytes | str.
+            return value.encode() if isinstance(value, str) else bytes(value)
         found = self._memory.get(key)
         if found is None:
             return None

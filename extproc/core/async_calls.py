@@ -10,23 +10,26 @@ submitting service (no second quota charge, never made asynchronous again). Resu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
 
-from extproc.core.apis import Api, ApiError, ErrorKind, api_of_caller, split_path
+from extproc.core.apis import ApiError, ErrorKind, api_of_caller, split_path
 from extproc.core.identity import Caller
+from extproc.core.messages import HttpRequest, LocalReply, reject
 from extproc.core.tokens import Signer
+from extproc.core.wire import ASYNC_HEADER, JOB_HEADER, JOBS_PATH
 
 if TYPE_CHECKING:
-    from extproc.core.decision import LocalReply
+    from extproc.core.admission import Admission, Charge
+    from extproc.core.routing import Target
     from extproc.jobs.store import JobStore
+    from extproc.policy.model import ModelRoute
 
-JOB_HEADER = "x-ai-job"
-ASYNC_HEADER = "x-ai-async"  # for clients that cannot set Prefer: "true" asks for an asynchronous call
-JOBS_PATH = "/v1/ai-jobs/"
+log = logging.getLogger(__name__)
 
 
 def wants_async(headers: Mapping[str, str]) -> bool:
@@ -44,6 +47,11 @@ class JobClaim:
     service: str
     namespace: str
     reservation: str | None
+
+    def encode(self, signer: Signer, ttl_s: float) -> str:
+        """The worker's ``x-ai-job`` token for this job (``verify`` reads it)."""
+        return signer.sign({"job": self.job_id, "svc": self.service, "ns": self.namespace, "r": self.reservation},
+                           ttl_s)
 
     @classmethod
     def verify(cls, headers: Mapping[str, str], signer: Signer, caller: Caller, workers: frozenset[str]
@@ -87,26 +95,25 @@ class JobLookup:
         self._caller = caller
 
     async def reply(self) -> LocalReply:
-        from extproc.core.decision import LocalReply
         from extproc.jobs.errors import StoreUnavailable
 
         try:
             view = await self._store.get(self._job_id)  # bounded: NATS trouble is a quick StoreUnavailable
         except StoreUnavailable as exc:  # NATS down or not answering: say so, in the caller's format
-            return _error(self._api, ApiError(ErrorKind.UNAVAILABLE, f"the job store cannot be reached: "
+            return reject(self._api, ApiError(ErrorKind.UNAVAILABLE, f"the job store cannot be reached: "
                                               f"{exc.reason}", "job_store_unavailable"))
         except Exception as exc:
-            return _error(self._api, ApiError(ErrorKind.UNAVAILABLE, f"the job store cannot be reached: "
+            return reject(self._api, ApiError(ErrorKind.UNAVAILABLE, f"the job store cannot be reached: "
                                               f"{type(exc).__name__}", "job_store_unavailable"))
         if view is None or not view.owned_by(self._caller.service or "", self._caller.namespace or ""):
-            return _error(self._api, ApiError(ErrorKind.NOT_FOUND, f"no job {self._job_id!r} for "
+            return reject(self._api, ApiError(ErrorKind.NOT_FOUND, f"no job {self._job_id!r} for "
                                               f"{self._caller.describe()} (unknown, expired or not yours)",
                                               "job_not_found"))
         failure = view.failure()
         if failure is not None:
             # In the format of the call that was submitted, which its submitter parses, not in the one the
             # poll's path and headers suggest: a bare GET on /v1/ai-jobs/ looks like an OpenAI call.
-            return _error(view.api or self._api, failure)
+            return reject(view.api or self._api, failure)
         if view.result is None:
             body = orjson.dumps({"id": view.job_id, "object": "ai.job", "status": str(view.state),
                                  "attempts": view.attempts})
@@ -117,7 +124,50 @@ class JobLookup:
                           (("content-type", result.content_type or "application/json"), ("x-ai-job-id", view.job_id)))
 
 
-def _error(api: Api, error: ApiError) -> LocalReply:
-    from extproc.core.decision import LocalReply
 
-    return LocalReply(error.kind.status, error.render(api), f"ai_{error.code}")
+async def submit(admission: Admission, request: HttpRequest, body: bytes, data: dict[str, object],
+                 route: ModelRoute, target: Target) -> LocalReply:
+    """Check and charge the call as a synchronous one, then queue it as a job: 202 at once.
+
+    What it was charged is refunded if it is not queued: nothing else would ever settle it.
+    """
+    charge = await admission.charge(data, route, target)
+    if isinstance(charge, LocalReply):
+        return charge
+    reservation = charge.reservation if charge is not None else None
+    try:
+        reply = await _queue(admission, request, body, charge)
+    except BaseException:
+        if reservation is not None:
+            await admission.runtime.quota.refund(reservation)
+        raise
+    if reply.status != 202 and reservation is not None:
+        await admission.runtime.quota.refund(reservation)
+    return reply
+
+
+async def _queue(admission: Admission, request: HttpRequest, body: bytes, charge: Charge | None) -> LocalReply:
+    from extproc.jobs.errors import JobError
+    from extproc.jobs.model import Job
+
+    jobs = admission.runtime.jobs
+    assert jobs is not None
+    api = admission.endpoint.api
+    reservation = (charge.reservation.encode() if charge is not None and charge.reservation is not None
+                   and charge.settles_tokens else None)
+    headers = [(":authority", request.authority), *request.headers.items()]
+    namespace, service = admission.scope
+    job = Job.new(service=service, namespace=namespace, api=api, path=request.path, headers=headers, body=body,
+                  reservation=reservation, policy_version=admission.policy.version)
+    try:
+        limits = admission.service.proxy.async_calls
+        submitted = await jobs.submit(job, max_queued=limits.max_queued, max_body_bytes=limits.max_body_bytes)
+    except JobError as exc:
+        return reject(api, exc.api_error())
+    except Exception as exc:  # NATS unreachable: a clear 503, the call is not lost silently
+        log.warning("job submission failed: %s", exc)
+        return reject(api, ApiError(ErrorKind.UNAVAILABLE, "asynchronous calls are unavailable: the job queue "
+                                    f"cannot be reached ({type(exc).__name__})", "job_queue_unavailable"))
+    status, reply, headers_out = accepted(submitted.job_id, submitted.location, submitted.subject,
+                                          submitted.dead_subject)
+    return LocalReply(status, reply, "ai_job_accepted", headers_out)

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from extproc.policy.compiled import PolicySet
     from extproc.policy.model import Provider
 
-GRANT_HEADER = "x-ai-grant"
 ANY_BODY = "*"  # a grant for a path the policy allows without reading its body (files, batches)
 
 

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import orjson
 
@@ -211,7 +211,8 @@ class RedisInFlight:
             return due
         try:
             ids = await self._client.zrangebyscore(self._deadlines, "-inf", now, start=0, num=_SWEEP_BATCH)
-            for raw_id in ids:
+            # Without withscores the reply is the members alone; redis types it with the scored form too.
+            for raw_id in cast("list[bytes]", ids):
                 # ZREM decides which replica's sweeper owns the call: only one gets 1.
                 if not await self._client.zrem(self._deadlines, raw_id):
                     continue

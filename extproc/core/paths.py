@@ -19,16 +19,19 @@ from typing import TYPE_CHECKING
 
 from extproc.core.apis import Api, ApiError, Endpoint, ErrorKind, canonical_path, split_path
 from extproc.core.credentials import api_headers, key_headers
-from extproc.core.grants import ANY_BODY, GRANT_HEADER, Grant, body_digest, through_gateway
+from extproc.core.grants import ANY_BODY, Grant, body_digest, through_gateway
 from extproc.core.identity import Caller
+from extproc.core.messages import Decision, Forward, HttpRequest, LocalReply
+from extproc.core.records import reply_record
 from extproc.core.settlement import SettleInfo
+from extproc.core.wire import GRANT_HEADER, SETTLE_KEY, USAGE_HEADER, USAGE_OBSERVE
 from extproc.policy.compiled import PolicySet, ServiceModels
 from extproc.policy.model import AllowedPath, Provider
 from extproc.quota.engine import Refused, Unavailable
 from extproc.quota.plan import METRIC_REQUESTS, Estimate, plan_counters
 
 if TYPE_CHECKING:
-    from extproc.core.decision import Decider, Decision, HttpRequest
+    from extproc.core.runtime import Runtime
 
 NO_USAGE = "none"  # SettleInfo.api of a call whose answer carries no token usage
 _CALL_TTL_S = 600.0
@@ -66,7 +69,7 @@ def provider_of(service: ServiceModels, policy: PolicySet, api: Api) -> Provider
 class ProviderCall:
     """One call to a provider path without a model: decided on its headers (its body, if any, streams on)."""
 
-    decider: Decider
+    runtime: Runtime
     request: HttpRequest
     caller: Caller
     policy: PolicySet
@@ -77,20 +80,11 @@ class ProviderCall:
     any_body: bool  # an allowed path may carry a body the decision never sees
 
     async def decide(self) -> Decision:
-        from extproc.core.decision import (
-            SETTLE_KEY,
-            USAGE_HEADER,
-            USAGE_OBSERVE,
-            Forward,
-            LocalReply,
-            reply_record,
-        )
-
         refused = await self._charge()
         if refused is not None:
             reply = LocalReply(refused.kind.status, refused.render(self.endpoint.api), f"ai_{refused.code}")
-            self.decider.count(reply, self.policy, self.caller)
-            self.decider.record(reply_record(self.request, self.caller, self.endpoint, reply, self.policy, ""))
+            self.runtime.count(reply, self.policy, self.caller)
+            self.runtime.record(reply_record(self.request, self.caller, self.endpoint, reply, self.policy, ""))
             return reply
         provider = self.provider
         namespace, service = self.caller.namespace or "", self.caller.service or "unknown"
@@ -105,21 +99,21 @@ class ProviderCall:
         remove = [name for name in remove if name not in set_names]  # never remove what is set here
         metadata = {"service": service, "namespace": namespace, "provider": provider.name,
                     "route": self.endpoint.operation, "policy_version": self.policy.version}
-        if self.decider.observe_all:  # one record per call: read when its answer ends
+        if self.runtime.observe_all:  # one record per call: read when its answer ends
             info = SettleInfo(None, NO_USAGE, 0, provider.name, "", operation=self.endpoint.operation,
                               decided_at=time.time(), service=service, namespace=namespace,
                               caller_api=NO_USAGE, policy_version=self.policy.version,
                               request_id=self.request.headers.get("x-request-id", ""),
                               traceparent=self.request.headers.get("traceparent", ""), nonce=uuid.uuid4().hex)
-            metadata[SETTLE_KEY] = info.seal(self.decider.signer, _CALL_TTL_S)
+            metadata[SETTLE_KEY] = info.seal(self.runtime.signer, _CALL_TTL_S)
             headers.append((USAGE_HEADER, USAGE_OBSERVE))
         forward = Forward(tuple(headers), tuple(remove), None, metadata)
-        self.decider.count(forward, self.policy, self.caller)
+        self.runtime.count(forward, self.policy, self.caller)
         return forward
 
     async def _charge(self) -> ApiError | None:
         """The service's request limits (its own and on this provider); tokens are not known here."""
-        quota = self.decider.quota
+        quota = self.runtime.quota
         namespace, service = self.service.scope or (self.caller.namespace, self.caller.service or "unknown")
         counters = tuple(c for c in plan_counters(
             prefix=self.policy.mesh.quota.key_prefix, namespace=namespace, service=service, proxy=self.service.proxy,
@@ -148,7 +142,7 @@ class ProviderCall:
             grant = Grant(provider.name, provider.authority, peer.namespace if peer else self.caller.namespace or "",
                           self.caller.service or "", peer.service_account if peer else "", uuid.uuid4().hex,
                           ANY_BODY if self.any_body else body_digest(b""), self.request.method, path)
-            return [*extra, (GRANT_HEADER, grant.encode(self.decider.signer, _CALL_TTL_S))]
-        key = key_headers(provider, self.decider.credentials)
+            return [*extra, (GRANT_HEADER, grant.encode(self.runtime.signer, _CALL_TTL_S))]
+        key = key_headers(provider, self.runtime.credentials)
         return key if isinstance(key, ApiError) else [*extra, *key]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-XFCC_HEADER = "x-forwarded-client-cert"
 _SPIFFE = "spiffe://"
 
 
@@ -63,7 +62,9 @@ def _elements(value: str) -> list[str]:
 
 
 def _pairs(element: str) -> Iterable[tuple[str, str]]:
-    key, value, in_value, quoted = [], [], False, False
+    key: list[str] = []
+    value: list[str] = []
+    in_value, quoted = False, False
     for char in element + ";":
         if char == '"':
             quoted = not quoted

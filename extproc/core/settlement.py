@@ -23,7 +23,7 @@ from extproc.telemetry.record import CallRecord, Hop
 from extproc.translate.response import ResponseTranslator
 
 if TYPE_CHECKING:
-    from extproc.core.decision import Decider
+    from extproc.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
 _SETTLE_MEMORY_S = 900.0  # outlives any sealed settlement (call timeout plus grace)
@@ -111,14 +111,14 @@ class Settlement:
     API than the caller (a cross-provider fallback) it translates the response on the way.
     """
 
-    def __init__(self, info: SettleInfo, decider: Decider, strip: bool) -> None:
-        self._decider = decider
-        self._metrics = decider.metrics
+    def __init__(self, info: SettleInfo, runtime: Runtime, strip: bool) -> None:
+        self._runtime = runtime
+        self._metrics = runtime.metrics
         self._first_byte_at: float | None = None
         self.info = info
-        self._policy = decider.policy()
-        self._quota = decider.quota
-        self._cache = decider.cache
+        self._policy = runtime.policy()
+        self._quota = runtime.quota
+        self._cache = runtime.cache
         self._strip = strip
         self._status = 0
         self._content_type = ""
@@ -172,11 +172,11 @@ class Settlement:
         """Settle once: real usage if the provider reported it, else an estimate; nothing for errors."""
         if self.settled is not None:
             return self.settled
-        if not await self._decider.inflight.first_use("settle:" + self.info.nonce, _SETTLE_MEMORY_S):
+        if not await self._runtime.inflight.first_use("settle:" + self.info.nonce, _SETTLE_MEMORY_S):
             # The same sealed settlement twice: a replay. Nothing is charged, released, cached or recorded.
             log.warning("refused a replayed settlement of %s/%s (call %s)", self.info.namespace, self.info.service,
                         self.info.nonce)
-            self._decider.metrics.tokens_refused.labels("settlement").inc()
+            self._runtime.metrics.tokens_refused.labels("settlement").inc()
             self.settled = Usage(0, 0, reported=False)
             return self.settled
         tracker = self._tracker
@@ -192,7 +192,7 @@ class Settlement:
         # A job's failed attempt keeps its reservation: the worker retries, and one attempt settles it.
         retried = bool(self.info.job_id) and (self.failed or not complete)
         # Whoever closes the call releases what it holds; False: the backstop already released it.
-        owned = await self._decider.inflight.close(self.info.call_id) if self.info.call_id else True
+        owned = await self._runtime.inflight.close(self.info.call_id) if self.info.call_id else True
         if self.info.reservation is not None and not retried and owned:
             try:
                 await self._quota.settle(self.info.reservation,
@@ -201,13 +201,13 @@ class Settlement:
                 log.exception("settlement failed")
         await self._resilience(complete, owned)
         self._observe(usage, cost)
-        cacheable = self._status == 200 and self.info.cache_key and not self._untranslatable
-        if complete and self._body is not None and cacheable:
+        key = self.info.cache_key
+        if complete and self._body is not None and self._status == 200 and key and not self._untranslatable:
             # Only whole successful answers: never an error, never a cut stream (no end of stream).
             entry = CacheEntry(self._status, self._content_type, bytes(self._body), usage.input_tokens,
                                usage.output_tokens, time.time())
-            await self._cache.put(self.info.cache_key, entry, self.info.cache_ttl_s)
-        self._decider.record(self._record(usage, cost, complete))
+            await self._cache.put(key, entry, self.info.cache_ttl_s)
+        self._runtime.record(self._record(usage, cost, complete))
         return usage
 
     @property
@@ -222,10 +222,10 @@ class Settlement:
     async def _resilience(self, complete: bool, owned: bool) -> None:
         info = self.info
         if info.call_id and owned:
-            await self._decider.bulkhead.leave((info.namespace, info.service), info.call_id)
+            await self._runtime.bulkhead.leave((info.namespace, info.service), info.call_id)
         settings = self._policy.breaker_settings(info.namespace, info.service, info.route)
         if settings is not None:
-            self._decider.breakers.record((info.namespace, info.service, info.provider, info.model), settings,
+            self._runtime.breakers.record((info.namespace, info.service, info.provider, info.model), settings,
                                           failed=self.failed or not complete)
 
     def _record(self, usage: Usage, cost_micro_usd: int, complete: bool) -> CallRecord:

@@ -173,7 +173,8 @@ def _provider_route(spec: SidecarSpec, upstream: Upstream) -> dict[str, Any]:
     return route
 
 
-def _listener(spec: SidecarSpec) -> dict[str, Any]:
+def _virtual_hosts(spec: SidecarSpec) -> list[dict[str, Any]]:
+    """One per provider authority, routed as Istio routes it; then a 404 for any other host."""
     virtual_hosts = [
         {
             "name": upstream.vhost_name,
@@ -184,7 +185,7 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
         }
         for upstream in _unique(spec)
     ]
-    virtual_hosts.append({
+    return [*virtual_hosts, {
         "name": "no_ai_route",
         "domains": ["*"],
         "routes": [{
@@ -195,7 +196,10 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
                  "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
             ],
         }],
-    })
+    }]
+
+
+def _listener(spec: SidecarSpec) -> dict[str, Any]:
     hcm: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                  "HttpConnectionManager",
@@ -203,7 +207,7 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
         "local_reply_config": local_reply_config(),
         "route_config": {
             "name": "outbound_ai",
-            "virtual_hosts": virtual_hosts,
+            "virtual_hosts": _virtual_hosts(spec),
             "response_headers_to_add": response_headers_to_add(),
             "request_headers_to_remove": list(INTERNAL_REQUEST_HEADERS),
         },
@@ -221,24 +225,7 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
         ],
     }
     if spec.access_log:
-        hcm["access_log"] = [{
-            "name": "envoy.access_loggers.stdout",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                "log_format": {"json_format": {
-                    "start": "%START_TIME%",
-                    "method": "%REQ(:METHOD)%",
-                    "authority": "%REQ(:AUTHORITY)%",
-                    "path": "%REQ(:PATH)%",
-                    "status": "%RESPONSE_CODE%",
-                    "details": "%RESPONSE_CODE_DETAILS%",
-                    "cluster": "%UPSTREAM_CLUSTER%",
-                    "duration_ms": "%DURATION%",
-                    "request_id": "%REQ(X-REQUEST-ID)%",
-                    "ai": "%DYNAMIC_METADATA(ai.extproc)%",
-                }},
-            },
-        }]
+        hcm["access_log"] = [_stdout_access_log()]
     return {
         "name": "outbound_ai",
         "address": _address("127.0.0.1", spec.listen_port),
@@ -246,6 +233,28 @@ def _listener(spec: SidecarSpec) -> dict[str, Any]:
         "traffic_direction": "OUTBOUND",
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                         "typed_config": hcm}]}],
+    }
+
+
+def _stdout_access_log() -> dict[str, Any]:
+    """One JSON line per request on Envoy's stdout, with the processor's decision (its dynamic metadata)."""
+    return {
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": {"json_format": {
+                "start": "%START_TIME%",
+                "method": "%REQ(:METHOD)%",
+                "authority": "%REQ(:AUTHORITY)%",
+                "path": "%REQ(:PATH)%",
+                "status": "%RESPONSE_CODE%",
+                "details": "%RESPONSE_CODE_DETAILS%",
+                "cluster": "%UPSTREAM_CLUSTER%",
+                "duration_ms": "%DURATION%",
+                "request_id": "%REQ(X-REQUEST-ID)%",
+                "ai": "%DYNAMIC_METADATA(ai.extproc)%",
+            }},
+        },
     }
 
 

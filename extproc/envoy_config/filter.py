@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.core import fallback
-from extproc.core.decision import METADATA_NAMESPACE, USAGE_HEADER, USAGE_OBSERVE, USAGE_STRIP, USAGE_TRANSLATE
 from extproc.core.identity import REQUEST_ATTRIBUTES
+from extproc.core.wire import (
+    FALLBACK_HEADER,
+    FALLBACK_STATE_KEY,
+    METADATA_NAMESPACE,
+    USAGE_HEADER,
+    USAGE_OBSERVE,
+    USAGE_STRIP,
+    USAGE_TRANSLATE,
+)
 from extproc.envoy_config.versions import CONTENT_LENGTH_AFTER_REWRITE, STANDALONE_ENVOY, EnvoyVersion
 
 FILTER_NAME = "envoy.filters.http.ext_proc"
@@ -172,7 +179,7 @@ def complete_request_filter() -> dict[str, Any]:
               "max_request_bytes": MAX_FALLBACK_REQUEST_BYTES}
     return _composite(COMPLETE_REQUEST_FILTER_NAME, {"matcher_list": {"matchers": [{
         "predicate": {"single_predicate": {
-            "input": _header_input("fallback-state", fallback.HEADER),
+            "input": _header_input("fallback-state", FALLBACK_HEADER),
             "value_match": {"safe_regex": {"google_re2": {}, "regex": ".+"}},
         }},
         "on_match": _execute("buffer", {"name": f"{COMPLETE_REQUEST_FILTER_NAME}.buffer", "typed_config": buffer}),
@@ -285,12 +292,12 @@ def failover_route_settings() -> dict[str, Any]:
                 },
             },
             # Calls without a fallback chain are never retried here: their error goes to the caller.
-            "retriable_request_headers": [{"name": fallback.HEADER, "present_match": True}],
+            "retriable_request_headers": [{"name": FALLBACK_HEADER, "present_match": True}],
         },
         "internal_redirect_policy": {
             "max_internal_redirects": MAX_INTERNAL_REDIRECTS,
             "redirect_response_codes": [307],
-            "response_headers_to_copy": [fallback.HEADER],
+            "response_headers_to_copy": [FALLBACK_HEADER],
         },
     }
 
@@ -299,7 +306,7 @@ def failover_route_settings() -> dict[str, Any]:
 INTERNAL_REQUEST_HEADERS: tuple[str, ...] = (USAGE_HEADER,)
 # The relay's fallback state is for Envoy and the processor only: never shown to a caller, even in a
 # 307 that Envoy could not follow (route_config.response_headers_to_remove).
-INTERNAL_RESPONSE_HEADERS: tuple[str, ...] = (fallback.HEADER,)
+INTERNAL_RESPONSE_HEADERS: tuple[str, ...] = (FALLBACK_HEADER,)
 
 
 def failover_protocol_options() -> dict[str, Any]:
@@ -314,13 +321,13 @@ def failover_protocol_options() -> dict[str, Any]:
     """
     strip = {"name": "ai.fallback_marker", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-        "mutations": {"request_mutations": [{"remove": fallback.HEADER}]},
+        "mutations": {"request_mutations": [{"remove": FALLBACK_HEADER}]},
     }}
     state = {"name": "ai.fallback_state", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
         "mutations": {"request_mutations": [{"append": {
-            "header": {"key": fallback.HEADER,
-                       "value": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{fallback.STATE_KEY})%"},
+            "header": {"key": FALLBACK_HEADER,
+                       "value": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{FALLBACK_STATE_KEY})%"},
             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
     }}
     first_attempt = _composite("ai.first_attempt", {"matcher_tree": {

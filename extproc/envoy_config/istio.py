@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from extproc.core.grants import GRANT_HEADER, in_mesh
+from extproc.core.grants import in_mesh
+from extproc.core.wire import GRANT_HEADER
 from extproc.envoy_config.filter import (
     EXT_PROC_TYPE,
     FILTER_NAME,
@@ -241,71 +242,11 @@ def provider_calls_only(config: dict[str, Any], hosts: Iterable[ProviderHost]) -
 
 def envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
     hosts = _hosts(spec)
-    patches: list[dict[str, Any]] = []
-    for port in sorted({h.port for h in hosts}):
-        listener_match = {"portNumber": port, "filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}
-        for http_filter in processor_filters(spec):
-            # Disabled in the chain, enabled per provider vhost below: nothing else pays for it.
-            patches.append({
-                "applyTo": "HTTP_FILTER",
-                "match": {"context": "SIDECAR_OUTBOUND", "listener": copy.deepcopy(listener_match)},
-                "patch": {"operation": "INSERT_BEFORE", "value": {**http_filter, "disabled": True}},
-            })
-        # Envoy's own errors (provider or processor unreachable, timeouts) in the caller's API format.
-        # The setting is HCM-wide, so it is narrowed to calls to provider hosts: other services on
-        # this port keep Envoy's usual replies.
-        patches.append({
-            "applyTo": "NETWORK_FILTER",
-            "match": {"context": "SIDECAR_OUTBOUND", "listener": {"portNumber": port, "filterChain": {
-                "filter": {"name": HCM}}}},
-            "patch": {"operation": "MERGE", "value": {"name": HCM, "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-                         "HttpConnectionManager",
-                "local_reply_config": provider_calls_only(local_reply_config(), hosts),
-            }}}},
-        )
-    # HTTP/2 pings on the connection to the processor: a frozen replica is left within seconds, even
-    # mid-stream (Istio sets http2_protocol_options on a gRPC port's cluster; this adds the pings).
-    patches.append({
-        "applyTo": "CLUSTER",
-        "match": {"context": "SIDECAR_OUTBOUND", "cluster": {"service": spec.processor_host,
-                                                              "portNumber": spec.processor_port}},
-        "patch": {"operation": "MERGE", "value": {"typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": processor_http2_options()},
-            }}}},
-    })
-    for host in hosts:
-        # Fallback: the provider's route targets [provider, relay], retrying a failed attempt of a
-        # call with a fallback chain to the relay and following its redirect (docs/design/fallback.md).
-        # In gateway mode "provider" is the egress gateway's cluster for that host.
-        provider_cluster = route_target(spec, host)
-        patches.append({
-            "applyTo": "CLUSTER",
-            "match": {"context": "SIDECAR_OUTBOUND"},
-            "patch": {"operation": "ADD", "value": failover_cluster(provider_cluster, spec.relay_cluster)},
-        })
-        patches.append({
-            "applyTo": "HTTP_ROUTE",
-            "match": {"context": "SIDECAR_OUTBOUND", "routeConfiguration": {
-                "portNumber": host.port, "vhost": {"name": host.vhost, "route": {"action": "ROUTE"}}}},
-            "patch": {"operation": "MERGE", "value": {"route": {
-                "cluster": failover_cluster_name(provider_cluster), **failover_route_settings()}}},
-        })
-        vhost: dict[str, Any] = {
-            "typed_per_filter_config": {f["name"]: {"@type": FILTER_CONFIG, "config": {}}
-                                        for f in processor_filters(spec)},
-            "response_headers_to_add": response_headers_to_add(),
-            "request_headers_to_remove": list(INTERNAL_REQUEST_HEADERS),
-            **provider_vhost_settings(),
-        }
-        patches.append({
-            "applyTo": "VIRTUAL_HOST",
-            "match": {"context": "SIDECAR_OUTBOUND", "routeConfiguration": {
-                "portNumber": host.port, "vhost": {"name": host.vhost}}},
-            "patch": {"operation": "MERGE", "value": vhost},
-        })
+    patches = [
+        *(patch for port in sorted({h.port for h in hosts}) for patch in _listener_patches(spec, port, hosts)),
+        _processor_pings_patch(spec),
+        *(patch for host in hosts for patch in _provider_host_patches(spec, host)),
+    ]
     envoy_filter_spec: dict[str, Any] = {"configPatches": patches}
     if spec.selector:
         envoy_filter_spec = {"workloadSelector": {"labels": dict(spec.selector)}, **envoy_filter_spec}
@@ -315,6 +256,84 @@ def envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:
         "metadata": {"name": spec.name, "namespace": spec.filter_namespace, "labels": dict(spec.labels)},
         "spec": envoy_filter_spec,
     }
+
+
+def _listener_patches(spec: IstioSpec, port: int, hosts: list[ProviderHost]) -> list[dict[str, Any]]:
+    """On the outbound listener of a port providers are called on: our filters, and our error replies."""
+    listener_match = {"portNumber": port, "filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}
+    patches = [
+        # Disabled in the chain, enabled per provider vhost (_provider_host_patches): nothing else pays for it.
+        {
+            "applyTo": "HTTP_FILTER",
+            "match": {"context": "SIDECAR_OUTBOUND", "listener": copy.deepcopy(listener_match)},
+            "patch": {"operation": "INSERT_BEFORE", "value": {**http_filter, "disabled": True}},
+        }
+        for http_filter in processor_filters(spec)
+    ]
+    # Envoy's own errors (provider or processor unreachable, timeouts) in the caller's API format.
+    # The setting is HCM-wide, so it is narrowed to calls to provider hosts: other services on
+    # this port keep Envoy's usual replies.
+    patches.append({
+        "applyTo": "NETWORK_FILTER",
+        "match": {"context": "SIDECAR_OUTBOUND", "listener": {"portNumber": port, "filterChain": {
+            "filter": {"name": HCM}}}},
+        "patch": {"operation": "MERGE", "value": {"name": HCM, "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                     "HttpConnectionManager",
+            "local_reply_config": provider_calls_only(local_reply_config(), hosts),
+        }}}},
+    )
+    return patches
+
+
+def _processor_pings_patch(spec: IstioSpec) -> dict[str, Any]:
+    """HTTP/2 pings on the connection to the processor: a frozen replica is left within seconds, even
+    mid-stream (Istio sets http2_protocol_options on a gRPC port's cluster; this adds the pings)."""
+    return {
+        "applyTo": "CLUSTER",
+        "match": {"context": "SIDECAR_OUTBOUND", "cluster": {"service": spec.processor_host,
+                                                              "portNumber": spec.processor_port}},
+        "patch": {"operation": "MERGE", "value": {"typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": processor_http2_options()},
+            }}}},
+    }
+
+
+def _provider_host_patches(spec: IstioSpec, host: ProviderHost) -> list[dict[str, Any]]:
+    """A provider host's failover cluster, its route through it, and its vhost with our filters enabled."""
+    # Fallback: the provider's route targets [provider, relay], retrying a failed attempt of a
+    # call with a fallback chain to the relay and following its redirect (docs/design/fallback.md).
+    # In gateway mode "provider" is the egress gateway's cluster for that host.
+    provider_cluster = route_target(spec, host)
+    vhost: dict[str, Any] = {
+        "typed_per_filter_config": {f["name"]: {"@type": FILTER_CONFIG, "config": {}}
+                                    for f in processor_filters(spec)},
+        "response_headers_to_add": response_headers_to_add(),
+        "request_headers_to_remove": list(INTERNAL_REQUEST_HEADERS),
+        **provider_vhost_settings(),
+    }
+    return [
+        {
+            "applyTo": "CLUSTER",
+            "match": {"context": "SIDECAR_OUTBOUND"},
+            "patch": {"operation": "ADD", "value": failover_cluster(provider_cluster, spec.relay_cluster)},
+        },
+        {
+            "applyTo": "HTTP_ROUTE",
+            "match": {"context": "SIDECAR_OUTBOUND", "routeConfiguration": {
+                "portNumber": host.port, "vhost": {"name": host.vhost, "route": {"action": "ROUTE"}}}},
+            "patch": {"operation": "MERGE", "value": {"route": {
+                "cluster": failover_cluster_name(provider_cluster), **failover_route_settings()}}},
+        },
+        {
+            "applyTo": "VIRTUAL_HOST",
+            "match": {"context": "SIDECAR_OUTBOUND", "routeConfiguration": {
+                "portNumber": host.port, "vhost": {"name": host.vhost}}},
+            "patch": {"operation": "MERGE", "value": vhost},
+        },
+    ]
 
 
 FAIL_OPEN_LABEL = ("ai.extproc.io/on-processor-failure", "open")
@@ -407,104 +426,129 @@ def egress_gateway_objects(spec: IstioSpec) -> list[dict[str, Any]]:
     hosts = external_hosts(spec)
     if not spec.at_gateway or not hosts:
         return []
-    namespace, name = spec.gateway_namespace, spec.gateway_name
-    selector = {"istio": name}
-    gateway_ref = f"{namespace}/{name}"
-
-    def meta(object_name: str, **labels: str) -> dict[str, Any]:
-        return {"name": object_name, "namespace": namespace, "labels": {**spec.labels, **labels}}
-
-    objects: list[dict[str, Any]] = [
+    return [
         # Its mTLS identity is what the processor's credential port admits; it is bound to nothing.
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(name), "automountServiceAccountToken": False},
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": meta(name, app=name, **selector),
-            "spec": {
-                "replicas": 2,
-                "selector": {"matchLabels": dict(selector)},
-                "template": {
-                    "metadata": {
-                        # Istio's gateway injection: the proxy is the pod's only container.
-                        "annotations": {"inject.istio.io/templates": "gateway"},
-                        "labels": {"app": name, **selector, "sidecar.istio.io/inject": "true"},
-                    },
-                    "spec": {
-                        "serviceAccountName": name,
-                        # Bind port 80 as non-root (Istio's manual gateway deployment does the same).
-                        "securityContext": {"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start",
-                                                         "value": "0"}]},
-                        "containers": [{
-                            "name": "istio-proxy",
-                            "image": "auto",  # filled in by the injector, updated with the control plane
-                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                                                "runAsNonRoot": True, "runAsUser": 1337, "runAsGroup": 1337},
-                        }],
-                    },
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _gateway_meta(spec, spec.gateway_name),
+         "automountServiceAccountToken": False},
+        _gateway_deployment(spec),
+        _gateway_service(spec),
+        _gateway_object(spec, hosts),
+        _gateway_destination_rule(spec, hosts),
+        *(_gateway_virtual_service(spec, host, subset) for host, subset in hosts.items()),
+        gateway_envoy_filter_object(spec),
+    ]
+
+
+def _gateway_meta(spec: IstioSpec, object_name: str, **labels: str) -> dict[str, Any]:
+    return {"name": object_name, "namespace": spec.gateway_namespace, "labels": {**spec.labels, **labels}}
+
+
+def _gateway_selector(spec: IstioSpec) -> dict[str, str]:
+    return {"istio": spec.gateway_name}
+
+
+def _gateway_deployment(spec: IstioSpec) -> dict[str, Any]:
+    name, selector = spec.gateway_name, _gateway_selector(spec)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _gateway_meta(spec, name, app=name, **selector),
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": dict(selector)},
+            "template": {
+                "metadata": {
+                    # Istio's gateway injection: the proxy is the pod's only container.
+                    "annotations": {"inject.istio.io/templates": "gateway"},
+                    "labels": {"app": name, **selector, "sidecar.istio.io/inject": "true"},
+                },
+                "spec": {
+                    "serviceAccountName": name,
+                    # Bind port 80 as non-root (Istio's manual gateway deployment does the same).
+                    "securityContext": {"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start",
+                                                     "value": "0"}]},
+                    "containers": [{
+                        "name": "istio-proxy",
+                        "image": "auto",  # filled in by the injector, updated with the control plane
+                        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                            "runAsNonRoot": True, "runAsUser": 1337, "runAsGroup": 1337},
+                    }],
                 },
             },
         },
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": meta(name, app=name, **selector),
-            "spec": {"type": "ClusterIP", "selector": dict(selector),
-                     "ports": [{"name": "http", "port": GATEWAY_PORT, "protocol": "TCP"}]},
+    }
+
+
+def _gateway_service(spec: IstioSpec) -> dict[str, Any]:
+    name, selector = spec.gateway_name, _gateway_selector(spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _gateway_meta(spec, name, app=name, **selector),
+        "spec": {"type": "ClusterIP", "selector": dict(selector),
+                 "ports": [{"name": "http", "port": GATEWAY_PORT, "protocol": "TCP"}]},
+    }
+
+
+def _gateway_object(spec: IstioSpec, hosts: dict[ProviderHost, str]) -> dict[str, Any]:
+    """The Istio Gateway: the gateway pods' server for the provider hosts."""
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Gateway",
+        "metadata": _gateway_meta(spec, spec.gateway_name),
+        "spec": {
+            "selector": _gateway_selector(spec),
+            "servers": [{
+                # HTTP inside Istio mTLS: the gateway sees each caller's sidecar certificate, which
+                # the credential port checks against the grant. Only VirtualServices in this
+                # namespace may bind routes to it.
+                "port": {"number": GATEWAY_PORT, "name": "https-providers", "protocol": "HTTPS"},
+                "hosts": [f"{spec.gateway_namespace}/{host.host}" for host in hosts],
+                "tls": {"mode": "ISTIO_MUTUAL"},
+            }],
         },
-        {
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "Gateway",
-            "metadata": meta(name),
-            "spec": {
-                "selector": dict(selector),
-                "servers": [{
-                    # HTTP inside Istio mTLS: the gateway sees each caller's sidecar certificate, which
-                    # the credential port checks against the grant. Only VirtualServices in this
-                    # namespace may bind routes to it.
-                    "port": {"number": GATEWAY_PORT, "name": "https-providers", "protocol": "HTTPS"},
-                    "hosts": [f"{namespace}/{host.host}" for host in hosts],
-                    "tls": {"mode": "ISTIO_MUTUAL"},
-                }],
-            },
+    }
+
+
+def _gateway_destination_rule(spec: IstioSpec, hosts: dict[ProviderHost, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": _gateway_meta(spec, spec.gateway_name),
+        "spec": {
+            "host": spec.gateway_host,
+            "exportTo": ["*"],
+            "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}},
+            # One subset per provider host: its SNI selects the gateway server's filter chain.
+            "subsets": [{"name": subset, "trafficPolicy": {"portLevelSettings": [
+                {"port": {"number": GATEWAY_PORT}, "tls": {"mode": "ISTIO_MUTUAL", "sni": host.host}}]}}
+                for host, subset in hosts.items()],
         },
-        {
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "DestinationRule",
-            "metadata": meta(name),
-            "spec": {
-                "host": spec.gateway_host,
-                "exportTo": ["*"],
-                "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}},
-                # One subset per provider host: its SNI selects the gateway server's filter chain.
-                "subsets": [{"name": subset, "trafficPolicy": {"portLevelSettings": [
-                    {"port": {"number": GATEWAY_PORT}, "tls": {"mode": "ISTIO_MUTUAL", "sni": host.host}}]}}
-                    for host, subset in hosts.items()],
-            },
+    }
+
+
+def _gateway_virtual_service(spec: IstioSpec, host: ProviderHost, subset: str) -> dict[str, Any]:
+    """A provider host's calls: from the mesh to the gateway's subset, from the gateway to the provider."""
+    gateway_ref = f"{spec.gateway_namespace}/{spec.gateway_name}"
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": _gateway_meta(spec, subset),
+        "spec": {
+            "hosts": [host.host],
+            "exportTo": ["*"],
+            "gateways": ["mesh", gateway_ref],
+            "http": [
+                {"name": "to-egress-gateway", "match": [{"gateways": ["mesh"], "port": host.port}],
+                 "route": [{"destination": {"host": spec.gateway_host, "subset": subset,
+                                            "port": {"number": GATEWAY_PORT}}}]},
+                {"name": "to-provider", "match": [{"gateways": [gateway_ref], "port": GATEWAY_PORT}],
+                 # The grant is for the credential port only: never sent on to the provider.
+                 "headers": {"request": {"remove": [GRANT_HEADER]}},
+                 "route": [{"destination": {"host": host.host, "port": {"number": host.port}}}]},
+            ],
         },
-    ]
-    for host, subset in hosts.items():
-        objects.append({
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "VirtualService",
-            "metadata": meta(subset),
-            "spec": {
-                "hosts": [host.host],
-                "exportTo": ["*"],
-                "gateways": ["mesh", gateway_ref],
-                "http": [
-                    {"name": "to-egress-gateway", "match": [{"gateways": ["mesh"], "port": host.port}],
-                     "route": [{"destination": {"host": spec.gateway_host, "subset": subset,
-                                                "port": {"number": GATEWAY_PORT}}}]},
-                    {"name": "to-provider", "match": [{"gateways": [gateway_ref], "port": GATEWAY_PORT}],
-                     # The grant is for the credential port only: never sent on to the provider.
-                     "headers": {"request": {"remove": [GRANT_HEADER]}},
-                     "route": [{"destination": {"host": host.host, "port": {"number": host.port}}}]},
-                ],
-            },
-        })
-    objects.append(gateway_envoy_filter_object(spec))
-    return objects
+    }
 
 
 def gateway_envoy_filter_object(spec: IstioSpec) -> dict[str, Any]:

@@ -296,7 +296,10 @@ def check_sidecars(sidecars: Sequence[Mapping[str, Any]], needs: Sequence[Egress
     notes = [f"{namespace} has {len(names)} Sidecars without workloadSelector ({', '.join(names)}): Istio's "
              f"choice between them is undefined; keep one" for namespace, names in namespace_wide.items()
              if len(names) > 1]
-    relying = [ns for ns in dict.fromkeys(namespaces) if ns not in namespace_wide]
+    relying: list[str] = [ns for ns in dict.fromkeys(namespaces) if ns not in namespace_wide]
+    # The root namespace's default Sidecar is checked for each namespace relying on it, or for None:
+    # "namespaces without a Sidecar of their own", whose names are not known.
+    clients: list[str | None] = [*relying] or [None]
     verdicts: list[Verdict] = []
     for sidecar in sidecars:
         namespace, name = _metadata(sidecar)
@@ -312,7 +315,7 @@ def check_sidecars(sidecars: Sequence[Mapping[str, Any]], needs: Sequence[Egress
             verdict = check_sidecar(sidecar, needs, namespace, f"selector {labels}")
             verdicts.append(_with_note(verdict, f"the pods it selects in {namespace} use it instead of {instead}"))
         elif namespace == root_namespace:
-            for client in relying or [None]:
+            for client in clients:
                 governs = (f"mesh default, for {client}" if client is not None
                            else "mesh default: namespaces without a Sidecar of their own")
                 verdicts.append(check_sidecar(sidecar, needs, client, governs))

@@ -202,9 +202,11 @@ class NatsEventSink(CountedSink):
             try:
                 # max_reconnect_attempts=-1: nats-py retries the first connection, and every later
                 # one, forever, waiting reconnect_time_wait between attempts; events queue meanwhile.
+                # nats-py annotates both times as int but only hands them to asyncio (wait_for, sleep).
                 await self._nc.connect(
                     self.url, name="ai-extproc-usage-events", allow_reconnect=True, max_reconnect_attempts=-1,
-                    connect_timeout=self.connect_timeout_s, reconnect_time_wait=self.reconnect_wait_s,
+                    connect_timeout=self.connect_timeout_s,  # type: ignore[arg-type]
+                    reconnect_time_wait=self.reconnect_wait_s,  # type: ignore[arg-type]
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected, closed_cb=self._on_disconnected)
                 break
@@ -321,7 +323,7 @@ class NatsEventSink(CountedSink):
         if not self._outage_logged:
             self._outage_logged = True
             log.warning("usage events: NATS at %s unavailable (%s); events are queued until it is back",
-                        self.url, exc or type(exc).__name__)
+                        self.url, str(exc) or type(exc).__name__)
         else:
             log.debug("usage events: NATS error: %r", exc)
 

@@ -200,11 +200,13 @@ def tail_file(path: Path, options: TailOptions, out: TextIO, *, poll_s: float = 
 
 def _event_time(event: UsageEvent) -> float | None:
     """When the call ended (else started), epoch seconds; None when the event has neither."""
-    for name in ("ended_at", "started_at"):
-        if event.HasField(name):
-            stamp = getattr(event, name)
-            return float(stamp.seconds) + stamp.nanos / 1e9
-    return None
+    if event.HasField("ended_at"):
+        stamp = event.ended_at
+    elif event.HasField("started_at"):
+        stamp = event.started_at
+    else:
+        return None
+    return float(stamp.seconds) + stamp.nanos / 1e9
 
 
 def _rotated(path: Path, identity: int, position: int) -> bool:

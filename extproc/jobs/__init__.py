@@ -13,17 +13,15 @@ _EXPORTS = {
     "JobLimits": "config", "JobNames": "config", "subject_token": "config",
     "JobError": "errors", "JobTooLarge": "errors", "NotRetriable": "errors", "QueueFull": "errors",
     "StoreUnavailable": "errors", "UnknownJob": "errors",
-    "JOB_HEADER": "executor", "HttpExecutor": "executor", "PermanentError": "executor", "RetriableError": "executor",
+    "HttpExecutor": "executor", "PermanentError": "executor", "RetriableError": "executor",
     "job_token": "executor",
     "JobMetrics": "metrics",
     "Job": "model", "JobResult": "model", "JobState": "model", "JobView": "model", "is_retriable_status": "model",
     "replay_headers": "model",
-    "JOBS_PATH": "store", "JobStore": "store", "Submitted": "store",
+    "JobStore": "store", "Submitted": "store",
     "Backoff": "worker", "Worker": "worker",
 }
 __all__ = [
-    "JOBS_PATH",
-    "JOB_HEADER",
     "Backoff",
     "HttpExecutor",
     "Job",
@@ -53,10 +51,10 @@ __all__ = [
 if TYPE_CHECKING:
     from extproc.jobs.config import JobLimits, JobNames, subject_token
     from extproc.jobs.errors import JobError, JobTooLarge, NotRetriable, QueueFull, StoreUnavailable, UnknownJob
-    from extproc.jobs.executor import JOB_HEADER, HttpExecutor, PermanentError, RetriableError, job_token
+    from extproc.jobs.executor import HttpExecutor, PermanentError, RetriableError, job_token
     from extproc.jobs.metrics import JobMetrics
     from extproc.jobs.model import Job, JobResult, JobState, JobView, is_retriable_status, replay_headers
-    from extproc.jobs.store import JOBS_PATH, JobStore, Submitted
+    from extproc.jobs.store import JobStore, Submitted
     from extproc.jobs.worker import Backoff, Worker
 
 

@@ -13,10 +13,11 @@ from collections.abc import Callable
 import aiohttp
 from multidict import CIMultiDict  # aiohttp's own header type: a repeated header stays repeated
 
+from extproc.core.async_calls import JobClaim
 from extproc.core.tokens import Signer
+from extproc.core.wire import JOB_HEADER
 from extproc.jobs.model import Job, JobResult, is_retriable_status
 
-JOB_HEADER = "x-ai-job"
 _TOKEN_SLACK_S = 60.0  # the token must outlive the call, including fallback hops that re-verify it
 _ERROR_PREVIEW = 300
 
@@ -31,7 +32,8 @@ class PermanentError(Exception):
 
 
 def job_token(signer: Signer, job: Job, ttl_s: float) -> str:
-    return signer.sign({"job": job.job_id, "svc": job.service, "ns": job.namespace, "r": job.reservation}, ttl_s)
+    """The ``x-ai-job`` token the decision verifies (one codec: async_calls.JobClaim)."""
+    return JobClaim(job.job_id, job.service, job.namespace, job.reservation).encode(signer, ttl_s)
 
 
 class HttpExecutor:

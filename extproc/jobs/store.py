@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import contextlib
 import logging
 import math
@@ -48,6 +49,7 @@ from nats.js.kv import KeyValue
 
 from extproc.core.apis import Api, ApiError, ErrorKind
 from extproc.core.outage import Outage
+from extproc.core.wire import JOBS_PATH
 from extproc.jobs.config import JobLimits, JobNames
 from extproc.jobs.errors import JobError, JobTooLarge, NotRetriable, QueueFull, StoreUnavailable, UnknownJob
 from extproc.jobs.metrics import RESUBMITTED, SUBMITTED, JobMetrics
@@ -55,7 +57,6 @@ from extproc.jobs.model import JOB_ID_RE, Job, JobResult, JobState, JobView, Sta
 
 log = logging.getLogger(__name__)
 
-JOBS_PATH = "/v1/ai-jobs/"  # where the processor answers polls: GET /v1/ai-jobs/<job id>
 _STREAM_EXISTS = 10058  # JSStreamNameExistErr: exists with another configuration
 _HEADER_ROOM = 16 * 1024  # NATS headers and JSON framing around a base64 body
 _FINAL = (JobState.DONE, JobState.DEAD)
@@ -400,7 +401,7 @@ class JobStore:
         views.sort(key=lambda v: v.submitted_at, reverse=True)
         return views[:limit]
 
-    async def _status_records(self) -> list[tuple[str, StatusRecord]]:
+    async def _status_records(self) -> builtins.list[tuple[str, StatusRecord]]:  # `list` here is the method above
         """Every current status entry.
 
         Not nats-py's KV watcher: it can signal "no more entries" before delivering the first one
@@ -558,7 +559,9 @@ class JobStore:
         headers = {api.Header.MSG_ID: job_id, "Ai-Job-Id": job_id, "Ai-Job-Status": str(doc.get("s", "")),
                    "Content-Type": "application/json"}
         await self._nc_checked.publish(subject, orjson.dumps(result_event(doc)), headers=headers)
-        await self._nc_checked.flush(timeout=self._timeout)  # on the wire before the worker acks the job
+        # On the wire before the worker acks the job. (nats-py annotates the timeout as int; it is only
+        # handed to asyncio.wait_for.)
+        await self._nc_checked.flush(timeout=self._timeout)  # type: ignore[arg-type]
 
     async def dead_letter(self, job: Job, error: str) -> bool:
         """Give up on a job: its message to the dead-letter stream, its state to dead. False if it already
@@ -643,7 +646,7 @@ def _view(job_id: str, status: StatusRecord) -> JobView:
 
 
 async def _log_nats_error(exc: Exception) -> None:
-    log.warning("NATS: %s", exc or type(exc).__name__)  # nats-py's default logs a traceback per reconnect try
+    log.warning("NATS: %s", str(exc) or type(exc).__name__)  # nats-py's default logs a traceback per reconnect try
 
 
 def _header_text(text: str, limit: int = 1024) -> str:

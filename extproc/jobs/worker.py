@@ -38,7 +38,7 @@ class Backoff:
 
     def delay(self, failures: int, rand: Callable[[], float] = random.random) -> float:
         """Exponential, capped, with jitter in [d/2, d] so a burst of failures does not retry in lockstep."""
-        ceiling = min(self.max_s, self.base_s * 2 ** max(0, failures - 1))
+        ceiling = min(self.max_s, self.base_s * 2.0 ** max(0, failures - 1))
         return ceiling / 2 + rand() * ceiling / 2
 
 

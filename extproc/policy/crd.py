@@ -67,7 +67,8 @@ class _Generator(GenerateJsonSchema):
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The structural OpenAPI v3 schema of ``model``'s input (what a policy file may say)."""
     raw = model.model_json_schema(mode="validation", schema_generator=_Generator)
-    return structural(raw, raw.get("$defs", {}))
+    schema: dict[str, Any] = structural(raw, raw.get("$defs", {}))  # an object schema stays an object
+    return schema
 
 
 def structural(node: Any, defs: Mapping[str, Any]) -> Any:

@@ -65,7 +65,10 @@ class Document:
         It is dumped and re-read so that problems are located exactly as for files.
         """
         text = yaml.safe_dump(data, sort_keys=False)
-        return cls(label, 0, yaml.compose(text, Loader=yaml.SafeLoader), data)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None:  # safe_dump writes one document whatever the data, even None ("null")
+            raise ValueError(f"{label}: nothing to compose")
+        return cls(label, 0, node, data)
 
     @property
     def label(self) -> str:
@@ -138,9 +141,9 @@ class PolicyLoader(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep",
-                                                  self.peek_event().start_mark)
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]  # unannotated in types-PyYAML
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", mark)
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
@@ -197,7 +200,9 @@ def _compose(name: str, text: str) -> list[yaml.Node] | Problem:
         loader = PolicyLoader(text)
         try:
             while loader.check_node():
-                nodes.append(loader.get_node())
+                node = loader.get_node()  # not None after check_node
+                if node is not None:
+                    nodes.append(node)
         finally:
             loader.dispose()
     except yaml.reader.ReaderError as exc:  # an unprintable character, e.g. NUL: has a position, no mark
@@ -440,7 +445,7 @@ def _cross_check(
         names = ", ".join(sorted(known)) or "none defined"
         for i, allowed in enumerate(policy.ai_proxy.allow_paths):
             if allowed.provider not in known:
-                loc = ("ai_proxy", "allow_paths", i, "provider")
+                loc: tuple[str | int, ...] = ("ai_proxy", "allow_paths", i, "provider")
                 yield Problem(doc.label, _line(doc.node, loc), _dotted(loc),
                               f"unknown provider {allowed.provider!r} (known: {names})")
         for name in policy.ai_proxy.provider_limits:

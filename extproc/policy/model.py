@@ -264,7 +264,7 @@ class ModelRoute(_Frozen):
     @classmethod
     def _sane_timeout(cls, value: object, handler: ValidatorFunctionWrapHandler) -> int | None:
         # Wraps the parsing so the message can depend on how the value was written (2000 vs 20m).
-        ms = handler(value)
+        ms: int | None = handler(value)  # the fields' own type
         if ms is not None and not 0 < ms <= _MAX_TIMEOUT_MS:
             raise ValueError(duration_range_error(value, ms, _MAX_TIMEOUT_MS, _MAX_TIMEOUT_TEXT))
         return ms

@@ -11,9 +11,9 @@ def window(period_seconds: int, now: float) -> tuple[int, int]:
     """[start, end) in epoch seconds of the window containing ``now``."""
     if period_seconds == MONTH:
         moment = datetime.fromtimestamp(now, UTC)
-        start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
-        end = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
-        return int(start.timestamp()), int(end.timestamp())
+        first = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+        following = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
+        return int(first.timestamp()), int(following.timestamp())
     start = int(now) - int(now) % period_seconds
     return start, start + period_seconds
 

@@ -19,7 +19,8 @@ from extproc.core.bulkhead import LocalBulkhead, SharedBulkhead
 from extproc.core.credentials import CredentialStore
 from extproc.core.decision import Decider
 from extproc.core.inflight import InFlightStore, MemoryInFlight, RedisInFlight
-from extproc.events.sinks import build_event_sinks
+from extproc.core.runtime import Runtime
+from extproc.events.sinks import EventSink, build_event_sinks
 from extproc.quota.engine import QuotaEngine
 from extproc.server.admin import AdminServer, MetricsServer
 from extproc.server.credentials import CredentialProcessor
@@ -27,12 +28,12 @@ from extproc.server.policy_store import PolicyStore
 from extproc.server.processor import AsyncExternalProcessor
 from extproc.server.relay import RelayServer
 from extproc.telemetry.metrics import Metrics
-from extproc.telemetry.telemetry import TelemetryOptions, build_telemetry
+from extproc.telemetry.telemetry import Telemetry, TelemetryOptions, build_telemetry
 
 if TYPE_CHECKING:
     from extproc.jobs.store import JobStore
     from extproc.policy.model import MeshSettings
-    from extproc.server.kube_source import KubeOptions
+    from extproc.server.kube_source import KubeOptions, KubePolicySource
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,91 @@ class ServeOptions:
 
 
 async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> None:
+    parts = await _start(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, parts.store.reload)
+    if options.watch_seconds > 0:
+        parts.watcher = asyncio.create_task(parts.store.watch(options.watch_seconds), name="policy watcher")
+        parts.watcher.add_done_callback(_report_unexpected_end)
+    parts.admin.ready = True
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await _shut_down(parts, options.grace_seconds)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+
+
+@dataclass(slots=True)
+class _Serving:
+    """What ``serve`` started: ``_shut_down`` stops it."""
+
+    source: KubePolicySource | None
+    store: PolicyStore
+    quota: QuotaEngine
+    cache: ResponseCache
+    admin: AdminServer
+    metrics_server: MetricsServer
+    events: list[EventSink]
+    telemetry: Telemetry
+    jobs: JobStore | None
+    jobs_task: asyncio.Task[None] | None
+    decider: Decider
+    sweeper: asyncio.Task[None]
+    credential_server: grpc.aio.Server | None
+    relay: RelayServer
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    watcher: asyncio.Task[None] | None = None
+
+
+async def _start(options: ServeOptions) -> _Serving:
+    """Everything the processor serves with, started in order; the decision port is opened last."""
+    source, store = await _policy_store(options)
+    # The quota store is chosen at startup; a policy reload changes limits, not where counters live.
+    quota = QuotaEngine(store.current().mesh.quota)
+    cache = ResponseCache(store.current().mesh.cache)
+    metrics = Metrics()
+    admin = AdminServer(store.current, quota, cache, metrics)
+    if options.admin is not None:
+        await admin.start(*options.admin)
+    metrics_server = MetricsServer(metrics)
+    if options.metrics is not None:
+        await metrics_server.start(*options.metrics)
+    events = build_event_sinks(options.events_nats, options.events_file, metrics.registry,
+                               prefix=options.events_prefix, stream=options.events_stream)
+    for sink in events:
+        await sink.start()  # returns at once: a NATS outage never holds up serving
+    telemetry = build_telemetry(options.telemetry, extra_sinks=events)
+    jobs, jobs_task = await _job_store(options, metrics)
+    decider = _decider(options, store, quota, cache, metrics, telemetry, jobs)
+    runtime = decider.runtime
+    # The backstop for calls whose end is never seen (caller gone, response lost): their slots and
+    # reservations are given back after their deadline.
+    sweeper = asyncio.create_task(sweep_forever(runtime.inflight, quota=quota, bulkhead=runtime.bulkhead,
+                                                policy=store.current, on_swept=metrics.calls_swept.inc),
+                                  name="in-flight sweeper")
+    sweeper.add_done_callback(_report_unexpected_end)
+    credential_server = await _credential_server(options.credentials, decider.runtime)
+    relay = RelayServer(decider.runtime)
+    if options.relay is not None:
+        await relay.start(*options.relay)
+    server, health_servicer = await _decision_server(options.listen, decider)
+    policy = store.current()
+    log.info("extproc listening on %s (policy %s: %d services, %d providers)", options.listen, policy.version,
+             len(policy.services), len(policy.providers))
+    return _Serving(source, store, quota, cache, admin, metrics_server, events, telemetry, jobs, jobs_task,
+                    decider, sweeper, credential_server, relay, server, health_servicer)
+
+
+async def _policy_store(options: ServeOptions) -> tuple[KubePolicySource | None, PolicyStore]:
+    """The policy from the files and, with ``options.kubernetes``, from AIPolicy and AIProvider objects."""
     source = None
     if options.kubernetes is not None:
         from extproc.server.kube_source import KubePolicySource, api_client
@@ -85,16 +171,37 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
     store = PolicyStore(options.policy_paths, source)
     if source is not None:
         source.attach(store.reload)
-    # The quota store is chosen at startup; a policy reload changes limits, not where counters live.
-    quota = QuotaEngine(store.current().mesh.quota)
-    cache = ResponseCache(store.current().mesh.cache)
-    metrics = Metrics()
-    admin = AdminServer(store.current, quota, cache, metrics)
-    if options.admin is not None:
-        await admin.start(*options.admin)
-    metrics_server = MetricsServer(metrics)
-    if options.metrics is not None:
-        await metrics_server.start(*options.metrics)
+    return source, store
+
+
+def _decider(options: ServeOptions, store: PolicyStore, quota: QuotaEngine, cache: ResponseCache,
+             metrics: Metrics, telemetry: Telemetry, jobs: JobStore | None) -> Decider:
+    runtime = Runtime(store.current, CredentialStore(), quota, cache, metrics, telemetry=telemetry, jobs=jobs,
+                      job_workers=frozenset(options.jobs_workers), bulkhead=_bulkhead(store.current().mesh),
+                      inflight=_inflight(store.current().mesh), peer_identity=options.peer_identity)
+    if options.peer_identity:
+        log.info("callers are bound to the mTLS identity their connection carries (x-forwarded-client-cert)")
+    else:
+        log.warning("standalone mode: callers are identified by their sidecar's node metadata, not verified "
+                    "against an mTLS peer (use --peer-identity xfcc in a mesh)")
+    return Decider(runtime)
+
+
+async def _credential_server(address: tuple[str, int] | None, runtime: Runtime) -> grpc.aio.Server | None:
+    """The credential port, started; None when not asked for."""
+    if address is None:
+        return None
+    # Its own port, so that an AuthorizationPolicy can open it to the egress gateway alone.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *PING_POLICY])
+    pb_grpc.add_ExternalProcessorServicer_to_server(CredentialProcessor(runtime), server)
+    if server.add_insecure_port(f"{address[0]}:{address[1]}") == 0:
+        raise OSError(f"cannot listen on {address[0]}:{address[1]}")
+    await server.start()
+    return server
+
+
+async def _decision_server(listen: str, decider: Decider) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The ext_proc service sidecars call, with gRPC health, listening and reported SERVING."""
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),  # fail loudly if the port is taken instead of sharing it
@@ -103,92 +210,43 @@ async def serve(options: ServeOptions, ready: asyncio.Event | None = None) -> No
             *PING_POLICY,
         ]
     )
-    events = build_event_sinks(options.events_nats, options.events_file, metrics.registry,
-                               prefix=options.events_prefix, stream=options.events_stream)
-    for sink in events:
-        await sink.start()  # returns at once: a NATS outage never holds up serving
-    telemetry = build_telemetry(options.telemetry, extra_sinks=events)
-    jobs, jobs_task = await _job_store(options, metrics)
-    decider = Decider(store.current, CredentialStore(), quota, cache, metrics, telemetry=telemetry, jobs=jobs,
-                      job_workers=frozenset(options.jobs_workers), bulkhead=_bulkhead(store.current().mesh),
-                      inflight=_inflight(store.current().mesh), peer_identity=options.peer_identity)
-    if options.peer_identity:
-        log.info("callers are bound to the mTLS identity their connection carries (x-forwarded-client-cert)")
-    else:
-        log.warning("standalone mode: callers are identified by their sidecar's node metadata, not verified "
-                    "against an mTLS peer (use --peer-identity xfcc in a mesh)")
-    # The backstop for calls whose end is never seen (caller gone, response lost): their slots and
-    # reservations are given back after their deadline.
-    sweeper = asyncio.create_task(sweep_forever(decider.inflight, quota=quota, bulkhead=decider.bulkhead,
-                                                policy=store.current, on_swept=metrics.calls_swept.inc),
-                                  name="in-flight sweeper")
-    sweeper.add_done_callback(_report_unexpected_end)
     pb_grpc.add_ExternalProcessorServicer_to_server(AsyncExternalProcessor(decider), server)
-    credential_server = None
-    if options.credentials is not None:
-        # Its own port, so that an AuthorizationPolicy can open it to the egress gateway alone.
-        credential_server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *PING_POLICY])
-        pb_grpc.add_ExternalProcessorServicer_to_server(CredentialProcessor(decider), credential_server)
-        if credential_server.add_insecure_port(f"{options.credentials[0]}:{options.credentials[1]}") == 0:
-            raise OSError(f"cannot listen on {options.credentials[0]}:{options.credentials[1]}")
-        await credential_server.start()
-    relay = RelayServer(decider)
-    if options.relay is not None:
-        await relay.start(*options.relay)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(options.listen)
+    port = server.add_insecure_port(listen)
     if port == 0:
-        raise OSError(f"cannot listen on {options.listen}")
+        raise OSError(f"cannot listen on {listen}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    policy = store.current()
-    log.info("extproc listening on %s (policy %s: %d services, %d providers)", options.listen, policy.version,
-             len(policy.services), len(policy.providers))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, store.reload)
-    watcher = None
-    if options.watch_seconds > 0:
-        watcher = asyncio.create_task(store.watch(options.watch_seconds), name="policy watcher")
-        watcher.add_done_callback(_report_unexpected_end)
-    admin.ready = True
-    if ready is not None:
-        ready.set()
-    try:
-        await stop.wait()
-    finally:
-        log.info("shutting down: refusing new streams, draining in-flight ones for up to %.1fs",
-                 options.grace_seconds)
-        # Health first, so load balancers and probes stop sending new work before the port closes.
-        admin.ready = False
-        await health_servicer.enter_graceful_shutdown()
-        await _stop_task(watcher)  # a watcher that died must not cut the drain short
-        await server.stop(options.grace_seconds)
-        if credential_server is not None:
-            await credential_server.stop(options.grace_seconds)
-        await _stop_task(sweeper)
-        await decider.inflight.aclose()
-        await quota.close()
-        await decider.bulkhead.close()
-        await cache.close()
-        await admin.stop()
-        await metrics_server.stop()
-        await relay.stop()
-        for sink in events:
-            await sink.close(timeout=min(5.0, options.grace_seconds))
-        await _stop_task(jobs_task)
-        if jobs is not None:
-            await jobs.close()
-        await asyncio.to_thread(telemetry.close)  # flushes trace batches: may block for an export timeout
-        if source is not None:
-            source.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        log.info("stopped")
+    return server, health_servicer
+
+
+async def _shut_down(parts: _Serving, grace_seconds: float) -> None:
+    log.info("shutting down: refusing new streams, draining in-flight ones for up to %.1fs", grace_seconds)
+    # Health first, so load balancers and probes stop sending new work before the port closes.
+    parts.admin.ready = False
+    await parts.health.enter_graceful_shutdown()
+    await _stop_task(parts.watcher)  # a watcher that died must not cut the drain short
+    await parts.server.stop(grace_seconds)
+    if parts.credential_server is not None:
+        await parts.credential_server.stop(grace_seconds)
+    await _stop_task(parts.sweeper)
+    await parts.decider.runtime.inflight.aclose()
+    await parts.quota.close()
+    await parts.decider.runtime.bulkhead.close()
+    await parts.cache.close()
+    await parts.admin.stop()
+    await parts.metrics_server.stop()
+    await parts.relay.stop()
+    for sink in parts.events:
+        await sink.close(timeout=min(5.0, grace_seconds))
+    await _stop_task(parts.jobs_task)
+    if parts.jobs is not None:
+        await parts.jobs.close()
+    await asyncio.to_thread(parts.telemetry.close)  # flushes trace batches: may block for an export timeout
+    if parts.source is not None:
+        parts.source.stop()
 
 
 def _inflight(mesh: MeshSettings) -> InFlightStore:

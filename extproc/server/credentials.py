@@ -17,20 +17,24 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.core.apis import ApiError, ErrorKind, api_of_caller
-from extproc.core.decision import Decider, LocalReply
-from extproc.core.grants import GRANT_HEADER, redeem
+from extproc.core.grants import redeem
+from extproc.core.messages import LocalReply
 from extproc.core.peer import from_spiffe_id
+from extproc.core.runtime import Runtime
+from extproc.core.wire import GRANT_HEADER
 from extproc.server.protocol import ATTRIBUTES_KEY, header_mutation, immediate_response, request_from
 
 log = logging.getLogger(__name__)
+# The servicer context of an ext_proc stream.
+Context = grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse]
 PEER_ATTRIBUTE = "connection.uri_san_peer_certificate"
 
 
 class CredentialSession:
     """One request through the egress gateway."""
 
-    def __init__(self, decider: Decider) -> None:
-        self._decider = decider
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
         self._headers: dict[str, str] = {}
         self._path = "/"
         self._method = ""
@@ -61,21 +65,21 @@ class CredentialSession:
 
     async def _answer(self, body: bytes, *, headers_phase: bool) -> list[pb.ProcessingResponse]:
         self.done = True
-        decider = self._decider
+        runtime = self._runtime
         peer = from_spiffe_id(self._peer_uri) if self._peer_uri else None
-        if peer is None and decider.peer_identity:
+        if peer is None and runtime.peer_identity:
             result: list[tuple[str, str]] | ApiError = ApiError(
                 ErrorKind.PERMISSION, "credential refused: the caller's mTLS identity is unknown",
                 "grant_unverified_caller")
         else:
             result = await redeem(self._headers.get(GRANT_HEADER, ""), method=self._method, path=self._path,
                                   authority=self._authority, body=body, peer=peer,
-                                  signer=decider.signer, inflight=decider.inflight, credentials=decider.credentials,
-                                  policy=decider.policy())
+                                  signer=runtime.signer, inflight=runtime.inflight, credentials=runtime.credentials,
+                                  policy=runtime.policy())
         if isinstance(result, ApiError):
             log.warning("credential refused for %s on %s: %s", self._peer_uri or "an unidentified caller",
                         self._authority, result.message)
-            decider.metrics.tokens_refused.labels("grant").inc()
+            runtime.metrics.tokens_refused.labels("grant").inc()
             api = api_of_caller(self._path, self._headers)
             return [immediate_response(LocalReply(result.kind.status, result.render(api), f"ai_{result.code}"))]
         common = pb.CommonResponse(header_mutation=header_mutation(result, (GRANT_HEADER,)))
@@ -85,13 +89,13 @@ class CredentialSession:
 
 
 class CredentialProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, decider: Decider) -> None:
-        self._decider = decider
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
 
     async def Process(  # name fixed by the gRPC service definition
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Context
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        session = CredentialSession(self._decider)
+        session = CredentialSession(self._runtime)
         async for message in request_iterator:
             for response in await session.on_message(message):
                 yield response

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client, watch
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from extproc.policy.crd import (
     GROUP,
@@ -78,7 +78,7 @@ class Backoff:
         self._attempt = 0
 
     def next(self) -> float:
-        ceiling = min(self._max, self._initial * 2 ** self._attempt)
+        ceiling = min(self._max, self._initial * 2.0 ** self._attempt)
         self._attempt += 1
         return ceiling / 2 + ceiling / 2 * self._rand()
 
@@ -95,6 +95,45 @@ def _order(item: tuple[ObjectKey, Mapping[str, Any]]) -> tuple[int, str, str, st
     key, obj = item
     created = str((obj.get("metadata") or {}).get("creationTimestamp") or "")
     return (0 if key.kind == PROVIDER else 1, created, key.namespace, key.name)
+
+
+# Per object, the (object, document) pairs it may serve as, best first (KubePolicySource._choices).
+_Choices = dict[ObjectKey, list[tuple[dict[str, Any], Document]]]
+
+
+def _settle(base: Sequence[Document], options: _Choices,
+            reasons: Mapping[ObjectKey, str]) -> tuple[dict[ObjectKey, int], dict[ObjectKey, str]]:
+    """Which choice of each object serves (an index into its options; past the end: none), and why the
+    objects that fail as they are now fail (those not already in ``reasons``)."""
+    chosen = {key: 0 for key in options}
+    failures: dict[ObjectKey, str] = {}
+    settled: list[Document] = list(base)
+    # Providers are settled first, so a policy is judged against the providers that will serve.
+    for kind in (PROVIDER, POLICY):
+        keys = [key for key in options if key.kind == kind]
+        while True:  # ends: each round drops one choice of a failing object
+            active = [(key, options[key][chosen[key]][1]) for key in keys if chosen[key] < len(options[key])]
+            problems = check_documents([*settled, *(doc for _, doc in active)])
+            failed = {p.file for p in problems}
+            bad = [key for key, _ in active if key.label in failed]
+            if not bad:
+                settled.extend(doc for _, doc in active)
+                break
+            for key in bad:
+                if chosen[key] == 0 and key not in reasons:  # the object as it is now failed
+                    failures[key] = "; ".join(f"{spec_path(key, p.path)}: {p.message}"
+                                              for p in problems if p.file == key.label)
+                chosen[key] += 1
+    return chosen, failures
+
+
+def _status(obj: Mapping[str, Any], serving: Mapping[str, Any] | None, reason: str | None) -> ObjectStatus:
+    """Accepted, or Rejected with the reason and which generation, if any, still serves."""
+    if reason is None:
+        return ObjectStatus("Accepted", "", _generation(obj), _generation(obj))
+    kept = f"; still serving generation {_generation(serving)}" if serving is not None else "; not serving"
+    return ObjectStatus("Rejected", reason + kept, _generation(obj),
+                        _generation(serving) if serving is not None else None)
 
 
 class KubePolicySource:
@@ -122,7 +161,26 @@ class KubePolicySource:
         with self._lock:
             objects = sorted(self._objects.items(), key=_order)
             last_good = dict(self._last_good)
-        options: dict[ObjectKey, list[tuple[dict[str, Any], Document]]] = {}
+        options, reasons = self._choices(objects, last_good)
+        chosen, failures = _settle(base, options, reasons)
+        reasons.update(failures)
+        statuses: dict[ObjectKey, ObjectStatus] = {}
+        accepted: list[Document] = []
+        new_good: dict[ObjectKey, dict[str, Any]] = {}
+        for key, obj in objects:
+            serving = options[key][chosen[key]] if chosen[key] < len(options[key]) else None
+            if serving is not None:
+                accepted.append(serving[1])
+                new_good[key] = serving[0]
+            statuses[key] = _status(obj, serving[0] if serving is not None else None, reasons.get(key))
+        self._record(new_good, statuses)
+        return accepted
+
+    def _choices(self, objects: Sequence[tuple[ObjectKey, dict[str, Any]]],
+                 last_good: Mapping[ObjectKey, dict[str, Any]]) -> tuple[_Choices, dict[ObjectKey, str]]:
+        """Each object's candidates, best first: as it is now (unless it cannot be read), then its last
+        accepted version (if another generation); and why the ones that cannot be read cannot."""
+        options: _Choices = {}
         reasons: dict[ObjectKey, str] = {}
         for key, obj in objects:
             choices = []
@@ -134,39 +192,9 @@ class KubePolicySource:
             if good is not None and _generation(good) != _generation(obj):
                 choices.append((good, self._document(key, good)))
             options[key] = choices
-        chosen = {key: 0 for key in options}
-        settled: list[Document] = list(base)
-        # Providers are settled first, so a policy is judged against the providers that will serve.
-        for kind in (PROVIDER, POLICY):
-            keys = [key for key in options if key.kind == kind]
-            while True:  # ends: each round drops one choice of a failing object
-                active = [(key, options[key][chosen[key]][1]) for key in keys if chosen[key] < len(options[key])]
-                problems = check_documents([*settled, *(doc for _, doc in active)])
-                failed = {p.file for p in problems}
-                bad = [key for key, _ in active if key.label in failed]
-                if not bad:
-                    settled.extend(doc for _, doc in active)
-                    break
-                for key in bad:
-                    if chosen[key] == 0 and key not in reasons:  # the object as it is now failed
-                        reasons[key] = "; ".join(f"{spec_path(key, p.path)}: {p.message}"
-                                                 for p in problems if p.file == key.label)
-                    chosen[key] += 1
-        statuses: dict[ObjectKey, ObjectStatus] = {}
-        accepted: list[Document] = []
-        new_good: dict[ObjectKey, dict[str, Any]] = {}
-        for key, obj in objects:
-            serving = options[key][chosen[key]] if chosen[key] < len(options[key]) else None
-            if serving is not None:
-                accepted.append(serving[1])
-                new_good[key] = serving[0]
-            if key in reasons:
-                kept = (f"; still serving generation {_generation(serving[0])}" if serving is not None
-                        else "; not serving")
-                statuses[key] = ObjectStatus("Rejected", reasons[key] + kept, _generation(obj),
-                                             _generation(serving[0]) if serving else None)
-            else:
-                statuses[key] = ObjectStatus("Accepted", "", _generation(obj), _generation(obj))
+        return options, reasons
+
+    def _record(self, new_good: Mapping[ObjectKey, dict[str, Any]], statuses: dict[ObjectKey, ObjectStatus]) -> None:
         with self._lock:
             for key, good in new_good.items():
                 if key in self._objects:  # deleted meanwhile: forget it
@@ -174,7 +202,6 @@ class KubePolicySource:
             if statuses != self._statuses:
                 self._statuses = statuses
                 self._status_due.set()  # written by the status thread, never on the caller's (event loop) thread
-        return accepted
 
     def _document(self, key: ObjectKey, obj: Mapping[str, Any]) -> Document:
         if key.kind == POLICY:

@@ -20,10 +20,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.core.async_calls import JobLookup
-from extproc.core.decision import Decider, Exchange, LocalReply
+from extproc.core.decision import Decider, Exchange
+from extproc.core.messages import LocalReply
 from extproc.core.paths import ProviderCall
-from extproc.core.peer import XFCC_HEADER, Peer, from_xfcc
+from extproc.core.peer import Peer, from_xfcc
 from extproc.core.settlement import SettleInfo, Settlement
+from extproc.core.wire import XFCC_HEADER
 from extproc.server.protocol import (
     CONTINUE_BODY,
     CONTINUE_TRAILERS,
@@ -36,6 +38,8 @@ from extproc.server.protocol import (
 )
 
 log = logging.getLogger(__name__)
+# The servicer context of an ext_proc stream.
+Context = grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse]
 
 Responses = list[pb.ProcessingResponse]
 
@@ -179,10 +183,10 @@ class AsyncExternalProcessor(pb_grpc.ExternalProcessorServicer):
         self._decider = decider
 
     async def Process(  # name fixed by the gRPC service definition
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Context
     ) -> AsyncIterator[pb.ProcessingResponse]:
         session: Session | UsageSession | None = None
-        metrics = self._decider.metrics
+        metrics = self._decider.runtime.metrics
         busy = 0.0  # time spent handling messages, not waiting for Envoy
         try:
             async for message in request_iterator:
@@ -211,25 +215,25 @@ class AsyncExternalProcessor(pb_grpc.ExternalProcessorServicer):
         if sealed is not None:
             info = self._settlement_of(sealed, peer)
             if info is not None:
-                settlement = Settlement(info, self._decider, not message.observability_mode)
+                settlement = Settlement(info, self._decider.runtime, not message.observability_mode)
         return UsageSession(settlement)
 
     def _settlement_of(self, sealed: str, peer: Peer | None) -> SettleInfo | None:
         """A settlement this processor sealed, arriving from the sidecar of the call it belongs to; else None."""
-        decider = self._decider
-        info = SettleInfo.unseal(sealed, decider.signer)
+        runtime = self._decider.runtime
+        info = SettleInfo.unseal(sealed, runtime.signer)
         if info is None:
             log.warning("refused a usage stream whose settlement is forged or expired")
-        elif decider.peer_identity and (peer is None or peer.namespace != info.namespace):
+        elif runtime.peer_identity and (peer is None or peer.namespace != info.namespace):
             log.warning("refused a settlement of %s/%s from %s", info.namespace, info.service,
                         peer.describe() if peer is not None else "an unverified peer")
             info = None
         if info is None:
-            decider.metrics.tokens_refused.labels("settlement").inc()
+            runtime.metrics.tokens_refused.labels("settlement").inc()
         return info
 
 
-def _peer(context: grpc.aio.ServicerContext) -> Peer | None:
+def _peer(context: Context) -> Peer | None:
     """The caller's identity from the processor's own sidecar (the last XFCC element is the one it wrote)."""
     for key, value in context.invocation_metadata() or ():
         if key == XFCC_HEADER:

@@ -9,8 +9,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from extproc.core.decision import METADATA_NAMESPACE, SETTLE_KEY, Forward, HttpRequest, LocalReply
+from extproc.core.messages import Forward, HttpRequest, LocalReply
 from extproc.core.peer import Peer
+from extproc.core.wire import METADATA_NAMESPACE, SETTLE_KEY
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -97,7 +98,7 @@ def body_responses(decision: Forward, chunks: int) -> list[pb.ProcessingResponse
 def immediate_response(decision: LocalReply) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=decision.status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=decision.status),
             headers=header_mutation(decision.headers, ()),
             body=decision.body,
             details=decision.details,
@@ -107,7 +108,8 @@ def immediate_response(decision: LocalReply) -> pb.ProcessingResponse:
 
 def sealed_settlement(message: pb.ProcessingRequest) -> str | None:
     """The sealed settlement the decision left in the forwarded dynamic metadata, if any."""
-    namespace = message.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+    # (xds-protos is untyped; filter_metadata maps filter names to Structs.)
+    namespace: struct_pb2.Struct | None = message.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
     if namespace is None or SETTLE_KEY not in namespace.fields:
         return None
     return namespace.fields[SETTLE_KEY].string_value

@@ -15,11 +15,10 @@ from aiohttp import web
 
 from extproc.core import fallback
 from extproc.core.apis import ApiError, ErrorKind, api_of_caller
-from extproc.core.decision import Decider
-from extproc.core.peer import XFCC_HEADER, from_xfcc
-from extproc.core.routing import Target
+from extproc.core.peer import from_xfcc
+from extproc.core.runtime import Runtime
+from extproc.core.wire import FALLBACK_HEADER, XFCC_HEADER
 from extproc.server.admin import serve_app
-from extproc.telemetry.metrics import CallLabels, bounded
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,53 +28,43 @@ class RelayAnswer:
     body: bytes = b""
 
 
-async def relay(decider: Decider, headers: dict[str, str], authority: str, path: str) -> RelayAnswer:
+async def relay(runtime: Runtime, headers: dict[str, str], authority: str, path: str) -> RelayAnswer:
     """The answer to one failed attempt: a redirect to the same URL with the next hop's state."""
     api = api_of_caller(path, headers)
-    state = fallback.HopState.decode(headers.get(fallback.HEADER, ""), decider.signer)
-    if state is not None and state.relayed:
-        state = None  # the relay's own output, sent back to it: only a decision's token moves a call on
-    if state is not None and decider.peer_identity:
+    state = await _verified_state(runtime, headers)
+    if state is None:
+        error: ApiError = ApiError(ErrorKind.UNAVAILABLE, "the provider failed and the call's fallback state is "
+                                   "missing, expired or no longer matches the policy", "fallback_state_invalid")
+    else:
+        moved = fallback.after_failure(runtime, state, time.time())
+        if isinstance(moved, fallback.HopState):
+            return RelayAnswer(307, {"location": f"http://{authority}{path}",
+                                     FALLBACK_HEADER: moved.encode(runtime.signer), "content-length": "0"})
+        error = moved
+    return RelayAnswer(502, {"content-type": "application/json"}, error.render(api))
+
+
+async def _verified_state(runtime: Runtime, headers: dict[str, str]) -> fallback.HopState | None:
+    """The attempt's state, if genuine, made by a decision (not by the relay), presented from the call's own
+    namespace (in the mesh) and not seen before."""
+    state = fallback.HopState.decode(headers.get(FALLBACK_HEADER, ""), runtime.signer)
+    if state is None or state.relayed:
+        return None  # forged or expired; or the relay's own output sent back to it
+    if runtime.peer_identity:
         # In the mesh the retry comes through the processor's sidecar from the caller's own sidecar.
         peer = from_xfcc(headers.get(XFCC_HEADER, ""))
         if peer is None or peer.namespace != state.namespace:
-            decider.metrics.identity_refusals.labels("mismatch" if peer else "no_peer").inc()
-            state = None
-    if state is not None and not await decider.inflight.first_use(state.nonce, fallback.nonce_ttl(state)):
-        decider.metrics.tokens_refused.labels("fallback").inc()
-        state = None  # a replayed token: each attempt is moved on once
-    policy = decider.policy()
-    models = policy.for_caller(state.service, state.namespace or None) if state is not None else None
-    route = models.resolve(state.route) if state is not None and models is not None else None
-    first = policy.providers.get(state.first[0]) if state is not None else None
-    if state is None or route is None or first is None:
-        error = ApiError(ErrorKind.UNAVAILABLE, "the provider failed and the call's fallback state is missing, "
-                         "expired or no longer matches the policy", "fallback_state_invalid")
-        return RelayAnswer(502, {"content-type": "application/json"}, error.render(api))
-    hops = fallback.chain(route, Target(first, state.first[1], state.variant or None), policy.providers)
-    if state.index + 1 >= min(len(hops), state.limit):
-        error = ApiError(ErrorKind.UNAVAILABLE, "the provider failed and no fallback is left", "fallback_exhausted")
-        return RelayAnswer(502, {"content-type": "application/json"}, error.render(api))
-    failed, following = hops[state.index], hops[state.index + 1]
-    now = time.time()
-    reason = "upstream_error"
-    if route.first_byte_timeout is not None and (now - state.hop_started_at) * 1000 >= route.first_byte_timeout * 0.9:
-        reason = "timeout"  # Envoy does not say why it retried; time tells a first-byte timeout apart
-    settings = route.breaker(policy.mesh.resilience.circuit_breaker)
-    if settings is not None:
-        decider.breakers.record((state.namespace, state.service, failed.provider.name, failed.model), settings,
-                                failed=True)
-    labels = CallLabels.of(policy, service=state.service, namespace=state.namespace)
-    decider.metrics.fallbacks.labels(*labels.caller, bounded(policy, failed.provider.name),
-                                     bounded(policy, following.provider.name), reason).inc()
-    token = state.failed(failed, reason, now).encode(decider.signer)
-    return RelayAnswer(307, {"location": f"http://{authority}{path}", fallback.HEADER: token,
-                             "content-length": "0"})
+            runtime.metrics.identity_refusals.labels("mismatch" if peer else "no_peer").inc()
+            return None
+    if not await runtime.inflight.first_use(state.nonce, fallback.nonce_ttl(state)):
+        runtime.metrics.tokens_refused.labels("fallback").inc()
+        return None  # a replayed token: each attempt is moved on once
+    return state
 
 
 class RelayServer:
-    def __init__(self, decider: Decider) -> None:
-        self._decider = decider
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -90,5 +79,5 @@ class RelayServer:
 
     async def _handle(self, request: web.Request) -> web.Response:
         headers = {k.lower(): v for k, v in request.headers.items()}
-        answer = await relay(self._decider, headers, request.host, request.path_qs)
+        answer = await relay(self._runtime, headers, request.host, request.path_qs)
         return web.Response(status=answer.status, headers=answer.headers, body=answer.body or None)

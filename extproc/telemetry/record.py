@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from extproc.telemetry.redact import Redactor
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +82,22 @@ class CallSink(Protocol):
     """Receives every finished call. Must not block or raise: the AI call has already happened."""
 
     def emit(self, record: CallRecord) -> None: ...
+
+
+class CallTelemetry(CallSink, Protocol):
+    """What the call path holds as its telemetry (``telemetry.Telemetry``): the sink every record goes
+    to, plus what producers need to fill a record.
+
+    ``sinks``: the sinks behind it; none means no record is wanted, so a call need not be read to its
+    end just for one. ``capture_content``: whether records carry prompt/completion at all;
+    ``redactor``: applied to that content at the source, before any sink sees it.
+    """
+
+    @property
+    def sinks(self) -> Sequence[CallSink]: ...
+
+    @property
+    def redactor(self) -> Redactor: ...
+
+    @property
+    def capture_content(self) -> bool: ...

@@ -13,8 +13,9 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from extproc.telemetry.record import CallRecord, CallSink
+from extproc.telemetry.record import CallRecord, CallSink, CallTelemetry
 from extproc.telemetry.redact import Redactor
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class TelemetryOptions:
 
 
 class Telemetry:
-    """A ``CallSink`` that hands each record to every configured sink, isolating their failures."""
+    """The ``CallTelemetry``: a ``CallSink`` that hands each record to every configured sink, isolating
+    their failures."""
 
     def __init__(self, sinks: Iterable[CallSink] = (), *, redactor: Redactor | None = None,
                  capture_content: bool = False) -> None:
@@ -100,6 +102,10 @@ class Telemetry:
                 close()
             except Exception:
                 self._errors.exception(f"close:{type(sink).__name__}", f"closing {type(sink).__name__} failed")
+
+
+if TYPE_CHECKING:
+    _conforms: type[CallTelemetry] = Telemetry  # mypy: Telemetry provides everything CallTelemetry declares
 
 
 def build_telemetry(options: TelemetryOptions, extra_sinks: Iterable[CallSink] = ()) -> Telemetry:

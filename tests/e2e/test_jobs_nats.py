@@ -30,8 +30,8 @@ from prometheus_client import CollectorRegistry
 
 from extproc.cli import main as cli_main
 from extproc.core.tokens import Signer
+from extproc.core.wire import JOB_HEADER
 from extproc.jobs import (
-    JOB_HEADER,
     HttpExecutor,
     Job,
     JobLimits,

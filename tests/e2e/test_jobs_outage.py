@@ -28,6 +28,7 @@ from extproc.cache.store import ResponseCache
 from extproc.core.credentials import CredentialStore
 from extproc.core.decision import Decider, Exchange, HttpRequest, LocalReply
 from extproc.core.identity import ATTR_APP, ATTR_NAMESPACE
+from extproc.core.runtime import Runtime
 from extproc.jobs import Job, JobNames, JobStore, StoreUnavailable
 from extproc.launch import free_port
 from extproc.policy.loader import load_policy
@@ -124,8 +125,8 @@ def make_decider(tmp_path: Path, store: JobStore) -> Decider:
     (tmp_path / "policy" / "policy.yaml").write_text(POLICY)
     policy = load_policy([tmp_path / "policy"])
     env = {"OPENAI_API_KEY": "sk-openai", "ANTHROPIC_API_KEY": "sk-ant"}
-    return Decider(lambda: policy, CredentialStore(environ=env), QuotaEngine(QuotaSettings()),
-                   ResponseCache(CacheSettings()), jobs=store)
+    return Decider(Runtime(lambda: policy, CredentialStore(environ=env), QuotaEngine(QuotaSettings()),
+                           ResponseCache(CacheSettings()), jobs=store))
 
 
 def http_request(path: str, method: str = "POST", headers: dict[str, str] | None = None) -> HttpRequest:

@@ -17,6 +17,7 @@ from extproc.core.decision import Decider, Exchange, Forward, HttpRequest, Local
 from extproc.core.identity import ATTR_APP, ATTR_NAMESPACE, ATTR_WORKLOAD
 from extproc.core.paths import ProviderCall
 from extproc.core.routing import choose_target
+from extproc.core.runtime import Runtime
 from extproc.policy.loader import load_policy
 from extproc.policy.model import CacheSettings, QuotaSettings
 from extproc.quota.engine import QuotaEngine
@@ -62,8 +63,8 @@ def make_decider(tmp_path: Path, *, unknown_paths: str = "pass", unknown_service
     (tmp_path / "policy.yaml").write_text(
         POLICY.format(unknown_paths=unknown_paths, unknown_service=unknown_service, trust=trust))
     policy = load_policy([tmp_path])
-    return Decider(lambda: policy, CredentialStore(environ=ENV if env is None else env), QuotaEngine(QuotaSettings()),
-                   ResponseCache(CacheSettings()))
+    return Decider(Runtime(lambda: policy, CredentialStore(environ=ENV if env is None else env),
+                           QuotaEngine(QuotaSettings()), ResponseCache(CacheSettings())))
 
 
 def request(path: str = "/v1/chat/completions", *, service: str | None = "order-service", method: str = "POST",
@@ -78,7 +79,7 @@ def request(path: str = "/v1/chat/completions", *, service: str | None = "order-
 def settle_json(decider: Decider, decision: Forward | LocalReply) -> dict[str, object]:
     """The settlement the decision sealed into the call's metadata, opened with the processor's key."""
     assert isinstance(decision, Forward)
-    sealed = decider.signer.verify(decision.metadata["settle"])
+    sealed = decider.runtime.signer.verify(decision.metadata["settle"])
     assert sealed is not None, "the settlement is not sealed with the processor's key"
     return dict(orjson.loads(str(sealed["si"])))
 
@@ -108,7 +109,8 @@ def test_logical_name_routes_to_provider_with_rewrites(tmp_path: Path) -> None:
     assert headers[":path"] == "/v1/messages?beta=true"
     assert headers["x-api-key"] == "sk-ant"
     assert headers["anthropic-version"] == "2023-06-01"
-    assert headers["x-envoy-upstream-rq-timeout-ms"] == "2000"
+    # The model's timeout is the whole call's budget: what is left of it when the forward is built.
+    assert 1900 <= int(headers["x-envoy-upstream-rq-timeout-ms"]) <= 2000
     assert isinstance(decision, Forward)
     assert "authorization" in decision.remove_headers  # the app's own key never reaches the provider
     assert decision.body is not None and orjson.loads(decision.body)["model"] == "claude-3"
@@ -285,7 +287,7 @@ def test_provider_resources_go_to_the_services_provider_with_its_credential(
 
 def test_an_allowed_path_is_served_with_the_named_providers_credential(tmp_path: Path) -> None:
     decider = make_decider(tmp_path, unknown_paths="deny")
-    policy = decider.policy()
+    policy = decider.runtime.policy()
     service = policy.for_caller("order-service", "shop")
     assert service is not None
     from extproc.policy.model import AllowedPath
@@ -361,8 +363,8 @@ ai_proxy:
 def quota_decider(tmp_path: Path) -> Decider:
     (tmp_path / "policy.yaml").write_text(QUOTA_POLICY)
     policy = load_policy([tmp_path])
-    return Decider(lambda: policy, CredentialStore(environ=ENV), QuotaEngine(QuotaSettings()),
-                   ResponseCache(CacheSettings()))
+    return Decider(Runtime(lambda: policy, CredentialStore(environ=ENV), QuotaEngine(QuotaSettings()),
+                           ResponseCache(CacheSettings())))
 
 
 def test_rate_limit_refusal_in_the_callers_format(tmp_path: Path) -> None:
@@ -410,7 +412,7 @@ def test_stream_usage_is_injected_only_when_needed(tmp_path: Path) -> None:
     assert "x-ai-usage" not in dict(unlimited.set_headers)
     # With a telemetry sink every call is read to its end, for its usage event.
     observed = make_decider(tmp_path / "plain")
-    observed.observe_all = True
+    observed.runtime.observe_all = True
     seen = decide(observed, {"model": "gpt-4", "stream": True, "messages": []})
     assert isinstance(seen, Forward) and dict(seen.set_headers)["x-ai-usage"] == "observe"
 
@@ -432,14 +434,14 @@ ai_proxy:
 def test_cache_hits_and_quota(tmp_path: Path, charge: bool) -> None:
     (tmp_path / "policy.yaml").write_text(CACHE_POLICY.replace("CHARGE", str(charge).lower()))
     policy = load_policy([tmp_path])
-    decider = Decider(lambda: policy, CredentialStore(environ=ENV), QuotaEngine(QuotaSettings()),
-                      ResponseCache(CacheSettings()))
+    decider = Decider(Runtime(lambda: policy, CredentialStore(environ=ENV), QuotaEngine(QuotaSettings()),
+                              ResponseCache(CacheSettings())))
     body = {"model": "chat", "temperature": 0, "messages": [{"role": "user", "content": "x"}]}
     miss = decide(decider, body)
     assert isinstance(miss, Forward) and miss.metadata["cache"] == "miss"
     key = settle_json(decider, miss)["ck"]
     entry = CacheEntry(200, "application/json", b'{"cached":true}', 7, 3, 0.0)
-    asyncio.run(decider.cache.put(key, entry, 60))
+    asyncio.run(decider.runtime.cache.put(key, entry, 60))
     hits = [decide(decider, body) for _ in range(3)]
     assert all(isinstance(h, LocalReply) for h in hits)
     statuses = [h.status for h in hits]  # type: ignore[union-attr]
@@ -506,15 +508,15 @@ def test_a_grant_for_a_provider_without_a_key_is_redeemed_with_nothing_added(tmp
     from extproc.core.inflight import MemoryInFlight
 
     decider = make_decider(tmp_path)
-    policy = decider.policy()
+    policy = decider.runtime.policy()
     local = policy.providers["local"]
     token = Grant("local", local.authority, "shop", "order-service", "", "n1", body_digest(b"{}"), "POST",
-                  "/serving/v1/chat/completions").encode(decider.signer, 60)
+                  "/serving/v1/chat/completions").encode(decider.runtime.signer, 60)
 
     async def scenario() -> None:
         store = MemoryInFlight()
-        args = {"authority": local.authority, "body": b"{}", "peer": None, "signer": decider.signer,
-                "inflight": store, "credentials": decider.credentials, "policy": policy, "method": "POST",
+        args = {"authority": local.authority, "body": b"{}", "peer": None, "signer": decider.runtime.signer,
+                "inflight": store, "credentials": decider.runtime.credentials, "policy": policy, "method": "POST",
                 "path": "/serving/v1/chat/completions"}
         other = await redeem(token, **{**args, "path": "/serving/v1/embeddings"})  # type: ignore[arg-type]
         assert not isinstance(other, list) and other.code == "grant_wrong_request"  # for this request only

@@ -12,7 +12,7 @@ import base64
 import hashlib
 import hmac
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,8 +26,10 @@ from extproc.core.bulkhead import Bulkhead
 from extproc.core.credentials import CredentialStore
 from extproc.core.decision import Decider, Forward, LocalReply
 from extproc.core.routing import Target
+from extproc.core.runtime import Runtime
 from extproc.core.settlement import SettleInfo
 from extproc.core.tokens import Signer
+from extproc.core.wire import FALLBACK_MARKER
 from extproc.policy.compiled import PolicySet
 from extproc.policy.loader import load_policy
 from extproc.policy.model import BreakerSettings, CacheSettings, QuotaSettings
@@ -433,23 +435,27 @@ def load(tmp_path: Path, text: str = FALLBACK_POLICY) -> PolicySet:
 
 def make_decider(tmp_path: Path, text: str = FALLBACK_POLICY, clock: Clock | None = None) -> Decider:
     policy = load(tmp_path, text)
-    return Decider(lambda: policy, CredentialStore(environ=ENV), QuotaEngine(QuotaSettings(), clock=lambda: QUOTA_NOW),
-                   ResponseCache(CacheSettings()), signer=Signer(SIGNING_KEY),
-                   breakers=Breakers(clock=clock or Clock()))
+    return Decider(Runtime(lambda: policy, CredentialStore(environ=ENV),
+                           QuotaEngine(QuotaSettings(), clock=lambda: QUOTA_NOW), ResponseCache(CacheSettings()),
+                           signer=Signer(SIGNING_KEY), breakers=Breakers(clock=clock or Clock())))
 
 
 def relay(decider: Decider, headers: dict[str, str], authority: str, path: str) -> RelayAnswer:
-    return asyncio.run(relay_async(decider, headers, authority, path))
+    return asyncio.run(relay_async(decider.runtime, headers, authority, path))
+
+
+_SETTLE_FIELDS = frozenset(f.name for f in fields(SettleInfo))
 
 
 def hop_state(**changes: object) -> fallback.HopState:
-    state = fallback.HopState(
-        namespace="shop", service="order-service", route="fraud_detector", requested="fraud_detector",
-        caller_api="anthropic", first=("claude", "claude-3"), variant="", index=0, hops=(),
-        started_at=1_700_000_000.25, hop_started_at=1_700_000_000.5, call_id="call-1",
-        settle=SettleInfo(None, "anthropic", 0, "claude", "claude-3"),
-        policy_version="v1", timeout_ms=8000, nonce="n-1")
-    return replace(state, **changes)  # type: ignore[arg-type]
+    """A call's hop state; the call's own facts (caller, route, hops so far, ...) live in its SettleInfo."""
+    settle = SettleInfo(None, "anthropic", 0, "claude", "claude-3", namespace="shop", service="order-service",
+                        route="fraud_detector", requested="fraud_detector", caller_api="anthropic",
+                        decided_at=1_700_000_000.25, call_id="call-1", policy_version="v1")
+    settle = replace(settle, **{k: v for k, v in changes.items() if k in _SETTLE_FIELDS})  # type: ignore[arg-type]
+    state = fallback.HopState(settle, first=("claude", "claude-3"), index=0, hop_started_at=1_700_000_000.5,
+                              timeout_ms=8000, nonce="n-1")
+    return replace(state, **{k: v for k, v in changes.items() if k not in _SETTLE_FIELDS})  # type: ignore[arg-type]
 
 
 def test_hop_state_round_trip() -> None:
@@ -473,8 +479,7 @@ def test_hop_state_failed_advances_and_records_the_hop(tmp_path: Path) -> None:
     assert after.nonce and after.nonce != state.nonce  # a new token, honoured once
     # Nothing else changed.
     assert after.relayed  # the relay's token: the only kind a decision honours
-    assert replace(after, index=0, hops=(), hop_started_at=state.hop_started_at, nonce=state.nonce,
-                   relayed=False) == state
+    assert replace(after.at(0, ()), hop_started_at=state.hop_started_at, nonce=state.nonce, relayed=False) == state
     second = after.failed(Target(policy.providers["openai"], "gpt-4o", None), "timeout", now=1_700_000_003.0)
     assert second.index == 2
     assert second.hops == (*after.hops, Hop("openai", "gpt-4o", "timeout", 1_700_000_002.0))
@@ -491,7 +496,9 @@ def test_hop_state_genuine_token_with_wrong_shape_is_refused() -> None:
     assert fallback.HopState.decode(signer.sign({"ns": "shop"}, 60), signer) is None
     raw = orjson.loads(base64.urlsafe_b64decode(hop_state().encode(signer).split(".")[1] + "=="))
     del raw["exp"]
-    assert fallback.HopState.decode(signer.sign({**raw, "h": [["claude"]]}, 60), signer) is None
+    bad_hops = orjson.dumps({**orjson.loads(raw["st"]), "h": [["claude"]]}).decode()
+    assert fallback.HopState.decode(signer.sign({**raw, "st": bad_hops}, 60), signer) is None
+    assert fallback.HopState.decode(signer.sign({**raw, "st": "{}"}, 60), signer) is None
     assert fallback.HopState.decode(signer.sign({**raw, "i": "one"}, 60), signer) is None
     assert fallback.HopState.decode(signer.sign({**raw, "f": ["claude"]}, 60), signer) is None
 
@@ -523,7 +530,7 @@ OPENAI_KEY: BreakerKey = ("shop", "order-service", "openai", "gpt-4o")
 
 
 def route_breaker(decider: Decider) -> BreakerSettings:
-    route = decider.policy().for_caller("order-service", "shop").resolve("fraud_detector")  # type: ignore[union-attr]
+    route = decider.runtime.policy().for_caller("order-service", "shop").resolve("fraud_detector")  # type: ignore[union-attr]
     assert route is not None and route.circuit_breaker == ROUTE_BREAKER
     return route.circuit_breaker
 
@@ -531,18 +538,18 @@ def route_breaker(decider: Decider) -> BreakerSettings:
 def open_breaker(decider: Decider, key: BreakerKey) -> None:
     settings = route_breaker(decider)
     for _ in range(settings.consecutive_failures):
-        decider.breakers.record(key, settings, failed=True)
-    assert decider.breakers.state(key) == State.OPEN
+        decider.runtime.breakers.record(key, settings, failed=True)
+    assert decider.runtime.breakers.state(key) == State.OPEN
 
 
 def fallbacks_counted(decider: Decider, source: str, to: str, reason: str, service: str = "order-service"
                       ) -> float | None:
-    return decider.metrics.registry.get_sample_value("ai_extproc_fallbacks_total", {
+    return decider.runtime.metrics.registry.get_sample_value("ai_extproc_fallbacks_total", {
         "service": service, "namespace": "shop", "from_provider": source, "to_provider": to, "reason": reason})
 
 
 def fallbacks_total(decider: Decider) -> float:
-    return sum(s.value for metric in decider.metrics.registry.collect() if metric.name == "ai_extproc_fallbacks"
+    return sum(s.value for metric in decider.runtime.metrics.registry.collect() if metric.name == "ai_extproc_fallbacks"
                for s in metric.samples if s.name == "ai_extproc_fallbacks_total")
 
 
@@ -556,13 +563,13 @@ def test_fresh_decision_forwards_to_the_first_hop_with_fallback_state(tmp_path: 
     assert headers["x-envoy-upstream-rq-per-try-timeout-ms"] == "1500"
     assert headers["x-ai-usage"] == "observe"
     assert "x-ai-fallback" not in forward.remove_headers
-    assert headers["x-ai-fallback"] == fallback.MARKER  # what Envoy retries on; the state is in the metadata
-    state = fallback.HopState.decode(forward.metadata["fallback_state"], decider.signer)
+    assert headers["x-ai-fallback"] == FALLBACK_MARKER  # what Envoy retries on; the state is in the metadata
+    state = fallback.HopState.decode(forward.metadata["fallback_state"], decider.runtime.signer)
     assert state is not None
     assert (state.namespace, state.service, state.route, state.requested, state.caller_api) == (
         "shop", "order-service", "fraud_detector", "fraud_detector", "anthropic")
     assert (state.first, state.index, state.hops, state.variant) == (("claude", "claude-3"), 0, (), "")
-    assert state.call_id and state.settle and state.policy_version == decider.policy().version
+    assert state.settle.nonce and state.settle.policy_version == decider.runtime.policy().version
     assert "fallback_hops" not in forward.metadata
     assert forward.metadata["provider"] == "claude" and forward.metadata["limit_requests"] == "1"
     assert fallbacks_total(decider) == 0
@@ -637,7 +644,7 @@ def test_re_entry_goes_to_the_next_hop_without_charging_again(tmp_path: Path, mo
     first = decide(decider, ANTHROPIC_BODY, path="/v1/messages", headers={"authorization": "Bearer app-key"})
     assert isinstance(first, Forward) and first.body is not None
     token = first.metadata["fallback_state"]
-    state = fallback.HopState.decode(token, decider.signer)
+    state = fallback.HopState.decode(token, decider.runtime.signer)
     assert state is not None
     monkeypatch.setattr(relay_module, "time", SimpleNamespace(time=lambda: state.hop_started_at + 0.25))
     answer = relay(decider, {"x-ai-fallback": token}, "127.0.0.1:10000", "/v1/messages")
@@ -724,7 +731,7 @@ def test_re_entry_token_of_another_service_is_not_honoured(tmp_path: Path) -> No
 def fresh_token(decider: Decider) -> tuple[str, fallback.HopState]:
     forward = decide(decider, ANTHROPIC_BODY, path="/v1/messages")
     token = forward.metadata["fallback_state"]
-    state = fallback.HopState.decode(token, decider.signer)
+    state = fallback.HopState.decode(token, decider.runtime.signer)
     assert state is not None and state.index == 0
     return token, state
 
@@ -740,15 +747,15 @@ def test_relay_answers_307_with_the_advanced_state(tmp_path: Path, monkeypatch: 
     assert set(answer.headers) == {"location", "x-ai-fallback", "content-length"}
     assert answer.headers["location"] == "http://127.0.0.1:10000/v1/messages?beta=true"
     assert answer.headers["content-length"] == "0"
-    advanced = fallback.HopState.decode(answer.headers["x-ai-fallback"], decider.signer)
+    advanced = fallback.HopState.decode(answer.headers["x-ai-fallback"], decider.runtime.signer)
     left = Hop("claude", "claude-3", "upstream_error", state.hop_started_at)
     assert advanced is not None and advanced.nonce and advanced.nonce != state.nonce  # each hop's token: its own
-    assert advanced == replace(state, index=1, hops=(left,), hop_started_at=now, nonce=advanced.nonce, relayed=True)
+    assert advanced == replace(state.at(1, (left,)), hop_started_at=now, nonce=advanced.nonce, relayed=True)
     # One failure recorded against claude for order-service: the breaker (2 in a row) is one failure from opening.
-    assert decider.breakers.state(CLAUDE_KEY) == State.CLOSED
-    decider.breakers.record(CLAUDE_KEY, route_breaker(decider), failed=True)
-    assert decider.breakers.state(CLAUDE_KEY) == State.OPEN
-    assert decider.breakers.state(OPENAI_KEY) == State.CLOSED
+    assert decider.runtime.breakers.state(CLAUDE_KEY) == State.CLOSED
+    decider.runtime.breakers.record(CLAUDE_KEY, route_breaker(decider), failed=True)
+    assert decider.runtime.breakers.state(CLAUDE_KEY) == State.OPEN
+    assert decider.runtime.breakers.state(OPENAI_KEY) == State.CLOSED
     assert fallbacks_counted(decider, "claude", "openai", "upstream_error") == 1.0
     assert fallbacks_total(decider) == 1.0
 
@@ -760,7 +767,7 @@ def test_relay_tells_a_first_byte_timeout_by_the_time_elapsed(tmp_path: Path, mo
     monkeypatch.setattr(relay_module, "time", SimpleNamespace(time=lambda: now))
     answer = relay(decider, {"x-ai-fallback": token}, "127.0.0.1:10000", "/v1/messages")
     assert answer.status == 307
-    advanced = fallback.HopState.decode(answer.headers["x-ai-fallback"], decider.signer)
+    advanced = fallback.HopState.decode(answer.headers["x-ai-fallback"], decider.runtime.signer)
     assert advanced is not None and advanced.hops == (Hop("claude", "claude-3", "timeout", state.hop_started_at),)
     assert fallbacks_counted(decider, "claude", "openai", "timeout") == 1.0
     assert fallbacks_counted(decider, "claude", "openai", "upstream_error") is None
@@ -782,32 +789,32 @@ def test_relay_invalid_state_is_a_502_in_the_paths_format(tmp_path: Path, token:
     assert openai.status == 502 and openai.headers == {"content-type": "application/json"}
     error = orjson.loads(openai.body)["error"]
     assert (error["code"], error["type"]) == ("fallback_state_invalid", "server_error")
-    assert decider.breakers.snapshot() == {}  # nothing recorded against any provider
+    assert decider.runtime.breakers.snapshot() == {}  # nothing recorded against any provider
     assert fallbacks_total(decider) == 0
 
 
 def test_relay_expired_state_is_a_502(tmp_path: Path) -> None:
     decider = make_decider(tmp_path)
-    raw = orjson.loads(base64.urlsafe_b64decode(hop_state().encode(decider.signer).split(".")[1] + "=="))
+    raw = orjson.loads(base64.urlsafe_b64decode(hop_state().encode(decider.runtime.signer).split(".")[1] + "=="))
     del raw["exp"]
-    expired = decider.signer.sign(raw, ttl_s=900, now=1_000_000.0)  # expired long ago
+    expired = decider.runtime.signer.sign(raw, ttl_s=900, now=1_000_000.0)  # expired long ago
     answer = relay(decider, {"x-ai-fallback": expired}, "h", "/v1/chat/completions")
     assert answer.status == 502
     assert orjson.loads(answer.body)["error"]["code"] == "fallback_state_invalid"
-    assert decider.breakers.snapshot() == {}
+    assert decider.runtime.breakers.snapshot() == {}
 
 
 def test_relay_exhausted_chain_is_a_502(tmp_path: Path) -> None:
     decider = make_decider(tmp_path)
     token, _ = fresh_token(decider)
     relayed = relay(decider, {"x-ai-fallback": token}, "h", "/v1/messages").headers["x-ai-fallback"]
-    assert decider.breakers.snapshot() == {CLAUDE_KEY: State.CLOSED}
+    assert decider.runtime.breakers.snapshot() == {CLAUDE_KEY: State.CLOSED}
     # The relay's own token sent back to it is refused: only a decision's token moves a call on.
     assert relay(decider, {"x-ai-fallback": relayed}, "h", "/v1/messages").status == 502
     # What a decision at the last hop would carry, had the chain let it mint one.
-    at_last = fallback.HopState.decode(relayed, decider.signer)
+    at_last = fallback.HopState.decode(relayed, decider.runtime.signer)
     assert at_last is not None
-    last = replace(at_last, relayed=False, nonce="n-last").encode(decider.signer)
+    last = replace(at_last, relayed=False, nonce="n-last").encode(decider.runtime.signer)
     answer = relay(decider, {"x-ai-fallback": last}, "h", "/v1/chat/completions")
     assert answer.status == 502 and answer.headers == {"content-type": "application/json"}
     error = orjson.loads(answer.body)["error"]
@@ -818,7 +825,7 @@ def test_relay_exhausted_chain_is_a_502(tmp_path: Path) -> None:
     assert anthropic.status == 502 and orjson.loads(anthropic.body)["type"] == "error"
     assert "fallback state is missing" in orjson.loads(anthropic.body)["error"]["message"]
     # Neither the last hop's breaker nor the fallback count moved.
-    assert decider.breakers.snapshot() == {CLAUDE_KEY: State.CLOSED}
+    assert decider.runtime.breakers.snapshot() == {CLAUDE_KEY: State.CLOSED}
     assert fallbacks_total(decider) == 1.0
 
 
@@ -841,7 +848,7 @@ CHAT = {"model": "chat", "max_tokens": 400, "messages": [{"role": "user", "conte
 
 
 def bulkhead_rejections(decider: Decider) -> float | None:
-    return decider.metrics.registry.get_sample_value("ai_extproc_bulkhead_rejections_total",
+    return decider.runtime.metrics.registry.get_sample_value("ai_extproc_bulkhead_rejections_total",
                                                      {"service": "order-service", "namespace": "shop"})
 
 
@@ -849,7 +856,7 @@ def test_bulkhead_refuses_the_second_concurrent_call_and_refunds_its_tokens(tmp_
     decider = make_decider(tmp_path, BULKHEAD_POLICY)
     first = decide(decider, CHAT, headers={"x-request-id": "call-1"})
     assert isinstance(first, Forward)
-    assert decider.bulkhead.slots.in_flight(SCOPE) == 1
+    assert decider.runtime.bulkhead.slots.in_flight(SCOPE) == 1
     call_id = settle_json(decider, first)["id"]  # so the response side can leave
     assert call_id != "call-1" and len(call_id) == 32  # made by the processor, not the caller's request id
     remaining = int(first.metadata["remaining_tokens"])
@@ -861,7 +868,7 @@ def test_bulkhead_refuses_the_second_concurrent_call_and_refunds_its_tokens(tmp_
     assert (body["error"]["code"], body["error"]["type"]) == ("too_many_calls_in_flight", "requests")  # type: ignore[index]
     assert "max_in_flight" in body["error"]["message"]  # type: ignore[index]
     assert bulkhead_rejections(decider) == 1.0
-    assert decider.bulkhead.slots.in_flight(SCOPE) == 1
+    assert decider.runtime.bulkhead.slots.in_flight(SCOPE) == 1
     anthropic = decide(decider, {**CHAT, "model": "fraud_detector"}, path="/v1/messages",
                        headers={"x-request-id": "call-3"})
     status, body = error_of(anthropic)
@@ -869,12 +876,12 @@ def test_bulkhead_refuses_the_second_concurrent_call_and_refunds_its_tokens(tmp_
     assert isinstance(anthropic, LocalReply) and anthropic.details == "ai_too_many_calls_in_flight"
     assert bulkhead_rejections(decider) == 2.0
     # The first call ends; the refused ones gave their token reservations back, so a third fits the 1000/min.
-    decider.bulkhead.slots.leave(SCOPE, call_id)
+    decider.runtime.bulkhead.slots.leave(SCOPE, call_id)
     third = decide(decider, CHAT, headers={"x-request-id": "call-4"})
     assert isinstance(third, Forward)
     assert int(third.metadata["remaining_tokens"]) == remaining - used
     # Another service is not held back by order-service's bulkhead.
-    assert decider.bulkhead.slots.in_flight(OTHER_SCOPE) == 0
+    assert decider.runtime.bulkhead.slots.in_flight(OTHER_SCOPE) == 0
 
 
 def test_bulkhead_refusal_refunds_the_request_count(tmp_path: Path) -> None:
@@ -883,7 +890,7 @@ def test_bulkhead_refusal_refunds_the_request_count(tmp_path: Path) -> None:
     first = decide(decider, body, path="/v1/messages", headers={"x-request-id": "call-1"})
     assert isinstance(first, Forward) and first.metadata["remaining_requests"] == "1"
     assert error_of(decide(decider, body, path="/v1/messages", headers={"x-request-id": "call-2"}))[0] == 429
-    decider.bulkhead.slots.leave(SCOPE, settle_json(decider, first)["id"])
+    decider.runtime.bulkhead.slots.leave(SCOPE, settle_json(decider, first)["id"])
     third = decide(decider, body, path="/v1/messages", headers={"x-request-id": "call-3"})
     assert isinstance(third, Forward), third  # 2/min: call-2 was never sent, so one request is left
     assert third.metadata["remaining_requests"] == "0"
@@ -896,14 +903,14 @@ def test_calls_sharing_one_request_id_each_take_their_own_slot(tmp_path: Path) -
     forwarded = [a for a in answers if isinstance(a, Forward)]
     assert len(forwarded) == 2
     assert [error_of(a)[0] for a in answers[2:]] == [429] * 6
-    assert decider.bulkhead.slots.in_flight(SCOPE) == 2
+    assert decider.runtime.bulkhead.slots.in_flight(SCOPE) == 2
     ids = {settle_json(decider, a)["id"] for a in forwarded}
     assert len(ids) == 2 and "same" not in ids
 
 
 def reserved_tokens(decider: Decider) -> int:
-    keys = [k for k in decider.quota._local._values if k.endswith("total_tokens") or "tokens" in k]
-    return sum(asyncio.run(decider.quota.read(keys)))
+    keys = [k for k in decider.runtime.quota._local._values if k.endswith("total_tokens") or "tokens" in k]
+    return sum(asyncio.run(decider.runtime.quota.read(keys)))
 
 
 @pytest.mark.parametrize("extra", [{"stop": 5}, {"temperature": []}, {"tools": 2.5}])
@@ -916,9 +923,9 @@ def test_a_call_refused_after_admission_gives_back_its_slot_and_tokens(tmp_path:
         refused = decide(decider, {**CHAT, "model": "fraud_detector", **extra})  # an OpenAI call to claude
         status, body = error_of(refused)
         assert status == 400, body
-        assert decider.bulkhead.slots.in_flight(SCOPE) == 0
+        assert decider.runtime.bulkhead.slots.in_flight(SCOPE) == 0
     assert reserved_tokens(decider) == 0
-    assert len(decider.inflight) == 0  # type: ignore[arg-type]
+    assert len(decider.runtime.inflight) == 0  # type: ignore[arg-type]
 
 
 def test_an_unexpected_failure_is_a_400_that_holds_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -927,12 +934,12 @@ def test_an_unexpected_failure_is_a_400_that_holds_nothing(tmp_path: Path, monke
     def broken(*_: object, **__: object) -> object:
         raise KeyError("internal detail")
 
-    monkeypatch.setattr("extproc.core.decision._for_provider", broken)
+    monkeypatch.setattr("extproc.core.forwarding.for_provider", broken)
     refused = decide(decider, CHAT)
     status, body = error_of(refused)
     assert status == 400 and body["error"]["code"] == "unprocessable_request"  # type: ignore[index]
     assert "internal detail" not in str(body) and "KeyError" not in str(body)
-    assert decider.bulkhead.slots.in_flight(SCOPE) == 0
+    assert decider.runtime.bulkhead.slots.in_flight(SCOPE) == 0
     assert reserved_tokens(decider) == 0
 
 
@@ -940,26 +947,27 @@ def test_a_decided_call_is_tracked_until_its_response_is_read(tmp_path: Path) ->
     decider = make_decider(tmp_path, BULKHEAD_POLICY)
     forward = decide(decider, CHAT)
     assert isinstance(forward, Forward)
-    assert len(decider.inflight) == 1  # type: ignore[arg-type]
+    assert len(decider.runtime.inflight) == 1  # type: ignore[arg-type]
     call_id = settle_json(decider, forward)["id"]
     # The response is never read (the caller left): past the deadline the sweeper releases it, once.
     from extproc.core.admission import sweep_once
 
     def sweep(now: float) -> int:
-        return asyncio.run(sweep_once(decider.inflight, quota=decider.quota, bulkhead=decider.bulkhead,
-                                      policy=decider.policy, now=now))
+        runtime = decider.runtime
+        return asyncio.run(sweep_once(runtime.inflight, quota=runtime.quota, bulkhead=runtime.bulkhead,
+                                      policy=runtime.policy, now=now))
 
     assert sweep(time.time()) == 0  # not yet due
     assert sweep(time.time() + 3600) == 1
-    assert decider.bulkhead.slots.in_flight(SCOPE) == 0
-    assert asyncio.run(decider.inflight.close(call_id)) is False  # a late settlement finds it released
+    assert decider.runtime.bulkhead.slots.in_flight(SCOPE) == 0
+    assert asyncio.run(decider.runtime.inflight.close(call_id)) is False  # a late settlement finds it released
     assert sweep(time.time() + 3600) == 0
 
 
 def test_relay_in_the_mesh_moves_a_call_on_only_for_its_own_namespace(tmp_path: Path) -> None:
     decider = make_decider(tmp_path)
     token, _ = fresh_token(decider)
-    decider.peer_identity = True  # as with --peer-identity xfcc
+    decider.runtime.peer_identity = True  # as with --peer-identity xfcc
     xfcc = "By=spiffe://cluster.local/ns/ai-system/sa/ai-extproc;URI=spiffe://cluster.local/ns/{}/sa/order-service"
     for headers in ({"x-ai-fallback": token},  # no verified peer
                     {"x-ai-fallback": token, "x-forwarded-client-cert": xfcc.format("elsewhere")}):
@@ -997,7 +1005,7 @@ def test_a_responses_call_falls_back_only_where_it_can_be_served(tmp_path: Path,
     if hops == 1:
         assert "x-ai-fallback" not in headers and "fallback_state" not in forward.metadata
     else:
-        state = fallback.HopState.decode(forward.metadata["fallback_state"], decider.signer)
+        state = fallback.HopState.decode(forward.metadata["fallback_state"], decider.runtime.signer)
         assert state is not None and state.limit == hops and state.caller_api == "openai_responses"
 
 
@@ -1045,12 +1053,12 @@ def test_a_fallback_hop_refused_by_the_decision_gives_back_what_the_call_holds(t
                                      "  - name: fraud_detector", 1)
     decider = make_decider(tmp_path, policy)
     first = decide(decider, ANTHROPIC_BODY, path="/v1/messages")
-    assert isinstance(first, Forward) and decider.bulkhead.slots.in_flight(SCOPE) == 1
-    assert len(decider.inflight) == 1  # type: ignore[arg-type]
+    assert isinstance(first, Forward) and decider.runtime.bulkhead.slots.in_flight(SCOPE) == 1
+    assert len(decider.runtime.inflight) == 1  # type: ignore[arg-type]
     relayed = relay(decider, {"x-ai-fallback": first.metadata["fallback_state"]}, "h", "/v1/messages"
                     ).headers["x-ai-fallback"]
     open_breaker(decider, OPENAI_KEY)
     refused = decide(decider, ANTHROPIC_BODY, path="/v1/messages", headers={"x-ai-fallback": relayed})
     assert error_of(refused)[0] == 503
-    assert decider.bulkhead.slots.in_flight(SCOPE) == 0  # given back now, not at the sweep
-    assert len(decider.inflight) == 0  # type: ignore[arg-type]
+    assert decider.runtime.bulkhead.slots.in_flight(SCOPE) == 0  # given back now, not at the sweep
+    assert len(decider.runtime.inflight) == 0  # type: ignore[arg-type]
