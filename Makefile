@@ -37,7 +37,7 @@ $(ENVOY_DIR)/.installed:
 	touch $@
 
 demo: setup
-	$(BIN)/extproc demo
+	$(BIN)/python -m devtools.demo
 
 # ruff, then mypy over extproc/ as [tool.mypy] in pyproject.toml configures it (strict).
 lint: setup

@@ -38,8 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 import yaml
 
-from extproc.envoy_config.bootstrap import SidecarSpec, to_yaml, upstream_for
-from extproc.launch import (
+from devtools.launch import (
     Managed,
     find_envoy,
     free_port,
@@ -47,8 +46,9 @@ from extproc.launch import (
     start_mock_provider,
     start_processor,
 )
+from devtools.stack import ANTHROPIC_KEY, OPENAI_KEY, Stack
+from extproc.envoy_config.bootstrap import SidecarSpec, to_yaml, upstream_for
 from extproc.policy.loader import load_policy
-from extproc.stack import ANTHROPIC_KEY, OPENAI_KEY, Stack
 
 BODY = json.dumps({"model": "auth_assistant", "messages": [{"role": "user", "content": "How do I reset my password?"}]})
 REPLY = json.dumps({
@@ -394,7 +394,7 @@ def retry_stats(admin_port: int) -> dict[str, int]:
 
 
 def envoy_admin_port(config: Path) -> int:
-    """The admin port of an Envoy started by extproc.launch.start_envoy, read back from its config."""
+    """The admin port of an Envoy started by devtools.launch.start_envoy, read back from its config."""
     return int(yaml.safe_load(config.read_text())["admin"]["address"]["socket_address"]["port_value"])
 
 

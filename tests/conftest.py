@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from extproc.launch import free_port
+from devtools.launch import free_port
 
 REQUIRE = os.environ.get("EXTPROC_REQUIRE_SERVICES") == "1"
 

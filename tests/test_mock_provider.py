@@ -26,7 +26,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from extproc.mock_provider import MockConfig, build_app, serve
+from devtools.mock_provider import MockConfig, build_app, serve
 
 OPENAI_KEY = "sk-mock-openai-0123456789"
 ANTHROPIC_KEY = "sk-ant-mock-0123456789"

@@ -24,7 +24,7 @@ from openai.types import Completion
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from extproc.mock_provider import DEFAULT_ANTHROPIC_MODELS, DEFAULT_OPENAI_MODELS, MockConfig
+from devtools.mock_provider import DEFAULT_ANTHROPIC_MODELS, DEFAULT_OPENAI_MODELS, MockConfig
 from tests.test_mock_provider import (
     ANTHROPIC_HEADERS,
     ANTHROPIC_KEY,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from extproc.core.wire import CACHE_HEADER
+from extproc.base.wire import CACHE_HEADER
 from extproc.policy.model import ModelRoute
 
 

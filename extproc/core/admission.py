@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from extproc.core.apis import ApiError, Endpoint, ErrorKind
+from extproc.base.apis import ApiError, Endpoint, ErrorKind
 from extproc.core.identity import Caller
 from extproc.core.inflight import GRACE_S, InFlightStore, OpenCall
 from extproc.core.messages import LocalReply, reject

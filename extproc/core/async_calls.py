@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
 
-from extproc.core.apis import ApiError, ErrorKind, api_of_caller, split_path
+from extproc.base.apis import ApiError, ErrorKind, api_of_caller, split_path
+from extproc.base.wire import ASYNC_HEADER, JOBS_PATH
 from extproc.core.identity import Caller
 from extproc.core.messages import HttpRequest, LocalReply, reject
-from extproc.core.tokens import Signer
-from extproc.core.wire import ASYNC_HEADER, JOB_HEADER, JOBS_PATH
 
 if TYPE_CHECKING:
     from extproc.core.admission import Admission, Charge
@@ -37,41 +35,6 @@ def wants_async(headers: Mapping[str, str]) -> bool:
     prefer = headers.get("prefer", "")
     preferences = {part.split("=", 1)[0].strip().lower() for part in prefer.replace(";", ",").split(",")}
     return "respond-async" in preferences or headers.get(ASYNC_HEADER, "").strip().lower() == "true"
-
-
-@dataclass(frozen=True, slots=True)
-class JobClaim:
-    """A verified ``x-ai-job`` token: this call executes job ``job_id`` on behalf of its submitter."""
-
-    job_id: str
-    service: str
-    namespace: str
-    reservation: str | None
-
-    def encode(self, signer: Signer, ttl_s: float) -> str:
-        """The worker's ``x-ai-job`` token for this job (``verify`` reads it)."""
-        return signer.sign({"job": self.job_id, "svc": self.service, "ns": self.namespace, "r": self.reservation},
-                           ttl_s)
-
-    @classmethod
-    def verify(cls, headers: Mapping[str, str], signer: Signer, caller: Caller, workers: frozenset[str]
-               ) -> JobClaim | None:
-        token = headers.get(JOB_HEADER)
-        if token is None:
-            return None
-        payload = signer.verify(token)
-        if payload is None:
-            return None
-        service, namespace = str(payload.get("svc", "")), str(payload.get("ns", ""))
-        # The worker calls through the submitter's own sidecar, or through its own (a worker identity).
-        if not service or (caller.service != service and caller.service not in workers):
-            return None
-        reservation = payload.get("r")
-        return cls(str(payload.get("job", "")), service, namespace,
-                   reservation if isinstance(reservation, str) else None)
-
-    def as_caller(self, caller: Caller) -> Caller:
-        return Caller(self.service, self.namespace or None, caller.service_account, "job")
 
 
 Headers = tuple[tuple[str, str], ...]

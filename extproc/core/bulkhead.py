@@ -7,7 +7,7 @@ never seen (its response stream was lost) stops counting after ``ttl_s`` instead
 capacity forever. With several replicas the slots must be shared (:class:`SharedBulkhead`, in the
 quota store's Redis): a slot taken on one replica is often given back on another.
 
-A dead or frozen Redis is left alone for a moment after a failure (:class:`~extproc.core.outage.Outage`)
+A dead or frozen Redis is left alone for a moment after a failure (:class:`~extproc.base.outage.Outage`)
 instead of costing every call its timeout.
 """
 
@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from extproc.core.outage import Outage
+from extproc.base.outage import Outage
 
 log = logging.getLogger(__name__)
 

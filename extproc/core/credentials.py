@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from extproc.core.apis import ApiError, ErrorKind
+from extproc.base.apis import ApiError, ErrorKind
 from extproc.policy.model import CredentialSource, Provider
 
 

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from extproc.base.apis import ENDPOINTS, Api, ApiError, Endpoint, ErrorKind, api_of_caller, canonical_path, classify
+from extproc.base.apis import resource as provider_resource
+from extproc.base.wire import FALLBACK_HEADER, FALLBACK_HOPS_HEADER, JOB_HEADER, JOBS_PATH, USAGE_HEADER
 from extproc.cache.entry import CacheEntry
 from extproc.cache.key import CachePlan, plan_cache
 from extproc.core import fallback
 from extproc.core.admission import Admission, Held, release
-from extproc.core.apis import ENDPOINTS, Api, ApiError, Endpoint, ErrorKind, api_of_caller, canonical_path, classify
-from extproc.core.apis import resource as provider_resource
-from extproc.core.async_calls import JobClaim, JobLookup, submit, wants_async
+from extproc.core.async_calls import JobLookup, submit, wants_async
 from extproc.core.forwarding import Forwarder, asks_usage, format_api, usable_hops
 from extproc.core.identity import Caller, bind_to_peer, identify
 from extproc.core.messages import Decision, Forward, HttpRequest, LocalReply, reject
@@ -38,7 +39,7 @@ from extproc.core.routing import Target, choose_target
 from extproc.core.runtime import Runtime
 from extproc.core.settlement import SettleInfo
 from extproc.core.usage import estimate_request_tokens
-from extproc.core.wire import FALLBACK_HEADER, FALLBACK_HOPS_HEADER, JOB_HEADER, JOBS_PATH, USAGE_HEADER
+from extproc.jobs.claim import JobClaim
 from extproc.policy.compiled import PolicySet, ServiceModels
 from extproc.policy.model import ModelRoute
 from extproc.quota.plan import Estimate
@@ -373,9 +374,9 @@ class Decider:
         caller = self._bind(request, identify(request.attributes, request.headers, policy.mesh.identity), policy)
         if isinstance(caller, ApiError):
             return reject(endpoint.api, caller)
-        claim = JobClaim.verify(request.headers, self.runtime.signer, caller, self.runtime.job_workers)
-        if claim is not None:
-            caller = claim.as_caller(caller)  # the worker replays the job as the service that submitted it
+        claim = JobClaim.verify(request.headers, self.runtime.signer, caller.service, self.runtime.job_workers)
+        if claim is not None:  # the worker replays the job as the service that submitted it
+            caller = Caller(claim.service, claim.namespace or None, caller.service_account, "job")
         service = policy.for_caller(caller.service, caller.namespace)
         if service is None:
             return reject(endpoint.api, ApiError(

@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from extproc.core.apis import ApiError, ErrorKind
+from extproc.base.apis import ApiError, ErrorKind
+from extproc.base.tokens import Signer
 from extproc.core.routing import Target
 from extproc.core.settlement import SettleInfo
-from extproc.core.tokens import Signer
 from extproc.policy.model import ModelRoute, Provider
 from extproc.telemetry.metrics import CallLabels, bounded
 from extproc.telemetry.record import Hop

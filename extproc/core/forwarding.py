@@ -12,19 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from extproc.core import fallback
-from extproc.core.admission import FREE_OPERATIONS
-from extproc.core.apis import ENDPOINTS, RESPONSES_FORMAT, Api, ApiError, Endpoint, ErrorKind, split_path
-from extproc.core.credentials import api_headers, key_headers
-from extproc.core.grants import Grant, body_digest, through_gateway
-from extproc.core.identity import Caller
-from extproc.core.inflight import GRACE_S
-from extproc.core.messages import Decision, Forward, HttpRequest, reject
-from extproc.core.paths import NO_USAGE
-from extproc.core.request_body import dump_json
-from extproc.core.routing import Target
-from extproc.core.settlement import SettleInfo
-from extproc.core.wire import (
+from extproc.base.apis import ENDPOINTS, RESPONSES_FORMAT, Api, ApiError, Endpoint, ErrorKind, split_path
+from extproc.base.wire import (
     FALLBACK_HEADER,
     FALLBACK_MARKER,
     FALLBACK_STATE_KEY,
@@ -38,6 +27,17 @@ from extproc.core.wire import (
     USAGE_STRIP,
     USAGE_TRANSLATE,
 )
+from extproc.core import fallback
+from extproc.core.admission import FREE_OPERATIONS
+from extproc.core.credentials import api_headers, key_headers
+from extproc.core.grants import Grant, body_digest, through_gateway
+from extproc.core.identity import Caller
+from extproc.core.inflight import GRACE_S
+from extproc.core.messages import Decision, Forward, HttpRequest, reject
+from extproc.core.paths import NO_USAGE
+from extproc.core.request_body import dump_json
+from extproc.core.routing import Target
+from extproc.core.settlement import SettleInfo
 from extproc.policy.model import MeshSettings, ModelRoute, Provider
 from extproc.translate import TranslationError, anthropic_to_openai, openai_to_anthropic, responses_to_anthropic
 

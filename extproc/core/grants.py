@@ -15,11 +15,11 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from extproc.core.apis import ApiError, ErrorKind
+from extproc.base.apis import ApiError, ErrorKind
+from extproc.base.tokens import Signer
 from extproc.core.credentials import CredentialStore, key_headers
 from extproc.core.inflight import InFlightStore
 from extproc.core.peer import Peer
-from extproc.core.tokens import Signer
 
 if TYPE_CHECKING:
     from extproc.policy.compiled import PolicySet

@@ -25,7 +25,7 @@ from typing import Protocol, cast
 
 import orjson
 
-from extproc.core.outage import Outage
+from extproc.base.outage import Outage
 from extproc.quota.engine import Reservation
 
 log = logging.getLogger(__name__)

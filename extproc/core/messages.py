@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from extproc.core.apis import Api, ApiError
+from extproc.base.apis import Api, ApiError
 from extproc.core.peer import Peer
 from extproc.telemetry.record import Hop
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from extproc.core.apis import Api, ApiError, Endpoint, ErrorKind, canonical_path, split_path
+from extproc.base.apis import Api, ApiError, Endpoint, ErrorKind, canonical_path, split_path
+from extproc.base.wire import GRANT_HEADER, SETTLE_KEY, USAGE_HEADER, USAGE_OBSERVE
 from extproc.core.credentials import api_headers, key_headers
 from extproc.core.grants import ANY_BODY, Grant, body_digest, through_gateway
 from extproc.core.identity import Caller
 from extproc.core.messages import Decision, Forward, HttpRequest, LocalReply
 from extproc.core.records import reply_record
 from extproc.core.settlement import SettleInfo
-from extproc.core.wire import GRANT_HEADER, SETTLE_KEY, USAGE_HEADER, USAGE_OBSERVE
 from extproc.policy.compiled import PolicySet, ServiceModels
 from extproc.policy.model import AllowedPath, Provider
 from extproc.quota.engine import Refused, Unavailable

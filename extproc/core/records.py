@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from extproc.core.apis import Endpoint
+from extproc.base.apis import Endpoint
 from extproc.core.identity import Caller
 from extproc.core.messages import HttpRequest, LocalReply
 from extproc.policy.compiled import PolicySet

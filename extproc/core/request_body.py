@@ -7,7 +7,7 @@ import re
 
 import orjson
 
-from extproc.core.apis import ApiError, ErrorKind
+from extproc.base.apis import ApiError, ErrorKind
 
 # Deeper nesting than any real request needs; orjson reads up to 1024 levels but writes only 254, and
 # a deep body costs every stage that walks it.

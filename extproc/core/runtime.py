@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from extproc.base.tokens import Signer
 from extproc.cache.store import ResponseCache
 from extproc.core.breaker import BreakerKey, Breakers, State
 from extproc.core.bulkhead import LocalBulkhead, SharedBulkhead
@@ -17,7 +18,6 @@ from extproc.core.credentials import CredentialStore
 from extproc.core.identity import Caller
 from extproc.core.inflight import InFlightStore, MemoryInFlight
 from extproc.core.messages import Decision, Forward
-from extproc.core.tokens import Signer
 from extproc.policy.compiled import PolicySet
 from extproc.quota.engine import QuotaEngine
 from extproc.telemetry.metrics import CallLabels, Metrics

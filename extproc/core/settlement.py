@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from extproc.base.tokens import Signer
 from extproc.cache.entry import CacheEntry
-from extproc.core.tokens import Signer
 from extproc.core.usage import Usage, UsageTracker
 from extproc.quota.engine import Reservation
 from extproc.quota.plan import Estimate

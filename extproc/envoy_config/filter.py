@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.core.identity import REQUEST_ATTRIBUTES
-from extproc.core.wire import (
+from extproc.base.wire import (
     FALLBACK_HEADER,
     FALLBACK_STATE_KEY,
     METADATA_NAMESPACE,
@@ -14,6 +13,7 @@ from extproc.core.wire import (
     USAGE_STRIP,
     USAGE_TRANSLATE,
 )
+from extproc.core.identity import REQUEST_ATTRIBUTES
 from extproc.envoy_config.versions import CONTENT_LENGTH_AFTER_REWRITE, STANDALONE_ENVOY, EnvoyVersion
 
 FILTER_NAME = "envoy.filters.http.ext_proc"

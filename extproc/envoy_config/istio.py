@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from extproc.base.wire import GRANT_HEADER
 from extproc.core.grants import in_mesh
-from extproc.core.wire import GRANT_HEADER
 from extproc.envoy_config.filter import (
     EXT_PROC_TYPE,
     FILTER_NAME,

@@ -1,6 +1,6 @@
 """Read usage events back: follow the JetStream stream or a JSONL sink file, print each event.
 
-Behind ``extproc events tail`` (extproc/cli_events.py). The NATS side uses an ephemeral ordered
+Behind ``extproc events tail`` (extproc/cli/events.py). The NATS side uses an ephemeral ordered
 consumer: nothing is left on the server after the tail exits, nothing is acknowledged, and a
 missed message (reconnect, slow reader) makes nats-py recreate the consumer where it left off.
 """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from extproc.core.apis import ApiError, ErrorKind
+from extproc.base.apis import ApiError, ErrorKind
 
 
 class JobError(Exception):

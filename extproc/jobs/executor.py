@@ -13,9 +13,9 @@ from collections.abc import Callable
 import aiohttp
 from multidict import CIMultiDict  # aiohttp's own header type: a repeated header stays repeated
 
-from extproc.core.async_calls import JobClaim
-from extproc.core.tokens import Signer
-from extproc.core.wire import JOB_HEADER
+from extproc.base.tokens import Signer
+from extproc.base.wire import JOB_HEADER
+from extproc.jobs.claim import JobClaim
 from extproc.jobs.model import Job, JobResult, is_retriable_status
 
 _TOKEN_SLACK_S = 60.0  # the token must outlive the call, including fallback hops that re-verify it
@@ -32,7 +32,7 @@ class PermanentError(Exception):
 
 
 def job_token(signer: Signer, job: Job, ttl_s: float) -> str:
-    """The ``x-ai-job`` token the decision verifies (one codec: async_calls.JobClaim)."""
+    """The ``x-ai-job`` token the decision verifies (one codec: jobs.claim.JobClaim)."""
     return JobClaim(job.job_id, job.service, job.namespace, job.reservation).encode(signer, ttl_s)
 
 

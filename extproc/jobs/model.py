@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from extproc.core.apis import Api, ApiError, ErrorKind
+from extproc.base.apis import Api, ApiError, ErrorKind
 
 _FORMAT = 1  # bumped if an encoding changes incompatibly; decoders refuse what they do not know
 

@@ -47,9 +47,9 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from extproc.core.apis import Api, ApiError, ErrorKind
-from extproc.core.outage import Outage
-from extproc.core.wire import JOBS_PATH
+from extproc.base.apis import Api, ApiError, ErrorKind
+from extproc.base.outage import Outage
+from extproc.base.wire import JOBS_PATH
 from extproc.jobs.config import JobLimits, JobNames
 from extproc.jobs.errors import JobError, JobTooLarge, NotRetriable, QueueFull, StoreUnavailable, UnknownJob
 from extproc.jobs.metrics import RESUBMITTED, SUBMITTED, JobMetrics

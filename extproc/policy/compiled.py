@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from extproc.policy.model import AIProxy, BreakerSettings, MeshSettings, ModelRoute, Price, Provider, ServicePolicy
-from extproc.quota.prices import PriceTable
+from extproc.policy.prices import PriceTable
 
 
 @dataclass(frozen=True, slots=True)

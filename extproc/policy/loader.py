@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from extproc.policy.compiled import PolicySet, compile_policy_set
 from extproc.policy.model import BUILTIN_PROVIDERS, MeshConfig, MeshSettings, Price, Provider, ServicePolicy
-from extproc.quota.prices import PriceTable
+from extproc.policy.prices import PriceTable
 
 YAML_SUFFIXES = (".yaml", ".yml")
 M = TypeVar("M", bound=BaseModel)

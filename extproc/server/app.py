@@ -21,10 +21,10 @@ from extproc.core.decision import Decider
 from extproc.core.inflight import InFlightStore, MemoryInFlight, RedisInFlight
 from extproc.core.runtime import Runtime
 from extproc.events.sinks import EventSink, build_event_sinks
+from extproc.policy.store import PolicyStore
 from extproc.quota.engine import QuotaEngine
 from extproc.server.admin import AdminServer, MetricsServer
 from extproc.server.credentials import CredentialProcessor
-from extproc.server.policy_store import PolicyStore
 from extproc.server.processor import AsyncExternalProcessor
 from extproc.server.relay import RelayServer
 from extproc.telemetry.metrics import Metrics
@@ -32,8 +32,8 @@ from extproc.telemetry.telemetry import Telemetry, TelemetryOptions, build_telem
 
 if TYPE_CHECKING:
     from extproc.jobs.store import JobStore
+    from extproc.policy.kube_source import KubeOptions, KubePolicySource
     from extproc.policy.model import MeshSettings
-    from extproc.server.kube_source import KubeOptions, KubePolicySource
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ async def _policy_store(options: ServeOptions) -> tuple[KubePolicySource | None,
     """The policy from the files and, with ``options.kubernetes``, from AIPolicy and AIProvider objects."""
     source = None
     if options.kubernetes is not None:
-        from extproc.server.kube_source import KubePolicySource, api_client
+        from extproc.policy.kube_source import KubePolicySource, api_client
 
         source = KubePolicySource(api_client(options.kube_api), options.kubernetes)
         source.start()

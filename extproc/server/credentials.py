@@ -16,12 +16,12 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from extproc.core.apis import ApiError, ErrorKind, api_of_caller
+from extproc.base.apis import ApiError, ErrorKind, api_of_caller
+from extproc.base.wire import GRANT_HEADER
 from extproc.core.grants import redeem
 from extproc.core.messages import LocalReply
 from extproc.core.peer import from_spiffe_id
 from extproc.core.runtime import Runtime
-from extproc.core.wire import GRANT_HEADER
 from extproc.server.protocol import ATTRIBUTES_KEY, header_mutation, immediate_response, request_from
 
 log = logging.getLogger(__name__)

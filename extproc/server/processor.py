@@ -19,13 +19,13 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from extproc.base.wire import XFCC_HEADER
 from extproc.core.async_calls import JobLookup
 from extproc.core.decision import Decider, Exchange
 from extproc.core.messages import LocalReply
 from extproc.core.paths import ProviderCall
 from extproc.core.peer import Peer, from_xfcc
 from extproc.core.settlement import SettleInfo, Settlement
-from extproc.core.wire import XFCC_HEADER
 from extproc.server.protocol import (
     CONTINUE_BODY,
     CONTINUE_TRAILERS,

@@ -9,9 +9,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from extproc.base.wire import METADATA_NAMESPACE, SETTLE_KEY
 from extproc.core.messages import Forward, HttpRequest, LocalReply
 from extproc.core.peer import Peer
-from extproc.core.wire import METADATA_NAMESPACE, SETTLE_KEY
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from extproc.base.apis import ApiError, ErrorKind, api_of_caller
+from extproc.base.wire import FALLBACK_HEADER, XFCC_HEADER
 from extproc.core import fallback
-from extproc.core.apis import ApiError, ErrorKind, api_of_caller
 from extproc.core.peer import from_xfcc
 from extproc.core.runtime import Runtime
-from extproc.core.wire import FALLBACK_HEADER, XFCC_HEADER
 from extproc.server.admin import serve_app
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from extproc.core.usage import Usage
 from extproc.policy.compiled import PolicySet
 
 OTHER = "other"
@@ -110,7 +110,20 @@ def _bounded(value: str | None, known: Collection[str]) -> str:
     return value if value in known else OTHER
 
 
-def record_usage(metrics: Metrics, labels: CallLabels, operation: str, usage: Usage) -> None:
+class TokenCounts(Protocol):
+    """What a provider reported a call used (core.usage.Usage)."""
+
+    @property
+    def input_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def cached_input_tokens(self) -> int: ...
+    @property
+    def reasoning_tokens(self) -> int: ...
+
+
+def record_usage(metrics: Metrics, labels: CallLabels, operation: str, usage: TokenCounts) -> None:
     genai = (operation, labels.provider, labels.request_model, labels.response_model)
     for kind, value in (("input", usage.input_tokens), ("output", usage.output_tokens),
                         ("cached_input", usage.cached_input_tokens), ("reasoning", usage.reasoning_tokens)):

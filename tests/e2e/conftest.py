@@ -6,9 +6,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from devtools.launch import LaunchError, find_envoy
+from devtools.stack import Stack
 from extproc.cli import sample_policy_dir
-from extproc.launch import LaunchError, find_envoy
-from extproc.stack import Stack
 from tests.conftest import missing
 
 

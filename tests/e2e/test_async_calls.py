@@ -16,10 +16,10 @@ import nats
 import openai
 import pytest
 
+from devtools.launch import start_worker
+from devtools.stack import NAMESPACE, Stack
 from extproc.jobs.config import JobNames
 from extproc.jobs.store import JobStore
-from extproc.launch import start_worker
-from extproc.stack import NAMESPACE, Stack
 
 POLICY = """\
 providers:

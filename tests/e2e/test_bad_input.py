@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from extproc.stack import Stack
+from devtools.stack import Stack
 from tests.e2e.conftest import Mock, logs, processor_alive
 
 CHAT = "/v1/chat/completions"

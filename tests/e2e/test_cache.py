@@ -14,7 +14,7 @@ import openai
 import pytest
 import redis as sync_redis
 
-from extproc.stack import Stack
+from devtools.stack import Stack
 from tests.e2e.conftest import Mock
 
 SERVICE = """\

@@ -26,10 +26,10 @@ from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 from prometheus_client import CollectorRegistry
 
+from devtools.launch import free_port
 from extproc.events.schema import SCHEMA_NAME, UsageEvent, event_from_json, to_event
 from extproc.events.sinks import NatsEventSink
 from extproc.events.tail import TailOptions, format_line, tail_nats
-from extproc.launch import free_port
 from extproc.telemetry.record import CallRecord, Hop
 from tests.conftest import missing
 

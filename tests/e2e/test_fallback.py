@@ -18,8 +18,8 @@ import openai
 import pytest
 import redis
 
-from extproc.launch import free_port
-from extproc.stack import ANTHROPIC_KEY, OPENAI_KEY, Stack
+from devtools.launch import free_port
+from devtools.stack import ANTHROPIC_KEY, OPENAI_KEY, Stack
 from tests.e2e.conftest import Mock
 
 POLICY = """\

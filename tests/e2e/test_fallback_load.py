@@ -21,8 +21,8 @@ import httpx
 import orjson
 import pytest
 
-from extproc.launch import free_port
-from extproc.stack import Stack
+from devtools.launch import free_port
+from devtools.stack import Stack
 
 POLICY = """\
 providers:

@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from extproc.stack import Stack
+from devtools.stack import Stack
 from tests.e2e.conftest import Mock, logs, processor_alive
 
 POLICY = """\

@@ -28,9 +28,10 @@ from aiohttp import web
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry
 
+from devtools.launch import Managed, free_port
+from extproc.base.tokens import Signer
+from extproc.base.wire import JOB_HEADER
 from extproc.cli import main as cli_main
-from extproc.core.tokens import Signer
-from extproc.core.wire import JOB_HEADER
 from extproc.jobs import (
     HttpExecutor,
     Job,
@@ -47,7 +48,6 @@ from extproc.jobs import (
     Worker,
 )
 from extproc.jobs.model import new_job_id
-from extproc.launch import Managed, free_port
 from tests.conftest import jetstream_answers, missing
 
 NATS_URL = "nats://127.0.0.1:4222"
@@ -445,7 +445,7 @@ def test_retriable_failures_back_off_then_dead_letter_then_retry(names: JobNames
 
 def test_a_dead_jobs_poll_answers_in_the_api_format_of_the_submitted_call(names: JobNames) -> None:
     """The poll is a bare GET: nothing in it says Anthropic. The job's status record does."""
-    from extproc.core.apis import Api
+    from extproc.base.apis import Api
     from extproc.core.async_calls import JobLookup
     from extproc.core.identity import Caller
 

@@ -24,17 +24,17 @@ import httpx
 import orjson
 import pytest
 
+from devtools.launch import free_port
+from devtools.stack import Stack
 from extproc.cache.store import ResponseCache
 from extproc.core.credentials import CredentialStore
 from extproc.core.decision import Decider, Exchange, HttpRequest, LocalReply
 from extproc.core.identity import ATTR_APP, ATTR_NAMESPACE
 from extproc.core.runtime import Runtime
 from extproc.jobs import Job, JobNames, JobStore, StoreUnavailable
-from extproc.launch import free_port
 from extproc.policy.loader import load_policy
 from extproc.policy.model import CacheSettings, QuotaSettings
 from extproc.quota.engine import QuotaEngine
-from extproc.stack import Stack
 from tests.conftest import jetstream_answers, missing
 
 T = TypeVar("T")

@@ -10,7 +10,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.stack import Stack
+from devtools.stack import Stack
 
 POLICY = """\
 providers:

@@ -18,8 +18,8 @@ import openai
 import pytest
 import redis as sync_redis
 
-from extproc.launch import free_port
-from extproc.stack import Stack
+from devtools.launch import free_port
+from devtools.stack import Stack
 from tests.conftest import missing
 
 PROVIDERS = """\

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from extproc.stack import ANTHROPIC_KEY, OPENAI_KEY, Stack
+from devtools.stack import ANTHROPIC_KEY, OPENAI_KEY, Stack
 from tests.e2e.conftest import Mock
 
 POLICY = """\

@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 
+from devtools.launch import envoy_version, find_envoy
+from devtools.stack import ANTHROPIC_KEY, OPENAI_KEY, Stack
 from extproc.envoy_config.versions import CONTENT_LENGTH_AFTER_REWRITE
-from extproc.launch import envoy_version, find_envoy
-from extproc.stack import ANTHROPIC_KEY, OPENAI_KEY, Stack
 from tests.e2e.conftest import Mock, processor_alive
 
 

@@ -16,9 +16,9 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devtools.stack import Stack
 from extproc.cli import sample_policy_dir
 from extproc.server.app import SERVICE_NAME
-from extproc.stack import Stack
 
 
 def health(port: int, service: str = "") -> int:

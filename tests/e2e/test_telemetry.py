@@ -20,9 +20,9 @@ import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from devtools.launch import free_port
+from devtools.stack import Stack
 from extproc.events.gen.ai.extproc.v1.usage_event_pb2 import UsageEvent
-from extproc.launch import free_port
-from extproc.stack import Stack
 
 SECRET = "sk-live-0123456789abcdefghijklmnopqrstuv"
 POLICY = """\

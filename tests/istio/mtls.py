@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from devtools.launch import Managed, find_envoy
 from extproc.envoy_config.bootstrap import to_yaml
 from extproc.envoy_config.filter import credential_filter
-from extproc.launch import Managed, find_envoy
 
 TRUST_DOMAIN = "cluster.local"
 PROCESSOR_HOST = "ai-extproc.ai-system.svc.cluster.local"

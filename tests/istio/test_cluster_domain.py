@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from devtools.launch import LaunchError, find_envoy
 from extproc.cli import main
 from extproc.core.grants import in_mesh, through_gateway
-from extproc.launch import LaunchError, find_envoy
 from extproc.policy.model import Provider
 from tests.istio.sidecar import apply_envoy_filter, istio_outbound_bootstrap
 

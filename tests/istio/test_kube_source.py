@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from extproc.cli import sample_policy_dir
-from extproc.server.kube_source import Backoff, KubeOptions, KubePolicySource, api_client
-from extproc.server.policy_store import PolicyStore
+from extproc.policy.kube_source import Backoff, KubeOptions, KubePolicySource, api_client
+from extproc.policy.store import PolicyStore
 from tests.istio.fake_kube import FakeKube, Served
 
 POL, PROV = "aipolicies", "aiproviders"
@@ -238,7 +238,7 @@ def test_serve_kubernetes_is_not_ready_before_the_first_list(tmp_path: Path) -> 
     import socket
     import sys
 
-    from extproc.launch import Managed, free_port, wait_for_port
+    from devtools.launch import Managed, free_port, wait_for_port
 
     kube = FakeKube()
     kube.put(PROV, "ai-system", "openai", {"api": "openai", "base_url": "http://api.openai.com/v1"})

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from extproc.cli import main
-from extproc.cli_mesh import RENDER_ISTIO_FILES
+from extproc.cli.mesh import RENDER_ISTIO_FILES
 from extproc.policy.crd import SECRETS_DIR
 from extproc.server.app import SERVICE_NAME
 from tests.conftest import missing

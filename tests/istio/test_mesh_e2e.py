@@ -23,11 +23,11 @@ import openai
 import pytest
 import yaml
 
+from devtools.launch import LaunchError, Managed, find_envoy, free_port, start_mock_provider, wait_for_port
 from extproc.envoy_config.bootstrap import SidecarSpec, render_bootstrap, upstream_for
 from extproc.envoy_config.filter import FILTER_NAME, ext_proc_filter
 from extproc.envoy_config.istio import ProviderHost, provider_calls_only
 from extproc.envoy_config.versions import DEFAULT_ISTIO, envoy_for_istio
-from extproc.launch import LaunchError, Managed, find_envoy, free_port, start_mock_provider, wait_for_port
 from extproc.policy.model import Provider
 from tests.istio.fake_kube import FakeKube, Served
 from tests.istio.sidecar import PROCESSOR_CLUSTER, PROCESSOR_HOST, apply_envoy_filter, istio_outbound_bootstrap

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
+from devtools.launch import free_port, start_processor
 from extproc.cli import sample_policy_dir
 from extproc.envoy_config.istio import METRICS_ACCOUNT, METRICS_PORT
-from extproc.launch import free_port, start_processor
 from tests.istio.test_manifests import ISTIO, kustomize
 
 Obj = dict[str, Any]

@@ -29,11 +29,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
+from devtools.launch import LaunchError, Managed, find_envoy, free_port, start_mock_provider, start_processor
+from extproc.base.tokens import Signer
+from extproc.base.wire import METADATA_NAMESPACE, SETTLE_KEY
 from extproc.core.identity import ATTR_APP, ATTR_NAMESPACE, ATTR_SERVICE_ACCOUNT
-from extproc.core.tokens import Signer
-from extproc.core.wire import METADATA_NAMESPACE, SETTLE_KEY
 from extproc.envoy_config.bootstrap import SidecarSpec, Upstream, render_bootstrap
-from extproc.launch import LaunchError, Managed, find_envoy, free_port, start_mock_provider, start_processor
 from extproc.server.protocol import ATTRIBUTES_KEY
 from tests.conftest import missing
 from tests.istio.mtls import (

@@ -716,7 +716,7 @@ class GatewayMesh:
 @pytest.fixture(scope="module")
 def gateway_mesh(install: dict[Key, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[GatewayMesh]:
-    from extproc.launch import LaunchError, find_envoy
+    from devtools.launch import LaunchError, find_envoy
 
     try:
         envoy = find_envoy()
@@ -733,7 +733,7 @@ def gateway_mesh(install: dict[Key, dict[str, Any]], tmp_path_factory: pytest.Te
 def running_gateway_mesh(install: dict[Key, dict[str, Any]], tmp: Path, envoy: str) -> Iterator[GatewayMesh]:
     """The gateway-mode install on real Envoys (``envoy``: the binary for the gateway and the sidecars):
     two sample workloads' sidecars, the egress gateway, the processor and the mock providers."""
-    from extproc.launch import LaunchError, Managed, free_port, start_mock_provider, wait_for_port
+    from devtools.launch import LaunchError, Managed, free_port, start_mock_provider, wait_for_port
     from tests.istio.fake_kube import FakeKube, Served
 
     services = ("user-service", "order-service")

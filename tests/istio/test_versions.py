@@ -18,6 +18,7 @@ import openai
 import pytest
 import yaml
 
+from devtools.launch import LaunchError, envoy_version, find_release_envoy
 from extproc.cli import main
 from extproc.envoy_config.bootstrap import SidecarSpec, render_bootstrap, upstream_for
 from extproc.envoy_config.versions import (
@@ -28,7 +29,6 @@ from extproc.envoy_config.versions import (
     EnvoyVersion,
     envoy_for_istio,
 )
-from extproc.launch import LaunchError, envoy_version, find_release_envoy
 from extproc.policy.loader import load_policy
 from tests.istio.sidecar import apply_envoy_filter, istio_outbound_bootstrap
 from tests.istio.test_manifests import kustomize

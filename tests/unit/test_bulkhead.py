@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from devtools.launch import free_port
+from extproc.base.outage import Outage
 from extproc.core.bulkhead import SharedBulkhead
-from extproc.core.outage import Outage
-from extproc.launch import free_port
 from tests.conftest import _redis_answers, missing
 
 

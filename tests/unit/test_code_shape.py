@@ -38,9 +38,6 @@ EXEMPTION = "# long:"
 # so the set cannot go stale.
 PENDING = frozenset({
     "extproc/core/usage.py",
-    "extproc/demo.py",  # demo, stack, mock_provider: dev tools about to move out of the package
-    "extproc/mock_provider.py",
-    "extproc/stack.py",
     "extproc/translate/anthropic_to_openai.py",
     "extproc/translate/openai_to_anthropic.py",
     "extproc/translate/responses_to_anthropic.py",

@@ -7,11 +7,11 @@ import asyncio
 import orjson
 import pytest
 
-from extproc.cli_jobs import envoy_router
-from extproc.core.apis import Api
+from extproc.base.apis import Api
+from extproc.base.tokens import Signer
+from extproc.cli.jobs import envoy_router
 from extproc.core.async_calls import JobLookup
 from extproc.core.identity import Caller
-from extproc.core.tokens import Signer
 from extproc.jobs.config import JobNames, subject_token
 from extproc.jobs.errors import JobTooLarge, QueueFull, StoreUnavailable, UnknownJob
 from extproc.jobs.executor import job_token

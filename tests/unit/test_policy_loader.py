@@ -16,7 +16,7 @@ from extproc.cli import main, sample_policy_dir
 from extproc.policy.loader import PolicyError, load_policy
 
 if TYPE_CHECKING:
-    from extproc.launch import Managed
+    from devtools.launch import Managed
 
 MESH = """\
 providers:
@@ -199,7 +199,7 @@ def test_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 def test_store_follows_configmap_style_symlink_swap(tmp_path: Path) -> None:
     """A ConfigMap volume: visible files are symlinks into ..data, which is swapped atomically."""
-    from extproc.server.policy_store import PolicyStore
+    from extproc.policy.store import PolicyStore
 
     volume = tmp_path / "volume"
     volume.mkdir()
@@ -388,13 +388,13 @@ async def _until(check: Callable[[], bool], seconds: float = 5.0) -> None:
 
 def test_watcher_survives_a_bad_edit_and_serves_the_next_good_one(tmp_path: Path,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    from extproc.server.policy_store import PolicyStore
+    from extproc.policy.store import PolicyStore
 
     write(tmp_path, "mesh.yaml", MESH)
     order = write(tmp_path, "order.yaml", ORDER_SERVICE)
     store = PolicyStore([tmp_path])
     version = store.current().version
-    caplog.set_level(logging.INFO, logger="extproc.server.policy_store")
+    caplog.set_level(logging.INFO, logger="extproc.policy.store")
 
     async def drive() -> None:
         watcher = asyncio.create_task(store.watch(0.01))
@@ -416,8 +416,8 @@ def test_watcher_survives_a_bad_edit_and_serves_the_next_good_one(tmp_path: Path
 
 def test_watcher_logs_an_unexpected_reload_failure_and_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from extproc.server import policy_store
-    from extproc.server.policy_store import PolicyStore
+    from extproc.policy.store import PolicyStore
+    from extproc.policy import store as policy_store
 
     write(tmp_path, "mesh.yaml", MESH)
     order = write(tmp_path, "order.yaml", ORDER_SERVICE)
@@ -450,7 +450,7 @@ def test_watcher_logs_an_unexpected_reload_failure_and_goes_on(tmp_path: Path, c
 
 def test_sigterm_after_a_rejected_edit_drains_and_exits_0(tmp_path: Path) -> None:
     """A real `extproc serve`: a policy edit that used to kill the watcher, then SIGTERM."""
-    from extproc.launch import free_port, start_processor
+    from devtools.launch import free_port, start_processor
 
     for path in sample_policy_dir().iterdir():
         (tmp_path / path.name).write_text(path.read_text())
@@ -489,9 +489,9 @@ def test_sigterm_drains_even_when_the_watcher_died(tmp_path: Path, monkeypatch: 
     import os
     import signal
 
-    from extproc.launch import free_port
+    from devtools.launch import free_port
+    from extproc.policy.store import PolicyStore
     from extproc.server.app import ServeOptions, serve
-    from extproc.server.policy_store import PolicyStore
 
     async def dies(self: PolicyStore, interval: float) -> None:
         raise ValueError("could not convert string to float: 'abc'")

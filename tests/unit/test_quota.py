@@ -151,7 +151,7 @@ def test_redis_counters_expire_after_their_window(redis_url: str, prefix: str) -
 
 
 def test_dead_redis_fails_open_to_a_backstop_or_closed(prefix: str) -> None:
-    from extproc.launch import free_port
+    from devtools.launch import free_port
 
     clock = Clock(ts("2026-11-22T08:15:10"))
     dead = f"redis://127.0.0.1:{free_port()}/0"

@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
+from extproc.base.tokens import Signer
+from extproc.base.wire import FALLBACK_MARKER
 from extproc.cache.store import ResponseCache
 from extproc.core import fallback
 from extproc.core.breaker import BreakerKey, Breakers, State
@@ -28,8 +30,6 @@ from extproc.core.decision import Decider, Forward, LocalReply
 from extproc.core.routing import Target
 from extproc.core.runtime import Runtime
 from extproc.core.settlement import SettleInfo
-from extproc.core.tokens import Signer
-from extproc.core.wire import FALLBACK_MARKER
 from extproc.policy.compiled import PolicySet
 from extproc.policy.loader import load_policy
 from extproc.policy.model import BreakerSettings, CacheSettings, QuotaSettings

@@ -21,7 +21,7 @@ import openai
 import orjson
 import pytest
 
-from extproc import mock_provider as mock
+from devtools import mock_provider as mock
 from extproc.translate import TranslationError
 from extproc.translate import anthropic_to_openai as a2o
 from extproc.translate import openai_to_anthropic as o2a

@@ -32,7 +32,7 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from extproc import mock_provider as mock
+from devtools import mock_provider as mock
 from extproc.translate import TranslationError
 from extproc.translate import responses_to_anthropic as r2a
 from extproc.translate.response import ResponseTranslator
@@ -224,7 +224,8 @@ RESPONSES_TOOLS: dict[str, Any] = {
 
 
 def test_one_format_name_everywhere() -> None:
-    from extproc.core import apis, usage
+    from extproc.base import apis
+    from extproc.core import usage
 
     assert r2a.CALLER_FORMAT == usage.RESPONSES == apis.RESPONSES_FORMAT == "openai_responses"
 

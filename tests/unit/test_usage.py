@@ -21,7 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from extproc import mock_provider as mock
+from devtools import mock_provider as mock
 from extproc.core.usage import Usage, UsageTracker, estimate_request_tokens
 from tests.chunking import split
 

@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from extproc import mock_provider as mock
+from devtools import mock_provider as mock
 from extproc.core import usage as usage_module
 from extproc.core.usage import RESPONSES, Usage, UsageTracker, estimate_request_tokens
 from tests.chunking import split

@@ -31,7 +31,7 @@ Request headers understood (they override the MockConfig defaults):
 
 Order of checks: record, latency, reset, auth (and anthropic-version), injected fault, body validation.
 Anthropic auth accepts `x-api-key` and also `Authorization: Bearer`, because the anthropic SDK sends
-its api_key that way.  Run standalone with `python -m extproc.mock_provider --port 8080 ...`.
+its api_key that way.  Run standalone with `python -m devtools.mock_provider --port 8080 ...`.
 """
 
 from __future__ import annotations

@@ -45,13 +45,13 @@ def _label(value: str) -> tuple[str, str]:
 
 
 def _sample_dir() -> Path:
-    from extproc.cli import sample_policy_dir
+    from extproc.cli.options import sample_policy_dir
 
     return sample_policy_dir()
 
 
 def cmd_render_crds(args: argparse.Namespace) -> int:
-    from extproc.cli import write_output
+    from extproc.cli.options import write_output
     from extproc.policy.crd import render_crds
 
     write_output(_yaml_stream(render_crds(), "extproc render crds"), args.output)
@@ -267,9 +267,9 @@ def add_check_parsers(check_sub: Any) -> None:
 
 
 def cmd_serve_kubernetes(args: argparse.Namespace) -> int:
-    from extproc.cli import run_server, telemetry_settings, trust_settings
+    from extproc.cli.options import run_server, telemetry_settings, trust_settings
+    from extproc.policy.kube_source import KubeOptions
     from extproc.server.app import ServeOptions
-    from extproc.server.kube_source import KubeOptions
 
     options = ServeOptions(
         args.listen, tuple(args.policy or ()), args.grace, args.watch,
@@ -301,15 +301,15 @@ def add_serve_kubernetes_parser(sub: Any) -> None:
     serve.add_argument("--kube-api", help="API server URL (default: in-cluster config, else ~/.kube/config)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight streams on SIGTERM")
     serve.add_argument("--watch", type=float, default=2.0, help="seconds between policy file checks (0: off)")
-    from extproc.cli import (
-        _host_port,
+    from extproc.cli.options import (
         add_metrics_argument,
         add_relay_argument,
         add_telemetry_arguments,
         add_trust_arguments,
+        host_port,
     )
 
-    serve.add_argument("--admin", type=_host_port, help="HOST:PORT for /healthz, /readyz, /config, /metrics")
+    serve.add_argument("--admin", type=host_port, help="HOST:PORT for /healthz, /readyz, /config, /metrics")
     add_metrics_argument(serve)
     add_relay_argument(serve)
     add_trust_arguments(serve)

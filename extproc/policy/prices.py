@@ -30,7 +30,7 @@ class ModelPrice:
 
 @cache
 def shipped_prices() -> Mapping[tuple[str, str], ModelPrice]:
-    text = (resources.files("extproc.quota") / "prices.yaml").read_text()
+    text = (resources.files("extproc.policy") / "prices.yaml").read_text()
     table: dict[tuple[str, str], ModelPrice] = {}
     for api, models in yaml.safe_load(text).items():
         for model, p in models.items():

@@ -1,6 +1,6 @@
 """Starting and stopping the real parts (Envoy, the processor, mock providers) on local ports.
 
-Used by ``extproc demo``, the end-to-end tests and the benchmark, so all three run the same way.
+Used by ``make demo``, the end-to-end tests and the benchmark, so all three run the same way.
 """
 
 from __future__ import annotations
@@ -145,8 +145,8 @@ def start_processor(
 
 def start_mock_provider(port: int, args: Sequence[str] = (), name: str = "mock",
                         log_dir: Path | None = None) -> Managed:
-    return Managed(f"mock-{name}", [sys.executable, "-m", "extproc", "mock-provider", "--listen",
-                                    f"127.0.0.1:{port}", "--name", name, *args],
+    return Managed(f"mock-{name}", [sys.executable, "-m", "devtools.mock_provider", "--host", "127.0.0.1",
+                                    "--port", str(port), "--name", name, *args],
                    log_dir=log_dir or temp_log_dir()).start_listening(port)
 
 

@@ -2,7 +2,7 @@
 
 Every header name, dynamic-metadata key and path that two of them must agree on is defined here and
 only here; the tokens that travel in them each have one codec, next to their type (fallback.HopState,
-settlement.SettleInfo, grants.Grant, async_calls.JobClaim).
+settlement.SettleInfo, grants.Grant, jobs.claim.JobClaim).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ GRANT_HEADER = "x-ai-grant"
 # --- headers callers may send ---
 CACHE_HEADER = "x-ai-cache"  # "bypass": neither read nor write the cache for this call
 ASYNC_HEADER = "x-ai-async"  # "true": an asynchronous call, for clients that cannot set Prefer
-JOB_HEADER = "x-ai-job"  # the worker's signed claim that it executes a job (async_calls.JobClaim)
+JOB_HEADER = "x-ai-job"  # the worker's signed claim that it executes a job (jobs.claim.JobClaim)
 JOBS_PATH = "/v1/ai-jobs/"  # GET /v1/ai-jobs/<id>: a job's result, answered by the processor
 
 # --- what the processor's own sidecar tells it ---

@@ -32,8 +32,8 @@ def _envoy(value: str) -> tuple[str, str]:
     return service, url
 
 
-def _host_port(value: str) -> tuple[str, int]:
-    from extproc.cli import _host_port as parse
+def host_port(value: str) -> tuple[str, int]:
+    from extproc.cli.options import host_port as parse
 
     return parse(value)
 
@@ -75,7 +75,7 @@ def add_jobs_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     worker.add_argument("--ack-wait", type=float, help="seconds before a silent worker's job is redelivered "
                         "(default: --timeout + 30; running calls send heartbeats)")
     worker.add_argument("--grace", type=float, default=30.0, help="seconds to finish in-flight jobs on SIGTERM")
-    worker.add_argument("--metrics", type=_host_port, help="HOST:PORT to serve Prometheus /metrics on")
+    worker.add_argument("--metrics", type=host_port, help="HOST:PORT to serve Prometheus /metrics on")
     worker.set_defaults(func=cmd_worker)
 
     jobs = subparsers.add_parser("jobs", help="inspect and retry asynchronous AI jobs")
@@ -110,7 +110,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
 
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from extproc.core.tokens import Signer
+    from extproc.base.tokens import Signer
     from extproc.jobs.executor import HttpExecutor
     from extproc.jobs.metrics import JobMetrics
     from extproc.jobs.store import JobStore

@@ -1,7 +1,7 @@
 """A complete local stack on free 127.0.0.1 ports: mock providers, the processor, one Envoy per service.
 
 Each service gets its own Envoy whose node metadata names it, exactly as an Istio sidecar's does.
-``extproc demo``, the end-to-end tests and the benchmark all run on this.
+``make demo``, the end-to-end tests and the benchmark all run on this.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from devtools.launch import Managed, free_port, start_envoy, start_mock_provider, start_processor, start_worker
 from extproc.envoy_config.bootstrap import SidecarSpec, upstream_for
-from extproc.launch import Managed, free_port, start_envoy, start_mock_provider, start_processor, start_worker
 from extproc.policy.loader import load_policy
 
 OPENAI_KEY = "sk-demo-openai"

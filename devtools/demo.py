@@ -1,4 +1,5 @@
-"""``extproc demo``: a real Envoy per sample service, our processor and mock providers, on local ports.
+"""``make demo`` (``python -m devtools.demo``): a real Envoy per sample service, our processor and mock
+providers, on local ports.
 
 Each sample service gets its own Envoy whose node metadata names it, exactly as an Istio sidecar's
 does. Traffic is sent with the official ``openai`` and ``anthropic`` SDKs through those Envoys, and
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from devtools.launch import LaunchError
+from devtools.stack import SERVICES, Stack
 from extproc.cli import sample_policy_dir
-from extproc.launch import LaunchError
-from extproc.stack import SERVICES, Stack
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
@@ -325,3 +326,16 @@ def run_demo(keep_logs: bool = False) -> int:
         else:
             shutil.rmtree(log_dir, ignore_errors=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m devtools.demo",
+                                     description="run Envoy + processor + mock providers and show what policy does")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the component logs and print where")
+    return run_demo(keep_logs=parser.parse_args(argv).keep_logs)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
