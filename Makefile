@@ -40,9 +40,11 @@ demo: setup
 	$(BIN)/python -m devtools.demo
 
 # ruff, then mypy over extproc/ as [tool.mypy] in pyproject.toml configures it (strict).
+# Style, types, and the code's shape: every import goes down a layer, no function too long or branchy.
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_layers.py tests/unit/test_code_shape.py
 
 # The Istio install tests build istio/ with `kubectl kustomize` (Debian package kubernetes-client).
 kubectl:

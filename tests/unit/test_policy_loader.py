@@ -416,8 +416,8 @@ def test_watcher_survives_a_bad_edit_and_serves_the_next_good_one(tmp_path: Path
 
 def test_watcher_logs_an_unexpected_reload_failure_and_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from extproc.policy.store import PolicyStore
     from extproc.policy import store as policy_store
+    from extproc.policy.store import PolicyStore
 
     write(tmp_path, "mesh.yaml", MESH)
     order = write(tmp_path, "order.yaml", ORDER_SERVICE)
