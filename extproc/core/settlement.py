@@ -94,14 +94,16 @@ class SettleInfo:
     @classmethod
     def decode(cls, text: str) -> SettleInfo:
         raw = orjson.loads(text)
-        reservation = Reservation.decode(raw["r"]) if raw.get("r") else None
-        return cls(reservation, raw["api"], int(raw["in"]), raw["p"], raw["m"], raw.get("ck"), int(raw.get("ct", 0)),
-                   raw.get("op", ""), raw.get("rt", ""), float(raw.get("t0", 0.0)), raw.get("sv", ""),
-                   raw.get("ns", ""), raw.get("ca", ""), bool(raw.get("iu", False)), raw.get("rq", ""),
-                   raw.get("va", ""), raw.get("pv", ""),
-                   tuple(Hop(str(p), str(m), str(o), float(t)) for p, m, o, t in raw.get("h", ())),
-                   raw.get("id", ""), raw.get("xr", ""), raw.get("tp", ""), raw.get("b3", ""), raw.get("pr", ""),
-                   raw.get("jb", ""), raw.get("nc", ""))
+        return cls(
+            reservation=Reservation.decode(raw["r"]) if raw.get("r") else None, api=raw["api"],
+            input_estimate=int(raw["in"]), provider=raw["p"], model=raw["m"], cache_key=raw.get("ck"),
+            cache_ttl_s=int(raw.get("ct", 0)), operation=raw.get("op", ""), route=raw.get("rt", ""),
+            decided_at=float(raw.get("t0", 0.0)), service=raw.get("sv", ""), namespace=raw.get("ns", ""),
+            caller_api=raw.get("ca", ""), include_usage=bool(raw.get("iu", False)), requested=raw.get("rq", ""),
+            variant=raw.get("va", ""), policy_version=raw.get("pv", ""),
+            hops=tuple(Hop(str(p), str(m), str(o), float(t)) for p, m, o, t in raw.get("h", ())),
+            call_id=raw.get("id", ""), request_id=raw.get("xr", ""), traceparent=raw.get("tp", ""),
+            b3=raw.get("b3", ""), prompt=raw.get("pr", ""), job_id=raw.get("jb", ""), nonce=raw.get("nc", ""))
 
 
 class Settlement:
