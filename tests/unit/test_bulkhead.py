@@ -1,6 +1,7 @@
-"""The outage back-off (fake clock) and the shared bulkhead against a private redis-server that is frozen
-(SIGSTOP) mid-test: one call may pay Redis's timeout, the ones after it use the replica's own slots at
-once, and Redis is used again after it thaws."""
+"""The outage back-off and a replica's own bulkhead (fake clock: the cap per scope, leaving, entries that
+expire), and the shared bulkhead against a private redis-server that is frozen (SIGSTOP) mid-test: one call
+may pay Redis's timeout, the ones after it use the replica's own slots at once, and Redis is used again
+after it thaws."""
 
 from __future__ import annotations
 
@@ -18,17 +19,9 @@ import redis
 
 from devtools.launch import free_port
 from extproc.base.outage import Outage
-from extproc.core.bulkhead import SharedBulkhead
+from extproc.core.bulkhead import Bulkhead, SharedBulkhead
 from tests.conftest import _redis_answers, missing
-
-
-class Clock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
+from tests.unit.resilience_support import OTHER_SCOPE, SCOPE, Clock
 
 # --- Outage --------------------------------------------------------------------------------------------
 
@@ -75,9 +68,50 @@ def test_a_known_outage_without_back_off_is_logged_but_not_waited_out() -> None:
     assert outage.ongoing and not outage.skip()
 
 
+# --- Bulkhead (one replica's own slots) -------------------------------------------------------------------
+
+
+def test_bulkhead_cap_is_enforced_per_scope() -> None:
+    bulkhead = Bulkhead(clock=Clock())
+    assert bulkhead.enter(SCOPE, "a", 2)
+    assert bulkhead.enter(SCOPE, "b", 2)
+    assert not bulkhead.enter(SCOPE, "c", 2)
+    assert bulkhead.in_flight(SCOPE) == 2
+    # Another scope has its own slots.
+    assert bulkhead.enter(OTHER_SCOPE, "c", 2)
+    assert bulkhead.enter(OTHER_SCOPE, "d", 2)
+    assert not bulkhead.enter(OTHER_SCOPE, "e", 2)
+    assert bulkhead.in_flight(SCOPE) == 2 and bulkhead.in_flight(OTHER_SCOPE) == 2
+
+
+def test_bulkhead_leave_frees_a_slot() -> None:
+    bulkhead = Bulkhead(clock=Clock())
+    assert bulkhead.enter(SCOPE, "a", 1)
+    assert not bulkhead.enter(SCOPE, "b", 1)
+    bulkhead.leave(OTHER_SCOPE, "a")  # another scope's leave frees nothing here
+    bulkhead.leave(SCOPE, "unknown")
+    assert not bulkhead.enter(SCOPE, "b", 1)
+    bulkhead.leave(SCOPE, "a")
+    assert bulkhead.in_flight(SCOPE) == 0
+    assert bulkhead.enter(SCOPE, "b", 1)
+    assert bulkhead.in_flight(SCOPE) == 1
+
+
+def test_bulkhead_entries_expire_after_ttl() -> None:
+    clock = Clock(1000.0)
+    bulkhead = Bulkhead(ttl_s=60.0, clock=clock)
+    assert bulkhead.enter(SCOPE, "lost", 1)  # its end is never seen
+    clock.now = 1059.0
+    assert not bulkhead.enter(SCOPE, "b", 1)
+    clock.now = 1060.0
+    assert bulkhead.enter(SCOPE, "b", 1)
+    assert bulkhead.in_flight(SCOPE) == 1  # "lost" is gone, "b" holds the slot
+    clock.now = 1100.0
+    assert not bulkhead.enter(SCOPE, "c", 1)  # "b" entered at 1060: counts until 1120
+
+
 # --- SharedBulkhead on a frozen Redis ---------------------------------------------------------------------
 
-SCOPE = ("shop", "order-service")
 TIMEOUT_S = 0.5  # the quota store's default timeout_ms: 500
 FAST_S = 0.05
 

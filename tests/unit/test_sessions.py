@@ -31,7 +31,7 @@ from extproc.server.processor import AsyncExternalProcessor, Session, UsageSessi
 from extproc.server.protocol import ATTRIBUTES_KEY
 from extproc.telemetry.record import CallRecord
 from extproc.telemetry.telemetry import Telemetry
-from tests.unit.test_resilience import SCOPE, make_decider
+from tests.unit.resilience_support import SCOPE, make_decider
 
 POLICY = """\
 mesh:
