@@ -167,9 +167,10 @@ def first_live(runtime: Runtime, policy: PolicySet, scope: tuple[str, str], rout
     for i in range(index, len(hops)):
         target = hops[i]
         if settings is None or runtime.breakers.allow((*scope, target.provider.name, target.model), settings):
-            caller = _caller_labels(policy, *scope)
-            for hop in skipped[len(before):]:
-                count(runtime, policy, caller, hop.provider, target.provider.name, hop.outcome)
+            if len(skipped) > len(before):  # labels only when there is something to count: this is every call's path
+                caller = _caller_labels(policy, *scope)
+                for hop in skipped[len(before):]:
+                    count(runtime, policy, caller, hop.provider, target.provider.name, hop.outcome)
             return i, tuple(skipped)
         skipped.append(Hop(target.provider.name, target.model, "breaker_open", time.time()))
     return None, tuple(skipped)
