@@ -100,6 +100,9 @@ class Managed:
         return self.log_dir / f"{self.name}.log"
 
     def start(self) -> Managed:
+        if self.process is not None and self.process.poll() is None:
+            # A second start would orphan the running process: nothing could stop it any more.
+            raise LaunchError(f"{self.name} is already running (pid {self.process.pid})")
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
             list(self.args), stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True

@@ -91,3 +91,41 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     command = [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path_factory.mktemp("nats"))]
     with _private_server(command, lambda: jetstream_answers(port), "nats-server"):
         yield f"nats://127.0.0.1:{port}"
+
+
+def _children() -> list[tuple[int, str]]:
+    """This process's live children (pid, command line), from /proc; zombies are only not yet reaped."""
+    found = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) != me or fields[0] == "Z":
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                found.append((int(entry), cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()))
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every process a test starts is stopped by it: a leftover (an orphaned processor, say) keeps its port
+    and its CPU after the run. Leftovers are killed here and fail the session, named."""
+    if not os.path.isdir("/proc"):
+        return
+    deadline = time.monotonic() + 5  # fixtures may still be draining a child's shutdown
+    leftovers = _children()
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.2)
+        leftovers = _children()
+    for pid, _ in leftovers:
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
+    if leftovers:
+        names = "\n  ".join(f"{pid}: {command[:200]}" for pid, command in leftovers)
+        print(f"\nprocesses the tests started and left running (killed now):\n  {names}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

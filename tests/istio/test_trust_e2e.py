@@ -117,8 +117,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         parts.append(start_processor(
             [policies], processor_port, env={"OPENAI_API_KEY": OPENAI_KEY, "ANTHROPIC_API_KEY": ANTHROPIC_KEY},
             log_dir=work, extra_args=["--peer-identity", "xfcc", "--credentials-listen",
-                                      f"127.0.0.1:{credentials_port}", "--admin", f"127.0.0.1:{admin_port}"]
-        ).start_listening(processor_port))
+                                      f"127.0.0.1:{credentials_port}", "--admin", f"127.0.0.1:{admin_port}"]))
         decision_in, credentials_in = free_port(), free_port()
         parts.append(start_envoy_config("processor-sidecar", processor_sidecar(
             admin_port=free_port(), identity=pki.issue("ai-system", "ai-extproc", (PROCESSOR_HOST,)),
