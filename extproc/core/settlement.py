@@ -146,7 +146,7 @@ class Settlement:
         if self.translating:
             self._translator = ResponseTranslator(self.info.caller_api, status, streaming,
                                                   requested_model=self.info.requested,
-                                                  include_usage=self.info.include_usage)
+                                                  include_usage=self.info.include_usage, usage=self._tracker)
 
     def feed(self, chunk: bytes) -> bytes:
         if self._first_byte_at is None and chunk:

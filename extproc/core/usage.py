@@ -5,9 +5,11 @@ Three body formats: ``"openai"`` (chat completions, legacy completions, embeddin
 JSON body; in a stream, the ``response`` object of the terminal ``response.completed`` or
 ``response.incomplete`` event, whose usage is final, with ``*.delta`` events counted for an estimate).
 
-Responses arrive in arbitrary chunks (an SSE event, or even a JSON token, may straddle two), so SSE is
-split on blank lines and only complete events are parsed; an incomplete trailing event is the only
-thing ever held back. JSON bodies are buffered (bounded) and parsed once at the end.
+Responses arrive in arbitrary chunks (an SSE event, or even a JSON token, may straddle two): streams
+are read with the SSE parser the translators use (``extproc.translate.sse``), which dispatches only
+complete events and holds nothing but an incomplete trailing one. When the stream is translated, the
+translator parses it and hands the tracker its events (``event_reader``), so it is parsed once. JSON
+bodies are buffered (bounded) and parsed once at the end.
 
 When we asked an OpenAI stream for ``stream_options.include_usage`` on the caller's behalf, the caller
 must see exactly the stream it would have got without it: the usage-only final chunk is dropped and the
@@ -18,10 +20,13 @@ formatting survives untouched.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from extproc.translate.sse import SseEvent, SseParser
 
 __all__ = ["FORMATS", "RESPONSES", "Usage", "UsageTracker", "estimate_request_tokens"]
 
@@ -36,7 +41,7 @@ _USAGE_NULL_AFTER = b',"usage":null'
 _USAGE_NULL_LAST = b',"usage":null}'  # where OpenAI puts it: the last member of the chunk
 _USAGE_NULL_BEFORE = b'"usage":null,'
 # The Anthropic events worth parsing (usage, generated text); ping/stop/block-start are skipped unparsed.
-_ANTHROPIC_WANTED = frozenset((b"message_start", b"content_block_delta", b"message_delta"))
+_ANTHROPIC_WANTED = frozenset(("message_start", "content_block_delta", "message_delta"))
 _ANTHROPIC_DELTA = b"_delta"
 _ANTHROPIC_START = b"message_start"
 # Output that the model generated and is billed for, whichever kind of content block it streams into.
@@ -45,17 +50,20 @@ _ANTHROPIC_DELTA_KEYS = ("text", "thinking", "partial_json")
 # events whose `response` may carry usage. The many others (added/done/part events, whose text repeats
 # the deltas) are skipped unparsed.
 _RESPONSES_DELTAS = frozenset((
-    b"response.output_text.delta",
-    b"response.refusal.delta",
-    b"response.function_call_arguments.delta",
-    b"response.custom_tool_call_input.delta",
-    b"response.reasoning_summary_text.delta",
-    b"response.reasoning_text.delta",
+    "response.output_text.delta",
+    "response.refusal.delta",
+    "response.function_call_arguments.delta",
+    "response.custom_tool_call_input.delta",
+    "response.reasoning_summary_text.delta",
+    "response.reasoning_text.delta",
 ))
-_RESPONSES_FINAL = frozenset((b"response.completed", b"response.incomplete"))  # usage there is final
-_RESPONSES_FAILED = b"response.failed"  # its response may carry usage, but the answer is not complete
+_RESPONSES_FINAL = frozenset(("response.completed", "response.incomplete"))  # usage there is final
+_RESPONSES_FAILED = "response.failed"  # its response may carry usage, but the answer is not complete
 _RESPONSES_WANTED = _RESPONSES_DELTAS | _RESPONSES_FINAL | {_RESPONSES_FAILED}
+_RESPONSES_WANTED_BYTES = frozenset(kind.encode() for kind in _RESPONSES_WANTED)
 _RESPONSES_TYPE = b'"type":"'
+# Reads one event: (tracker, name, data, raw bytes, the SseEvent if another reader has it) → bytes to forward.
+_Reader = Callable[["UsageTracker", str | None, bytes | None, bytes, SseEvent | None], bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,47 +131,6 @@ def _anthropic_usage(raw: dict[str, Any], base: Usage | None = None) -> Usage:
     if "output_tokens" in raw:
         output = _int(raw["output_tokens"])
     return Usage(uncached + created + read, output, cached_input_tokens=read, cache_creation_input_tokens=created)
-
-
-def _sse_data(event: bytes) -> bytes | None:
-    """The data of one complete SSE event (its data lines joined), or None if it has none."""
-    if event.startswith(b"data:"):
-        start = 5
-    else:
-        start = event.find(b"\ndata:") + 6  # after an `event:` line, as Anthropic sends
-        if start == 5:
-            return None
-    if event[start : start + 1] == b" ":
-        start += 1
-    line_end = event.find(b"\n", start)
-    if line_end >= 0 and len(event) - line_end <= 3:
-        # The usual case, and no copy but the data: one data line, then only the event's blank line.
-        return event[start : line_end - 1] if event[line_end - 1] == 13 else event[start:line_end]
-    body = event.strip(b"\r\n")
-    parts: list[bytes] = []
-    for line in body.split(b"\n"):
-        if line.startswith(b"data:"):
-            value = line[5:].rstrip(b"\r")
-            parts.append(value[1:] if value[:1] == b" " else value)
-    return b"\n".join(parts) if parts else None
-
-
-def _event_end(data: bytes, pos: int) -> int:
-    """End (exclusive) of the first event whose blank line (LF LF or LF CR LF) starts at ``pos`` or later.
-
-    -1 if none is complete yet. Steps over newlines with memchr-speed single-byte finds, which beats
-    a two-byte substring search: compact JSON has no raw newlines, so events have one or two lines.
-    """
-    size = len(data)
-    at = data.find(b"\n", pos)
-    while 0 <= at < size - 1:
-        following = data[at + 1]
-        if following == 10:  # \n
-            return at + 2
-        if following == 13 and at + 2 < size and data[at + 2] == 10:  # \r\n
-            return at + 3
-        at = data.find(b"\n", at + 1)
-    return -1
 
 
 def _without_usage_null(event: bytes) -> bytes:
@@ -256,16 +223,16 @@ class UsageTracker:
     """Follows one response body; see the module docstring for what it reads and what it strips."""
 
     __slots__ = (
-        "_anthropic",
         "_buffer",
         "_buffered",
         "_chars",
         "_complete",
         "_finished",
+        "_format",
         "_gave_up",
         "_max",
-        "_pending",
-        "_responses",
+        "_parser",
+        "_read",
         "_streaming",
         "_strip",
         "_usage",
@@ -285,12 +252,19 @@ class UsageTracker:
         to OpenAI chat streams only (a Responses stream always reports usage, so nothing is ever injected
         there); it is ignored for the other formats.
         """
-        self._anthropic = api == ANTHROPIC
-        self._responses = api == RESPONSES
+        self._format = api if api in (ANTHROPIC, RESPONSES) else OPENAI
         self._streaming = streaming
-        self._strip = strip_injected_usage and streaming and not (self._anthropic or self._responses)
+        self._strip = strip_injected_usage and streaming and self._format == OPENAI
         self._max = max_buffered_bytes
-        self._pending = b""  # streaming: the incomplete trailing event
+        # Streaming: reads one event, returning what the caller should receive of it. The function, not
+        # a bound method: the tracker would reference itself and live until the cycle collector ran.
+        self._read: _Reader = (
+            UsageTracker._anthropic_event if self._format == ANTHROPIC
+            else UsageTracker._responses_event if self._format == RESPONSES
+            else UsageTracker._openai_event
+        )
+        # None when not streaming, or once the events come from another parser (event_reader).
+        self._parser: SseParser | None = SseParser() if streaming else None
         self._buffer: list[bytes] = []  # JSON: the body so far
         self._buffered = 0
         self._gave_up = False  # too much to hold: pass the rest through unread
@@ -335,6 +309,23 @@ class UsageTracker:
             reported=False,
         )
 
+    def event_reader(self) -> Callable[[SseEvent], object] | None:
+        """Read the stream's events from another parser of the same bytes, so the stream is parsed once.
+
+        For a stream translator, which parses the provider's stream anyway: from now on ``feed`` and
+        ``finish`` pass bytes through unread, and the returned callable reads each event, in order (an
+        unterminated one at the end too, if it is handed over). None if this tracker must keep reading the
+        bytes itself: a JSON body, a stream it strips (it rewrites the bytes), or one it has started on.
+        """
+        parser = self._parser
+        if parser is None or self._strip or parser.pending or self._finished or self._gave_up:
+            return None
+        self._parser = None
+        return self._read_event
+
+    def _read_event(self, event: SseEvent) -> None:
+        self._read(self, event.event, event.data, event.raw, event)
+
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to forward now: ``chunk`` itself unless stripping, when complete events go out at once."""
         if self._gave_up or self._finished or not chunk:
@@ -347,41 +338,26 @@ class UsageTracker:
             else:
                 self._buffer.append(chunk)
             return chunk
+        parser = self._parser
+        if parser is None:
+            return chunk  # another parser hands the events over (event_reader)
 
-        pending = self._pending
-        if pending:
-            # Zero-copy in the usual case where chunks end on event boundaries; a long event split into
-            # many small chunks costs a re-concatenation per chunk, bounded by max_buffered_bytes.
-            data = pending + chunk
-            scan = max(len(pending) - 2, 0)  # a separator may straddle the two: pending holds none whole
-        else:
-            data, scan = chunk, 0
+        read = self._read
+        if not self._strip:
+            for name, data, raw in parser.blocks(chunk, every_block=False):
+                read(self, name, data, raw, None)
+            if len(parser.pending) > self._max:
+                # Not SSE after all, or an absurd event: stop reading rather than hold the caller's bytes.
+                self._gave_up = True
+                self._parser = None
+            return chunk
 
-        strip = self._strip
-        out: list[bytes] = []
-        start = 0
-        while (end := _event_end(data, scan)) >= 0:
-            event = data[start:end]
-            if self._responses:
-                kept = self._responses_event(event)
-            else:
-                kept = self._openai_event(event) if not self._anthropic else self._anthropic_event(event)
-            if strip:
-                out.append(kept)
-            start = scan = end
-
-        rest = data[start:] if start else data
-        if len(rest) > self._max:
-            # Not SSE after all, or an absurd event: stop reading rather than hold the caller's bytes.
+        # Every block, data or not, goes out as soon as it is complete: a keep-alive comment too.
+        out = [read(self, name, data, raw, None) for name, data, raw in parser.blocks(chunk)]
+        if len(parser.pending) > self._max:
             self._gave_up = True
-            self._pending = b""
-            if strip:
-                out.append(rest)
-                return b"".join(out)
-            return chunk
-        self._pending = rest
-        if not strip:
-            return chunk
+            self._parser = None
+            out.append(parser.pending)
         if len(out) == 1:
             return out[0]
         return b"".join(out)
@@ -396,31 +372,31 @@ class UsageTracker:
                 self._read_json(b"".join(self._buffer))
             self._buffer.clear()
             return b""
-        rest, self._pending = self._pending, b""
-        if rest and not self._gave_up:
-            # A client drops an unterminated event, so it goes out as sent; it may still hold usage
-            # (a provider that ends without the final blank line) and parses only if it is whole.
-            if self._anthropic:
-                self._anthropic_event(rest)
-            elif self._responses:
-                self._responses_event(rest)
-            else:
-                self._openai_event(rest)
-        return rest if self._strip else b""
+        parser = self._parser
+        if parser is None or self._gave_up:
+            return b""
+        rest = parser.finish()
+        if rest is None:
+            return b""
+        # A client drops an unterminated event, so it goes out as sent; it may still hold usage (a
+        # provider that ends without the final blank line) and is read if it is whole.
+        self._read(self, rest.event, rest.data, rest.raw, rest)
+        return rest.raw if self._strip else b""
 
     # -- internals ---------------------------------------------------------------------------------
+    # One event each, as parsed: its name, data (None for a block without data lines) and raw bytes, and
+    # the SseEvent when another reader has it too (its JSON is then decoded once for both).
 
-    def _openai_event(self, event: bytes) -> bytes:
+    def _openai_event(self, name: str | None, data: bytes | None, raw: bytes, event: SseEvent | None) -> bytes:
         """Account one OpenAI event; return what the caller should receive of it."""
-        data = _sse_data(event)
         if data is None or data == _DONE:
-            return event
+            return raw
         try:
-            chunk = orjson.loads(data)
+            chunk = orjson.loads(data) if event is None else event.json()
         except orjson.JSONDecodeError:
-            return event
+            return raw
         if not isinstance(chunk, dict):
-            return event
+            return raw
         choices = chunk.get("choices")
         if choices and isinstance(choices, list):
             self._chars += _openai_choice_chars(choices, "delta")
@@ -430,27 +406,25 @@ class UsageTracker:
             self._complete = True
             if self._strip and choices == []:
                 return b""
-            return event
+            return raw
         if self._strip and usage is None and "usage" in chunk:
-            return _without_usage_null(event)
-        return event
+            return _without_usage_null(raw)
+        return raw
 
-    def _anthropic_event(self, event: bytes) -> bytes:
-        if event.startswith(b"event:"):
-            name_end = event.find(b"\n")
-            if event[6:name_end].strip() not in _ANTHROPIC_WANTED:
-                return event
-        elif _ANTHROPIC_DELTA not in event and _ANTHROPIC_START not in event:
-            return event  # no name line: judge by content
-        data = _sse_data(event)
+    def _anthropic_event(self, name: str | None, data: bytes | None, raw: bytes, event: SseEvent | None) -> bytes:
         if data is None:
-            return event
+            return raw
+        if name is not None:
+            if name not in _ANTHROPIC_WANTED:
+                return raw
+        elif _ANTHROPIC_DELTA not in data and _ANTHROPIC_START not in data:
+            return raw  # no name line: judge by content
         try:
-            payload = orjson.loads(data)
+            payload = orjson.loads(data) if event is None else event.json()
         except orjson.JSONDecodeError:
-            return event
+            return raw
         if not isinstance(payload, dict):
-            return event
+            return raw
         kind = payload.get("type")
         if kind == "content_block_delta":
             delta = payload.get("delta")
@@ -470,42 +444,40 @@ class UsageTracker:
                 # Counts here are cumulative, so the last message_delta wins.
                 self._usage = _anthropic_usage(usage, self._usage)
                 self._complete = True
-        return event
+        return raw
 
-    def _responses_event(self, event: bytes) -> bytes:
+    def _responses_event(self, name: str | None, data: bytes | None, raw: bytes, event: SseEvent | None) -> bytes:
         """Account one Responses API event (named by its ``event:`` line, or by its data's ``type``)."""
-        if event.startswith(b"event:"):
-            name_end = event.find(b"\n")
-            if event[6:name_end].strip() not in _RESPONSES_WANTED:
-                return event
+        if data is None:
+            return raw
+        if name is not None:
+            if name not in _RESPONSES_WANTED:
+                return raw
         else:
             # No name line (OpenAI always sends one): peek at the first "type", which OpenAI writes first.
-            at = event.find(_RESPONSES_TYPE)
+            at = data.find(_RESPONSES_TYPE)
             if at < 0:
-                return event
+                return raw
             at += len(_RESPONSES_TYPE)
-            if event[at : event.find(b'"', at)] not in _RESPONSES_WANTED:
-                return event
-        data = _sse_data(event)
-        if data is None:
-            return event
+            if data[at : data.find(b'"', at)] not in _RESPONSES_WANTED_BYTES:
+                return raw
         try:
-            payload = orjson.loads(data)
+            payload = orjson.loads(data) if event is None else event.json()
         except orjson.JSONDecodeError:
-            return event
+            return raw
         if not isinstance(payload, dict):
-            return event
+            return raw
         kind = payload.get("type")
         if not isinstance(kind, str):
-            return event
+            return raw
         if kind.endswith(".delta"):
             delta = payload.get("delta")
-            if isinstance(delta, str) and kind.encode() in _RESPONSES_DELTAS:
+            if isinstance(delta, str) and kind in _RESPONSES_DELTAS:
                 self._chars += len(delta)
-            return event
+            return raw
         response = payload.get("response")
         usage = response.get("usage") if isinstance(response, dict) else None
-        if kind.encode() in _RESPONSES_FINAL:
+        if kind in _RESPONSES_FINAL:
             if isinstance(usage, dict):
                 self._usage = _responses_usage(usage)
                 self._complete = True
@@ -514,9 +486,9 @@ class UsageTracker:
                 output = response.get("output") if isinstance(response, dict) else None
                 if isinstance(output, list):
                     self._chars = max(self._chars, _responses_output_chars(output))
-        elif kind == "response.failed" and isinstance(usage, dict) and not self._complete:
+        elif kind == _RESPONSES_FAILED and isinstance(usage, dict) and not self._complete:
             self._usage = _responses_usage(usage)
-        return event
+        return raw
 
     def _read_json(self, body: bytes) -> None:
         try:
@@ -525,11 +497,11 @@ class UsageTracker:
             return
         if not isinstance(payload, dict):
             return
-        if self._anthropic:
+        if self._format == ANTHROPIC:
             content = payload.get("content")
             if isinstance(content, list):
                 self._chars = sum(_anthropic_block_chars(block) for block in content)
-        elif self._responses:
+        elif self._format == RESPONSES:
             output = payload.get("output")
             if isinstance(output, list):
                 self._chars = _responses_output_chars(output)
@@ -545,7 +517,7 @@ class UsageTracker:
                 self._chars = _openai_choice_chars(choices, "message")
         usage = payload.get("usage")
         if isinstance(usage, dict):
-            self._usage = _anthropic_usage(usage) if self._anthropic else _openai_usage(usage)
+            self._usage = _anthropic_usage(usage) if self._format == ANTHROPIC else _openai_usage(usage)
             self._complete = True
 
 
@@ -633,7 +605,7 @@ def _request_counts(body: dict[str, Any], api: str) -> tuple[int, int]:
     return chars, token_ids
 
 
-def estimate_request_tokens(body: dict[str, Any], api: str) -> int:
+def estimate_request_tokens(body: object, api: str) -> int:
     """A cheap input-token estimate for a parsed request body: about 4 characters a token, at least 1.
 
     ``api`` is ``"anthropic"`` or an OpenAI format (``"openai"`` or ``"openai_responses"``, read alike).

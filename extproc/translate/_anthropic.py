@@ -17,7 +17,7 @@ from typing import Any, Final, NamedTuple
 import orjson
 
 from extproc.translate import TranslationError, _fields
-from extproc.translate.sse import SseParser
+from extproc.translate.sse import SseEvent, SseParser
 
 MEDIA_TYPES: Final = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
 DATA_URL: Final = re.compile(r"data:([\w.+/-]+);base64,(.*)", re.DOTALL)
@@ -368,29 +368,37 @@ class EventStream:
     def feed(self, chunk: bytes) -> bytes:
         if self._ended:
             return b""
+        return self.translate(self._parser.feed(chunk))
+
+    def translate(self, events: list[SseEvent]) -> bytes:
+        """The translation of events parsed elsewhere (by a caller that also hands them to another reader).
+
+        The events must be a whole stream's, in order, and this translator's own ``feed`` then unused.
+        """
         out: list[bytes] = []
-        for event in self._parser.feed(chunk):
+        for event in events:
+            if self._ended:
+                break
             try:
-                out.extend(self._event(event.event, event.data))
+                out.extend(self._event(event))
             except TranslationError as exc:
                 # What this event would have added is dropped whole; what went out before stays.
                 self.failure = exc.message
                 out.append(self._untranslatable())
-            if self._ended:
-                break
         return b"".join(out)
 
-    def _event(self, name: str | None, data: bytes) -> Iterable[bytes]:
+    def _event(self, event: SseEvent) -> Iterable[bytes]:
         raise NotImplementedError
 
     def _untranslatable(self) -> bytes:
         raise NotImplementedError
 
 
-def event_payload(name: str | None, data: bytes) -> tuple[dict[str, Any], str]:
+def event_payload(event: SseEvent) -> tuple[dict[str, Any], str]:
     """An Anthropic event's JSON object and its type (the ``type`` field, else the event name)."""
+    name = event.event
     try:
-        payload = orjson.loads(data)
+        payload = event.json()
     except orjson.JSONDecodeError:
         raise TranslationError(f"a {_event_name(name)} event's data is not JSON") from None
     if not isinstance(payload, dict):

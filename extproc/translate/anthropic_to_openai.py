@@ -49,7 +49,7 @@ from typing import Any, Final
 import orjson
 
 from extproc.translate import TranslationError, _anthropic, _fields
-from extproc.translate.sse import SseParser, named_event
+from extproc.translate.sse import SseEvent, SseParser, named_event
 
 __all__ = ["StreamTranslator", "error", "request", "response", "untranslatable_body", "untranslatable_event"]
 
@@ -592,11 +592,11 @@ class StreamTranslator(_anthropic.EventStream):
         self._ended = True
         return untranslatable_event()
 
-    def _event(self, name: str | None, data: bytes) -> Iterable[bytes]:  # OpenAI's events have no name
-        if data == b"[DONE]":
+    def _event(self, event: SseEvent) -> Iterable[bytes]:  # OpenAI's events have no name
+        if event.data == b"[DONE]":
             return self._done()
         try:
-            payload = orjson.loads(data)
+            payload = event.json()
         except orjson.JSONDecodeError:
             raise TranslationError("a chunk is not JSON") from None
         if not isinstance(payload, dict):

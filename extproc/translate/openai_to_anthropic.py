@@ -56,7 +56,7 @@ from typing import Any, Final
 import orjson
 
 from extproc.translate import TranslationError, _anthropic, _fields
-from extproc.translate.sse import SseParser, data_event
+from extproc.translate.sse import SseEvent, SseParser, data_event
 
 __all__ = ["StreamTranslator", "error", "request", "response", "untranslatable_body", "untranslatable_event"]
 
@@ -531,8 +531,8 @@ class StreamTranslator(_anthropic.EventStream):
             payload["usage"] = None
         return data_event(payload)
 
-    def _event(self, name: str | None, data: bytes) -> Iterable[bytes]:
-        payload, kind = _anthropic.event_payload(name, data)
+    def _event(self, event: SseEvent) -> Iterable[bytes]:
+        payload, kind = _anthropic.event_payload(event)
         if kind == "message_start":
             message_id, self._usage = _anthropic.message_start(payload)
             if message_id is not None:

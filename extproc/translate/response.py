@@ -10,6 +10,9 @@ further ends with an error event in the caller's format after the events already
 logged once, at warning level, and ``failed`` is then true. A provider's own error (an error status,
 or an error event mid-stream) is not a failure of translation: it is passed on in the caller's format.
 
+A translated stream is parsed once: given ``usage`` (the usage tracker reading the same provider
+stream), the translator hands it every event it parses, so the tracker reads no bytes of its own.
+
 The caller's format picks the module (each is named for the caller it serves): ``"openai"`` (chat
 completions) → ``openai_to_anthropic``, ``"openai_responses"`` (the Responses API) →
 ``responses_to_anthropic``, anything else (``"anthropic"``) → ``anthropic_to_openai``.
@@ -20,20 +23,33 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
 from extproc.translate import TranslationError, anthropic_to_openai, openai_to_anthropic, responses_to_anthropic
+from extproc.translate.sse import SseEvent, SseParser
 
 log = logging.getLogger(__name__)
+
+
+_T = TypeVar("_T")
 
 
 class _Stream(Protocol):
     failure: str | None
 
     def feed(self, chunk: bytes) -> bytes: ...
+    def translate(self, events: list[SseEvent]) -> bytes: ...
     def finish(self) -> bytes: ...
+
+
+class EventReader(Protocol):
+    """Another reader of the provider's stream (``extproc.core.usage.UsageTracker``)."""
+
+    def event_reader(self) -> Callable[[SseEvent], object] | None:
+        """What takes each event from now on, the reader no longer parsing bytes itself; None: it keeps parsing."""
+        ...
 
 
 _MODULES: dict[str, ModuleType] = {
@@ -45,11 +61,15 @@ _MODULES: dict[str, ModuleType] = {
 
 class ResponseTranslator:
     def __init__(self, caller_api: str, status: int, streaming: bool, *, requested_model: str,
-                 include_usage: bool = False, echo: dict[str, Any] | None = None) -> None:
+                 include_usage: bool = False, echo: dict[str, Any] | None = None,
+                 usage: EventReader | None = None) -> None:
         """``caller_api`` is the caller's format: ``"openai"``, ``"openai_responses"`` or ``"anthropic"``.
 
         ``include_usage`` only matters to chat-completions callers; ``echo`` only to Responses callers
         (``responses_to_anthropic.echo(request_body)``: the settings their response object repeats).
+        ``usage``, the usage tracker of the same response (before any byte was fed to it), gets the events
+        of a translated stream from this translator's parser, including one left unterminated at the end
+        (which is not translated: a client drops it); a JSON body it keeps reading itself.
         """
         # Each module is named for the caller it serves: openai_to_anthropic serves OpenAI callers.
         self._caller_api = caller_api
@@ -60,6 +80,8 @@ class ResponseTranslator:
         self._body: bytearray | None = None
         self._stream: _Stream | None = None
         self._stream_over = False  # the stream translator failed unexpectedly: nothing more goes out
+        self._parser: SseParser | None = None  # parses for the translator and the reader, when there is one
+        self._reader: Callable[[SseEvent], object] | None = None
         self.failure: str | None = None
         if streaming and 200 <= status < 300:
             if self._module is openai_to_anthropic:
@@ -69,6 +91,9 @@ class ResponseTranslator:
                 self._stream = responses_to_anthropic.StreamTranslator(requested_model=requested_model, echo=echo)
             else:
                 self._stream = anthropic_to_openai.StreamTranslator(requested_model=requested_model)
+            self._reader = usage.event_reader() if usage is not None else None
+            if self._reader is not None:
+                self._parser = SseParser()
         else:
             self._body = bytearray()
 
@@ -80,7 +105,13 @@ class ResponseTranslator:
     def feed(self, chunk: bytes) -> bytes:
         stream = self._stream
         if stream is not None:
-            return self._guarded(stream.feed, chunk)
+            reader, parser = self._reader, self._parser
+            if reader is None or parser is None:
+                return self._guarded(stream.feed, chunk)
+            events = parser.feed(chunk)
+            for event in events:  # first, and even once the translation is over: usage is read to the end
+                reader(event)
+            return self._guarded(stream.translate, events)
         if self._body is not None:  # None once finished: nothing follows a JSON answer
             self._body += chunk
         return b""
@@ -92,6 +123,12 @@ class ResponseTranslator:
         """
         stream = self._stream
         if stream is not None:
+            reader, parser = self._reader, self._parser
+            if reader is not None and parser is not None:
+                self._reader = None
+                tail = parser.finish()
+                if tail is not None and tail.data is not None:
+                    reader(tail)
             return self._guarded(lambda _: stream.finish(), b"")
         if self._body is None:
             return b""
@@ -112,12 +149,12 @@ class ResponseTranslator:
         except Exception as exc:  # a bug here must not break the response; the caller gets a clean error
             return self._untranslatable_body(f"unexpected {type(exc).__name__}: {exc}", exc)
 
-    def _guarded(self, step: Callable[[bytes], bytes], chunk: bytes) -> bytes:
+    def _guarded(self, step: Callable[[_T], bytes], arg: _T) -> bytes:
         """One step of the stream translator; its failure, if it just failed, is logged once."""
         if self._stream_over:
             return b""
         try:
-            out = step(chunk)
+            out = step(arg)
         except Exception as exc:  # a bug here must not break the stream; the caller gets a clean end
             self._stream_over = True
             self._fail(f"unexpected {type(exc).__name__}: {exc}", exc)

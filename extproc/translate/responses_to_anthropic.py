@@ -83,7 +83,7 @@ from typing import Any, Final
 import orjson
 
 from extproc.translate import TranslationError, _anthropic, _fields
-from extproc.translate.sse import SseParser, named_event
+from extproc.translate.sse import SseEvent, SseParser, named_event
 
 __all__ = [
     "CALLER_FORMAT",
@@ -934,8 +934,8 @@ class StreamTranslator(_anthropic.EventStream):
 
     # -- input -------------------------------------------------------------------------------------
 
-    def _event(self, name: str | None, data: bytes) -> Iterable[bytes]:
-        payload, kind = _anthropic.event_payload(name, data)
+    def _event(self, event: SseEvent) -> Iterable[bytes]:
+        payload, kind = _anthropic.event_payload(event)
         if kind == "message_start":
             if self._started:
                 raise TranslationError("message_start arrived after the message had started")
