@@ -89,7 +89,8 @@ def system_prompt(
     if not system:
         return None
     if system_strings == 1 and len(system) == 1:
-        return system[0]["text"]
+        text: str = system[0]["text"]
+        return text
     return system
 
 

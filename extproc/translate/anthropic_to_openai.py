@@ -627,7 +627,7 @@ class StreamTranslator(_anthropic.EventStream):
         self._started = True
         if isinstance(payload.get("id"), str):
             self._id = message_id(payload["id"])
-        message = {
+        message: dict[str, Any] = {
             "id": self._id,
             "type": "message",
             "role": "assistant",

@@ -135,7 +135,8 @@ class ResponseTranslator:
         body, self._body = bytes(self._body), None
         try:
             if not 200 <= self._status < 300:
-                return self._module.error(self._status, body)
+                error: bytes = self._module.error(self._status, body)
+                return error
             try:
                 parsed = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
@@ -181,11 +182,13 @@ class ResponseTranslator:
                     return responses_to_anthropic.untranslatable_event(stream.sequence_number)
                 except Exception:
                     return responses_to_anthropic.untranslatable_event()
-        return self._module.untranslatable_event()
+        event: bytes = self._module.untranslatable_event()
+        return event
 
     def _untranslatable_body(self, cause: str, exc: Exception | None = None) -> bytes:
         self._fail(cause, exc)
-        return self._module.untranslatable_body()
+        body: bytes = self._module.untranslatable_body()
+        return body
 
     def _fail(self, cause: str, exc: Exception | None = None) -> None:
         if self.failure is not None:
