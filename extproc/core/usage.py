@@ -212,6 +212,18 @@ def _responses_output_chars(output: list[Any]) -> int:
     return chars
 
 
+def _responses_wanted(name: str | None, data: bytes) -> bool:
+    """Whether a Responses event is one usage is read from, judged before its JSON is decoded."""
+    if name is not None:
+        return name in _RESPONSES_WANTED
+    # No name line (OpenAI always sends one): peek at the first "type", which OpenAI writes first.
+    at = data.find(_RESPONSES_TYPE)
+    if at < 0:
+        return False
+    at += len(_RESPONSES_TYPE)
+    return data[at : data.find(b'"', at)] in _RESPONSES_WANTED_BYTES
+
+
 def _json_len(value: Any) -> int:
     try:
         return len(orjson.dumps(value))
@@ -448,19 +460,8 @@ class UsageTracker:
 
     def _responses_event(self, name: str | None, data: bytes | None, raw: bytes, event: SseEvent | None) -> bytes:
         """Account one Responses API event (named by its ``event:`` line, or by its data's ``type``)."""
-        if data is None:
+        if data is None or not _responses_wanted(name, data):
             return raw
-        if name is not None:
-            if name not in _RESPONSES_WANTED:
-                return raw
-        else:
-            # No name line (OpenAI always sends one): peek at the first "type", which OpenAI writes first.
-            at = data.find(_RESPONSES_TYPE)
-            if at < 0:
-                return raw
-            at += len(_RESPONSES_TYPE)
-            if data[at : data.find(b'"', at)] not in _RESPONSES_WANTED_BYTES:
-                return raw
         try:
             payload = orjson.loads(data) if event is None else event.json()
         except orjson.JSONDecodeError:
@@ -475,7 +476,11 @@ class UsageTracker:
             if isinstance(delta, str) and kind in _RESPONSES_DELTAS:
                 self._chars += len(delta)
             return raw
-        response = payload.get("response")
+        self._responses_end(kind, payload.get("response"))
+        return raw
+
+    def _responses_end(self, kind: str, response: Any) -> None:
+        """Take the usage a terminal Responses event carries (``response`` is its ``response`` field)."""
         usage = response.get("usage") if isinstance(response, dict) else None
         if kind in _RESPONSES_FINAL:
             if isinstance(usage, dict):
@@ -488,7 +493,6 @@ class UsageTracker:
                     self._chars = max(self._chars, _responses_output_chars(output))
         elif kind == _RESPONSES_FAILED and isinstance(usage, dict) and not self._complete:
             self._usage = _responses_usage(usage)
-        return raw
 
     def _read_json(self, body: bytes) -> None:
         try:

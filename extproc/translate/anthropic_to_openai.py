@@ -113,6 +113,16 @@ def request(body: dict[str, Any], *, model: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise TranslationError("the request body must be a JSON object")
     _refuse_unsupported(body)
+    out: dict[str, Any] = {"model": model, "messages": _messages(body)}
+    # In this order, so a request with several problems reports the same one first, and the fields
+    # come out in a stable order.
+    for fields in (_sampling_fields, _stop_fields, _stream_fields, _user_fields, _tool_fields):
+        out.update(fields(body))
+    return out
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chat messages: the system prompt (if any), then each turn in order."""
     messages: list[dict[str, Any]] = []
     system = body.get("system")
     if system is not None:
@@ -125,19 +135,27 @@ def request(body: dict[str, Any], *, model: str) -> dict[str, Any]:
     if isinstance(raw[-1], dict) and raw[-1].get("role") == "assistant":
         raise TranslationError("a final assistant turn (prefill) cannot be continued by the OpenAI Chat API")
     for index, message in enumerate(raw):
-        if not isinstance(message, dict):
-            raise _fields.wrong(f"messages.{index}", "an object")
-        role = message.get("role")
-        if role == "user":
-            messages.extend(_user_messages(message.get("content"), index))
-        elif role == "assistant":
-            messages.append(_assistant_message(message.get("content"), index))
-        elif isinstance(role, str):
-            raise TranslationError(f"'messages.{index}.role' {_fields.shown(role)} cannot be translated")
-        else:
-            raise _fields.wrong(f"messages.{index}.role", "a string")
+        messages.extend(_turn_messages(message, index))
+    return messages
 
-    out: dict[str, Any] = {"model": model, "messages": messages}
+
+def _turn_messages(message: Any, index: int) -> list[dict[str, Any]]:
+    """One Anthropic turn → its chat messages (a user turn with tool results becomes several)."""
+    if not isinstance(message, dict):
+        raise _fields.wrong(f"messages.{index}", "an object")
+    role = message.get("role")
+    if role == "user":
+        return _user_messages(message.get("content"), index)
+    if role == "assistant":
+        return [_assistant_message(message.get("content"), index)]
+    if isinstance(role, str):
+        raise TranslationError(f"'messages.{index}.role' {_fields.shown(role)} cannot be translated")
+    raise _fields.wrong(f"messages.{index}.role", "a string")
+
+
+def _sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """``max_tokens`` → ``max_completion_tokens``; ``temperature`` and ``top_p`` as they are."""
+    out: dict[str, Any] = {}
     max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         out["max_completion_tokens"] = _fields.max_tokens(max_tokens, "max_tokens")
@@ -147,30 +165,49 @@ def request(body: dict[str, Any], *, model: str) -> dict[str, Any]:
             if not _fields.is_number(value):
                 raise _fields.wrong(key, "a number")
             out[key] = value
+    return out
+
+
+def _stop_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """``stop_sequences`` → ``stop``, refused past OpenAI's limit rather than cut short."""
     stop = body.get("stop_sequences")
-    if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(item, str) for item in stop):
-            raise _fields.wrong("stop_sequences", "an array of strings")
-        if len(stop) > _MAX_STOP:
-            raise TranslationError(f"OpenAI accepts at most {_MAX_STOP} stop sequences")
-        if stop:
-            out["stop"] = list(stop)
+    if stop is None:
+        return {}
+    if not isinstance(stop, list) or not all(isinstance(item, str) for item in stop):
+        raise _fields.wrong("stop_sequences", "an array of strings")
+    if len(stop) > _MAX_STOP:
+        raise TranslationError(f"OpenAI accepts at most {_MAX_STOP} stop sequences")
+    return {"stop": list(stop)} if stop else {}
+
+
+def _stream_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """``stream``, asking for the usage chunk so the stream can report usage back."""
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _fields.wrong("stream", "a boolean")
     if stream:
-        out["stream"] = True
-        out["stream_options"] = {"include_usage": True}
-    metadata = body.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise _fields.wrong("metadata", "an object")
-        user = metadata.get("user_id")
-        if user is not None:
-            if not isinstance(user, str):
-                raise _fields.wrong("metadata.user_id", "a string")
-            out["user"] = user
+        return {"stream": True, "stream_options": {"include_usage": True}}
+    return {}
 
+
+def _user_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """``metadata.user_id`` → ``user``; the rest of ``metadata`` has no OpenAI counterpart."""
+    metadata = body.get("metadata")
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise _fields.wrong("metadata", "an object")
+    user = metadata.get("user_id")
+    if user is None:
+        return {}
+    if not isinstance(user, str):
+        raise _fields.wrong("metadata.user_id", "a string")
+    return {"user": user}
+
+
+def _tool_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """``tools`` and ``tool_choice`` (which needs to know whether there are tools)."""
+    out: dict[str, Any] = {}
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
@@ -443,40 +480,11 @@ def response(body: Any, *, requested_model: str) -> dict[str, Any]:
     """
     if not isinstance(body, dict):
         raise TranslationError("the answer is not a JSON object")
-    choices = body.get("choices")
-    if choices is None or choices == []:
-        choices = [{}]
-    elif not isinstance(choices, list):
-        raise TranslationError("'choices' is not an array")
-    choice = choices[0]
-    if not isinstance(choice, dict):
-        raise TranslationError("'choices.0' is not an object")
-    message = choice.get("message")
-    if message is None:
-        message = {}
-    elif not isinstance(message, dict):
-        raise TranslationError("'choices.0.message' is not an object")
-    content: list[dict[str, Any]] = []
+    choice = _first_choice(body)
+    message = _choice_message(choice)
     text, refusal = _message_str(message, "content"), _message_str(message, "refusal")
-    if text:
-        content.append({"type": "text", "text": text})
-    if refusal:
-        content.append({"type": "text", "text": refusal})
-    calls = message.get("tool_calls")
-    if calls is None:
-        calls = []
-    elif not isinstance(calls, list):
-        raise TranslationError("'choices.0.message.tool_calls' is not an array")
-    for position, call in enumerate(calls):
-        where = f"choices.0.message.tool_calls.{position}"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict):
-            raise TranslationError(f"'{where}' is not an object with a function")
-        call_id, name = call.get("id"), function.get("name")
-        if not isinstance(call_id, str) or not isinstance(name, str):
-            raise TranslationError(f"'{where}' has no string id and name")
-        tool_input = _arguments(function.get("arguments"))
-        content.append({"type": "tool_use", "id": call_id, "name": name, "input": tool_input})
+    content: list[dict[str, Any]] = [{"type": "text", "text": part} for part in (text, refusal) if part]
+    content += _tool_uses(message)
     reason = "refusal" if refusal else stop_reason(choice.get("finish_reason"))
     completion_id = body.get("id")
     return {
@@ -489,6 +497,49 @@ def response(body: Any, *, requested_model: str) -> dict[str, Any]:
         "stop_sequence": None,
         "usage": usage(body.get("usage")),
     }
+
+
+def _first_choice(body: dict[str, Any]) -> dict[str, Any]:
+    """The answer's first choice; none at all reads as an empty answer."""
+    choices = body.get("choices")
+    if choices is None or choices == []:
+        return {}
+    if not isinstance(choices, list):
+        raise TranslationError("'choices' is not an array")
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        raise TranslationError("'choices.0' is not an object")
+    return choice
+
+
+def _choice_message(choice: dict[str, Any]) -> dict[str, Any]:
+    message = choice.get("message")
+    if message is None:
+        return {}
+    if not isinstance(message, dict):
+        raise TranslationError("'choices.0.message' is not an object")
+    return message
+
+
+def _tool_uses(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The message's ``tool_calls`` → ``tool_use`` blocks, in order."""
+    calls = message.get("tool_calls")
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise TranslationError("'choices.0.message.tool_calls' is not an array")
+    return [_tool_use(call, f"choices.0.message.tool_calls.{position}") for position, call in enumerate(calls)]
+
+
+def _tool_use(call: Any, where: str) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        raise TranslationError(f"'{where}' is not an object with a function")
+    call_id, name = call.get("id"), function.get("name")
+    if not isinstance(call_id, str) or not isinstance(name, str):
+        raise TranslationError(f"'{where}' has no string id and name")
+    tool_input = _arguments(function.get("arguments"))
+    return {"type": "tool_use", "id": call_id, "name": name, "input": tool_input}
 
 
 def _message_str(message: dict[str, Any], key: str) -> str | None:

@@ -168,46 +168,78 @@ def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096)
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
+    """Refuse a request Anthropic would answer differently from what the caller asked for."""
+    # In this order, so a request with several problems always reports the same one first.
+    for refuse in (_refuse_unknown, _refuse_n, _refuse_logprobs, _refuse_logit_bias, _refuse_response_format,
+                   _refuse_modalities):
+        refuse(body)
+
+
+def _refuse_unknown(body: dict[str, Any]) -> None:
     for key, value in body.items():
         # SDKs and hand-written clients send null for "not given"; it never means anything else here.
         if value is None or key in _DROPPED:
             continue
         if key not in _HANDLED:
             raise TranslationError(f"{_fields.shown(key)} cannot be translated to the Anthropic Messages API")
+
+
+def _refuse_n(body: dict[str, Any]) -> None:
     n = body.get("n")
-    if n is not None:
-        if type(n) is not int:
-            raise _fields.wrong("n", "an integer")
-        if n != 1:
-            raise TranslationError("'n' > 1 cannot be served by the Anthropic Messages API (one choice per call)")
+    if n is None:
+        return
+    if type(n) is not int:
+        raise _fields.wrong("n", "an integer")
+    if n != 1:
+        raise TranslationError("'n' > 1 cannot be served by the Anthropic Messages API (one choice per call)")
+
+
+def _refuse_logprobs(body: dict[str, Any]) -> None:
     if _anthropic.optional_bool(body, "logprobs") or body.get("top_logprobs") is not None:
         raise TranslationError("'logprobs' cannot be served by the Anthropic Messages API")
+
+
+def _refuse_logit_bias(body: dict[str, Any]) -> None:
     logit_bias = body.get("logit_bias")
-    if logit_bias is not None:
-        if not isinstance(logit_bias, dict):
-            raise _fields.wrong("logit_bias", "an object")
-        if logit_bias:
-            raise TranslationError("'logit_bias' cannot be served by the Anthropic Messages API")
+    if logit_bias is None:
+        return
+    if not isinstance(logit_bias, dict):
+        raise _fields.wrong("logit_bias", "an object")
+    if logit_bias:  # an empty bias changes nothing
+        raise TranslationError("'logit_bias' cannot be served by the Anthropic Messages API")
+
+
+def _refuse_response_format(body: dict[str, Any]) -> None:
     response_format = body.get("response_format")
-    if response_format is not None:
-        if isinstance(response_format, dict):
-            kind = response_format.get("type")
-            if not isinstance(kind, str):
-                raise _fields.wrong("response_format.type", "a string")
-        elif isinstance(response_format, str):
-            kind = response_format
-        else:
-            raise _fields.wrong("response_format", "an object")
-        if kind != "text":
-            raise TranslationError(
-                f"'response_format' {_fields.shown(kind)} cannot be served by the Anthropic Messages API"
-            )
+    if response_format is None:
+        return
+    kind = _response_format_type(response_format)
+    if kind != "text":
+        raise TranslationError(
+            f"'response_format' {_fields.shown(kind)} cannot be served by the Anthropic Messages API"
+        )
+
+
+def _response_format_type(response_format: Any) -> str:
+    """The format's type: an object's ``type``, or a bare string as some clients send it."""
+    if isinstance(response_format, dict):
+        kind = response_format.get("type")
+        if not isinstance(kind, str):
+            raise _fields.wrong("response_format.type", "a string")
+        return kind
+    if isinstance(response_format, str):
+        return response_format
+    raise _fields.wrong("response_format", "an object")
+
+
+def _refuse_modalities(body: dict[str, Any]) -> None:
     modalities = body.get("modalities")
-    if modalities is not None:
-        if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
-            raise _fields.wrong("modalities", "an array of strings")
-        if any(m != "text" for m in modalities):
-            raise TranslationError("audio output cannot be served by the Anthropic Messages API")
+    if modalities is None:
+        return
+    if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
+        raise _fields.wrong("modalities", "an array of strings")
+    if any(m != "text" for m in modalities):
+        raise TranslationError("audio output cannot be served by the Anthropic Messages API")
 
 
 def _messages(raw: Any) -> tuple[str | list[dict[str, Any]] | None, list[dict[str, Any]]]:
@@ -297,51 +329,61 @@ def _document(file: dict[str, Any], where: str, index: int) -> dict[str, Any]:
 
 
 def _assistant_blocks(message: dict[str, Any], index: int) -> list[dict[str, Any]]:
+    """An assistant message → its text blocks, then a ``tool_use`` block per tool call."""
     where = f"messages[{index}]"
     if message.get("audio") is not None or message.get("function_call") is not None:
         raise TranslationError(f"'{where}' audio and legacy function_call cannot be translated")
-    content = message.get("content")
-    blocks: list[dict[str, Any]] = []
-    if isinstance(content, str):
-        if content:
-            blocks.append({"type": "text", "text": content})
-    elif isinstance(content, list):
-        for position in range(len(content)):
-            part, kind = _anthropic.part(content, position, where)
-            if kind in ("text", "refusal"):
-                blocks.append({"type": "text", "text": _anthropic.text_of(part, kind, f"{where}.content[{position}]")})
-            else:
-                raise TranslationError(f"'{where}.content' part type {_fields.shown(kind)} cannot be translated")
-    elif content is None:
-        refusal = message.get("refusal")
-        if isinstance(refusal, str):
-            blocks.append({"type": "text", "text": refusal})
-        elif refusal is not None:
-            raise _fields.wrong(f"{where}.refusal", "a string")
-    else:
-        raise TranslationError(f"'{where}.content' must be a string, an array or null")
+    blocks = _assistant_text_blocks(message, where)
     calls = message.get("tool_calls")
     if calls is None:
         return blocks
     if not isinstance(calls, list):
         raise _fields.wrong(f"{where}.tool_calls", "an array")
     for position, call in enumerate(calls):
-        at = f"{where}.tool_calls[{position}]"
-        if not isinstance(call, dict):
-            raise _fields.wrong(at, "an object")
-        if call.get("type", "function") != "function":
-            raise TranslationError(f"'{where}.tool_calls' only function calls can be translated")
-        function = call.get("function")
-        if not isinstance(function, dict):
-            raise _fields.wrong(f"{at}.function", "an object")
-        call_id, name = call.get("id"), function.get("name")
-        if not isinstance(call_id, str):
-            raise _fields.wrong(f"{at}.id", "a string")
-        if not isinstance(name, str):
-            raise _fields.wrong(f"{at}.function.name", "a string")
-        arguments = _anthropic.arguments(function.get("arguments"), f"{at}.function.arguments")
-        blocks.append({"type": "tool_use", "id": call_id, "name": name, "input": arguments})
+        blocks.append(_tool_use_block(call, f"{where}.tool_calls[{position}]", where))
     return blocks
+
+
+def _assistant_text_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """The text of an assistant message: its content, or its refusal when it has no content."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if isinstance(content, list):
+        return [_assistant_text_block(content, position, where) for position in range(len(content))]
+    if content is not None:
+        raise TranslationError(f"'{where}.content' must be a string, an array or null")
+    refusal = message.get("refusal")
+    if isinstance(refusal, str):
+        return [{"type": "text", "text": refusal}]
+    if refusal is not None:
+        raise _fields.wrong(f"{where}.refusal", "a string")
+    return []
+
+
+def _assistant_text_block(content: list[Any], position: int, where: str) -> dict[str, Any]:
+    part, kind = _anthropic.part(content, position, where)
+    if kind not in ("text", "refusal"):
+        raise TranslationError(f"'{where}.content' part type {_fields.shown(kind)} cannot be translated")
+    return {"type": "text", "text": _anthropic.text_of(part, kind, f"{where}.content[{position}]")}
+
+
+def _tool_use_block(call: Any, at: str, where: str) -> dict[str, Any]:
+    """One of an assistant message's ``tool_calls`` (at ``at``) → a ``tool_use`` block."""
+    if not isinstance(call, dict):
+        raise _fields.wrong(at, "an object")
+    if call.get("type", "function") != "function":
+        raise TranslationError(f"'{where}.tool_calls' only function calls can be translated")
+    function = call.get("function")
+    if not isinstance(function, dict):
+        raise _fields.wrong(f"{at}.function", "an object")
+    call_id, name = call.get("id"), function.get("name")
+    if not isinstance(call_id, str):
+        raise _fields.wrong(f"{at}.id", "a string")
+    if not isinstance(name, str):
+        raise _fields.wrong(f"{at}.function.name", "a string")
+    arguments = _anthropic.arguments(function.get("arguments"), f"{at}.function.arguments")
+    return {"type": "tool_use", "id": call_id, "name": name, "input": arguments}
 
 
 def _tool_result(message: dict[str, Any], index: int) -> dict[str, Any]:

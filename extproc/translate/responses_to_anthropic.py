@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -310,60 +311,91 @@ def _check_reasoning(reasoning: Any) -> None:
 # -- input ------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Conversation:
+    """What the input items add up to so far, as they are read in order."""
+
+    system: list[dict[str, Any]] = field(default_factory=list)
+    system_strings: int = 0  # system messages given as plain strings (see _anthropic.system_prompt)
+    turns: list[dict[str, Any]] = field(default_factory=list)
+    calls: set[str] = field(default_factory=set)  # call ids of the function calls so far, which outputs must answer
+
+
 def _input(raw: Any, instructions: str | None) -> tuple[str | list[dict[str, Any]] | None, list[dict[str, Any]]]:
-    system: list[dict[str, Any]] = []
-    system_strings = 0
+    conversation = _Conversation()
     if instructions:
-        system.append({"type": "text", "text": instructions})
-        system_strings += 1
+        conversation.system.append({"type": "text", "text": instructions})
+        conversation.system_strings += 1
+    for index, item in enumerate(_input_items(raw)):
+        _add_item(conversation, item, f"input[{index}]")
+    _check_last_turn(conversation.turns)
+    return _anthropic.system_prompt(conversation.system, conversation.system_strings), conversation.turns
+
+
+def _input_items(raw: Any) -> list[Any]:
+    """``input`` as a list of items: a bare string is one user message."""
     if isinstance(raw, str):
-        items: list[Any] = [{"role": "user", "content": raw}]
-    elif isinstance(raw, list):
-        items = raw
-    elif raw is None:
+        return [{"role": "user", "content": raw}]
+    if isinstance(raw, list):
+        return raw
+    if raw is None:
         raise TranslationError("'input' is required to be served by the Anthropic Messages API")
+    raise _fields.wrong("input", "a string or an array")
+
+
+def _add_item(conversation: _Conversation, item: Any, where: str) -> None:
+    """Add one input item (at ``where``) to the conversation."""
+    if not isinstance(item, dict):
+        raise _fields.wrong(where, "an object")
+    kind = _item_type(item, where)
+    if kind == "message":
+        _add_message(conversation, item, where)
+    elif kind == "function_call":
+        call = _function_call(item, where)
+        conversation.calls.add(call["id"])
+        _append(conversation.turns, "assistant", [call])
+    elif kind == "function_call_output":
+        _append(conversation.turns, "user", [_function_output(item, where, conversation.calls)])
+    elif kind == "reasoning":
+        return  # OpenAI's reasoning state from an earlier turn: nothing Anthropic can read
+    elif kind == "item_reference":
+        raise TranslationError(
+            f"'{where}' is an item_reference to an item stored by OpenAI, which the Anthropic Messages API "
+            "cannot read; send the item itself instead"
+        )
     else:
-        raise _fields.wrong("input", "a string or an array")
-    turns: list[dict[str, Any]] = []
-    calls: set[str] = set()  # call ids of the function calls so far, which outputs must answer
-    for index, item in enumerate(items):
-        where = f"input[{index}]"
-        if not isinstance(item, dict):
-            raise _fields.wrong(where, "an object")
-        kind = item.get("type")
-        if kind is None and "role" in item:
-            kind = "message"
-        if not isinstance(kind, str):
-            raise _fields.wrong(f"{where}.type", "a string")
-        if kind == "message":
-            role = item.get("role")
-            if role in ("system", "developer"):
-                content = item.get("content")
-                system_strings += isinstance(content, str)
-                system.extend(_anthropic.text_blocks(content, where, ("input_text", "text"), "input_text"))
-            elif role == "user":
-                _append(turns, "user", _user_content(item.get("content"), where))
-            elif role == "assistant":
-                _append(turns, "assistant", _assistant_blocks(item.get("content"), where))
-            elif isinstance(role, str):
-                raise TranslationError(f"'{where}.role' {_fields.shown(role)} cannot be translated")
-            else:
-                raise _fields.wrong(f"{where}.role", "a string")
-        elif kind == "function_call":
-            call = _function_call(item, where)
-            calls.add(call["id"])
-            _append(turns, "assistant", [call])
-        elif kind == "function_call_output":
-            _append(turns, "user", [_function_output(item, where, calls)])
-        elif kind == "reasoning":
-            continue  # OpenAI's reasoning state from an earlier turn: nothing Anthropic can read
-        elif kind == "item_reference":
-            raise TranslationError(
-                f"'{where}' is an item_reference to an item stored by OpenAI, which the Anthropic Messages API "
-                "cannot read; send the item itself instead"
-            )
-        else:
-            raise TranslationError(f"'{where}' item type {_fields.shown(kind)} cannot be translated")
+        raise TranslationError(f"'{where}' item type {_fields.shown(kind)} cannot be translated")
+
+
+def _item_type(item: dict[str, Any], where: str) -> str:
+    """An item's ``type``; an item with a ``role`` and no type is a message (the easy input form)."""
+    kind = item.get("type")
+    if kind is None and "role" in item:
+        kind = "message"
+    if not isinstance(kind, str):
+        raise _fields.wrong(f"{where}.type", "a string")
+    return kind
+
+
+def _add_message(conversation: _Conversation, item: dict[str, Any], where: str) -> None:
+    """A message item: system and developer ones join the system prompt, the others are turns."""
+    role = item.get("role")
+    if role in ("system", "developer"):
+        content = item.get("content")
+        conversation.system_strings += isinstance(content, str)
+        conversation.system.extend(_anthropic.text_blocks(content, where, ("input_text", "text"), "input_text"))
+    elif role == "user":
+        _append(conversation.turns, "user", _user_content(item.get("content"), where))
+    elif role == "assistant":
+        _append(conversation.turns, "assistant", _assistant_blocks(item.get("content"), where))
+    elif isinstance(role, str):
+        raise TranslationError(f"'{where}.role' {_fields.shown(role)} cannot be translated")
+    else:
+        raise _fields.wrong(f"{where}.role", "a string")
+
+
+def _check_last_turn(turns: list[dict[str, Any]]) -> None:
+    """Anthropic must be asked for a new answer: the conversation has to end with a user turn."""
     if not turns:
         raise TranslationError("'input' must hold at least one user message to be served by the Anthropic Messages API")
     last = turns[-1]
@@ -372,7 +404,6 @@ def _input(raw: Any, instructions: str | None) -> tuple[str | list[dict[str, Any
             raise TranslationError("'input' ends with a function_call without its function_call_output")
         # OpenAI answers a trailing assistant message with a new message; Anthropic would continue it.
         raise TranslationError("a final assistant message would be continued (prefill) by the Anthropic API")
-    return _anthropic.system_prompt(system, system_strings), turns
 
 
 def _append(turns: list[dict[str, Any]], role: str, content: str | list[dict[str, Any]]) -> None:
