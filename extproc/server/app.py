@@ -42,11 +42,11 @@ _MAX_MESSAGE = 80 * 1024 * 1024  # above the largest body policy allows (64 MiB)
 # Sidecars ping the processor every second (filter.PROCESSOR_KEEPALIVE) to notice a frozen replica.
 # gRPC's default server policy counts pings on an idle connection as abuse and, after two, closes it
 # with GOAWAY(too_many_pings): a call racing that GOAWAY fails as "processor could not be reached".
-# Accept pings at twice the sidecar's rate, with or without calls open, and never strike them.
+# Accept pings at up to twice the sidecar's rate, with or without calls open; a peer pinging faster
+# than that still gets gRPC's default strikes (a ping flood is cut off).
 PING_POLICY: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
-    ("grpc.http2.max_ping_strikes", 0),
 )
 
 
