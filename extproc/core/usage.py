@@ -231,6 +231,15 @@ def _json_len(value: Any) -> int:
         return len(str(value))
 
 
+def _json_object(data: bytes, event: SseEvent | None) -> dict[str, Any] | None:
+    """An event's data as a JSON object (decoded once when another reader holds the event), or None."""
+    try:
+        value = orjson.loads(data) if event is None else event.json()
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 class UsageTracker:
     """Follows one response body; see the module docstring for what it reads and what it strips."""
 
@@ -403,11 +412,8 @@ class UsageTracker:
         """Account one OpenAI event; return what the caller should receive of it."""
         if data is None or data == _DONE:
             return raw
-        try:
-            chunk = orjson.loads(data) if event is None else event.json()
-        except orjson.JSONDecodeError:
-            return raw
-        if not isinstance(chunk, dict):
+        chunk = _json_object(data, event)
+        if chunk is None:
             return raw
         choices = chunk.get("choices")
         if choices and isinstance(choices, list):
@@ -431,11 +437,8 @@ class UsageTracker:
                 return raw
         elif _ANTHROPIC_DELTA not in data and _ANTHROPIC_START not in data:
             return raw  # no name line: judge by content
-        try:
-            payload = orjson.loads(data) if event is None else event.json()
-        except orjson.JSONDecodeError:
-            return raw
-        if not isinstance(payload, dict):
+        payload = _json_object(data, event)
+        if payload is None:
             return raw
         kind = payload.get("type")
         if kind == "content_block_delta":
@@ -462,11 +465,8 @@ class UsageTracker:
         """Account one Responses API event (named by its ``event:`` line, or by its data's ``type``)."""
         if data is None or not _responses_wanted(name, data):
             return raw
-        try:
-            payload = orjson.loads(data) if event is None else event.json()
-        except orjson.JSONDecodeError:
-            return raw
-        if not isinstance(payload, dict):
+        payload = _json_object(data, event)
+        if payload is None:
             return raw
         kind = payload.get("type")
         if not isinstance(kind, str):
