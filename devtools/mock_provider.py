@@ -1,4 +1,4 @@
-"""OpenAI- and Anthropic-compatible mock AI provider.
+"""OpenAI-, Anthropic-, Azure OpenAI-, Bedrock-, Gemini- and Vertex AI-compatible mock AI provider.
 
 This is the only fake in the end-to-end tests: Envoy, the ext_proc processor and the official SDKs all
 talk to it as if it were the real upstream, so the wire formats (JSON bodies, SSE framing, error
@@ -12,6 +12,23 @@ Routing is by path suffix so the same instance works behind a provider base path
              GET and DELETE /responses/{id}, GET /responses/{id}/input_items, POST /responses/{id}/cancel;
              GET /models, /models/{id}
   Anthropic  POST /messages (JSON and SSE), /messages/count_tokens; GET /models, /models/{id}
+  Azure OpenAI  POST /openai/deployments/{deployment}/chat/completions, .../completions, .../embeddings
+             (`?api-version=` required); /openai/v1/chat/completions, /openai/v1/completions,
+             /openai/v1/responses, /openai/v1/embeddings (the deployment is the body's `model`);
+             /openai/responses?api-version=...  Auth `api-key` (MockConfig.azure_key) or Entra ID
+             `Authorization: Bearer` (azure_token); MockConfig.azure_deployments maps deployment -> model.
+  Bedrock    POST /model/{modelId}/converse (JSON), /model/{modelId}/converse-stream (AWS event stream);
+             SigV4-verified when MockConfig.aws_access_key_id is set
+  Gemini     POST /v1beta/models/{model}:generateContent, :streamGenerateContent (`?alt=sse` for SSE,
+             else a streamed JSON array); also under /v1/models/...  Auth `x-goog-api-key` or `?key=`
+  Vertex AI  POST /v1/projects/{project}/locations/{location}/publishers/google/models/{model}:generateContent,
+             :streamGenerateContent (also /v1beta1/...); needs a Bearer token issued by POST /token
+  OAuth      POST /token: google-auth's service-account JWT-bearer grant (RS256, checked against
+             MockConfig.google_public_key_pem when set)
+The cloud formats live in devtools/mock_cloud.py; their records carry provider_api "azure_openai",
+"bedrock", "gemini", "vertex" (and "google_oauth" for /token).  On an /openai/v1/ path a request is Azure's
+when it carries `api-key` or `api-version`, or when Azure auth is configured and its Bearer token is not
+MockConfig.openai_key; otherwise it is OpenAI's behind a base path.
 GET /models answers in Anthropic's shape when the request carries `anthropic-version` or `x-api-key`.
 Responses are kept in memory (the last 1000, unless `store: false`) for retrieval, deletion, input-item
 listing and `previous_response_id`. Replies echo the first words of the last user message; with
@@ -27,11 +44,15 @@ Request headers understood (they override the MockConfig defaults):
   x-mock-event-delay-ms: N  streaming: pause between events
   x-mock-only: NAME[,NAME]  apply the x-mock-* faults only on the mock(s) so named (--name) or to
                             requests for the model(s) so named, so one request can fail on one
-                            provider or model and succeed on its fallback
+                            provider or model and succeed on its fallback (the model is the path's
+                            on Bedrock, Gemini and Vertex; the deployment or its model on Azure)
 
 Order of checks: record, latency, reset, auth (and anthropic-version), injected fault, body validation.
+Every API answers an injected fault and its own errors in its own envelope (Bedrock's with
+`x-amzn-ErrorType`, Google's `{"error": {"code", "message", "status"}}`).
 Anthropic auth accepts `x-api-key` and also `Authorization: Bearer`, because the anthropic SDK sends
-its api_key that way.  Run standalone with `python -m devtools.mock_provider --port 8080 ...`.
+its api_key that way.  Run standalone with `python -m devtools.mock_provider --port 8080 ...` (see --help
+for the cloud APIs' flags).
 """
 
 from __future__ import annotations
@@ -51,8 +72,8 @@ import struct
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import orjson
@@ -83,6 +104,22 @@ class MockConfig:
     # What GET /models lists (every model is served regardless, as before).
     openai_models: tuple[str, ...] = DEFAULT_OPENAI_MODELS
     anthropic_models: tuple[str, ...] = DEFAULT_ANTHROPIC_MODELS
+    # Azure OpenAI (devtools/mock_cloud.py). No key and no token: no auth check. No deployments: any
+    # deployment is served, its name standing for the model.
+    azure_key: str | None = None
+    azure_token: str | None = None
+    azure_deployments: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # Bedrock: SigV4 is verified when the access key id is set (the region too, when set).
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    aws_session_token: str | None = None
+    aws_region: str | None = None
+    # Gemini API key (None: no check); the PEM public key or certificate that verifies the service-account
+    # JWTs POST /token receives (None: signatures unchecked); Vertex's project and location (None: any).
+    gemini_key: str | None = None
+    google_public_key_pem: str | None = None
+    vertex_project: str | None = None
+    vertex_location: str | None = None
 
 
 _CONFIG_KEY: Final = web.AppKey("mock_config", MockConfig)
@@ -105,6 +142,7 @@ _COUNT_TOKENS: Final = "count_tokens"
 
 _JSON_CT: Final = "application/json"
 _SSE_CT: Final = "text/event-stream"
+_EVENTSTREAM_CT: Final = "application/vnd.amazon.eventstream"  # binary: no charset
 
 _ID_ALPHABET: Final = string.ascii_letters + string.digits
 # A fixed fingerprint: clients only check that the field exists, and determinism helps golden tests.
@@ -729,9 +767,8 @@ def _embedding_vector(model: str, item: str | list[int], dims: int) -> array.arr
     return array.array("f", [v / norm for v in raw])
 
 
-def _embeddings(body: Any, headers: dict[str, str], started: float) -> web.Response:
-    payload = _openai_body(body, headers)
-    model: str = payload["model"]
+def _embedding_params(payload: dict[str, Any], headers: dict[str, str]) -> tuple[list[str | list[int]], int, str]:
+    """(inputs, dimensions, encoding format) of an embeddings request, validated as OpenAI does."""
     if "input" not in payload:
         raise _Reject(
             _openai_error(
@@ -764,18 +801,26 @@ def _embeddings(body: Any, headers: dict[str, str], started: float) -> web.Respo
                 param="encoding_format",
             )
         )
+    return inputs, dims, encoding
 
+
+def _encoded_embedding(vector: array.array[float], encoding: str) -> Any:
+    if encoding != "base64":
+        return vector.tolist()
+    if sys.byteorder != "little":
+        vector.byteswap()
+    return base64.b64encode(vector.tobytes()).decode("ascii")
+
+
+def _embeddings(body: Any, headers: dict[str, str], started: float) -> web.Response:
+    payload = _openai_body(body, headers)
+    model: str = payload["model"]
+    inputs, dims, encoding = _embedding_params(payload, headers)
     data: list[dict[str, Any]] = []
     tokens = 0
     for index, item in enumerate(inputs):
-        vector = _embedding_vector(model, item, dims)
         tokens += _prompt_tokens(len(item)) if isinstance(item, str) else len(item)
-        if encoding == "base64":
-            if sys.byteorder != "little":
-                vector.byteswap()
-            embedding: Any = base64.b64encode(vector.tobytes()).decode("ascii")
-        else:
-            embedding = vector.tolist()
+        embedding = _encoded_embedding(_embedding_vector(model, item, dims), encoding)
         data.append({"object": "embedding", "index": index, "embedding": embedding})
     response = {
         "object": "list",
@@ -1152,6 +1197,26 @@ def _validate_responses(payload: dict[str, Any], headers: dict[str, str]) -> Non
         value = payload.get(key)
         if value is not None and not isinstance(value, bool):
             raise _invalid_type(key, "a boolean", value, headers)
+    _validate_responses_numbers(payload, headers)
+    choice = payload.get("tool_choice")
+    if choice is not None and not isinstance(choice, dict) and choice not in ("none", "auto", "required"):
+        raise _invalid_value("tool_choice", choice, ("none", "auto", "required"), headers)
+    for key in ("metadata", "text", "reasoning", "stream_options"):
+        value = payload.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise _invalid_type(key, "an object", value, headers)
+    if payload.get("stream_options") is not None and payload.get("stream") is not True:
+        raise _Reject(
+            _openai_error(
+                400,
+                "The 'stream_options' parameter is only allowed when 'stream' is set to true.",
+                headers,
+                param="stream_options",
+            )
+        )
+
+
+def _validate_responses_numbers(payload: dict[str, Any], headers: dict[str, str]) -> None:
     limit = payload.get("max_output_tokens")
     if limit is not None:
         if not isinstance(limit, int) or isinstance(limit, bool):
@@ -1184,22 +1249,6 @@ def _validate_responses(payload: dict[str, Any], headers: dict[str, str]) -> Non
                     code="decimal_below_min_value" if value < 0 else "decimal_above_max_value",
                 )
             )
-    choice = payload.get("tool_choice")
-    if choice is not None and not isinstance(choice, dict) and choice not in ("none", "auto", "required"):
-        raise _invalid_value("tool_choice", choice, ("none", "auto", "required"), headers)
-    for key in ("metadata", "text", "reasoning", "stream_options"):
-        value = payload.get(key)
-        if value is not None and not isinstance(value, dict):
-            raise _invalid_type(key, "an object", value, headers)
-    if payload.get("stream_options") is not None and payload.get("stream") is not True:
-        raise _Reject(
-            _openai_error(
-                400,
-                "The 'stream_options' parameter is only allowed when 'stream' is set to true.",
-                headers,
-                param="stream_options",
-            )
-        )
 
 
 def _responses_call(payload: dict[str, Any], tools: list[dict[str, Any]], conversation: list[dict[str, Any]]
@@ -1341,29 +1390,28 @@ def _response_store(request: web.Request) -> OrderedDict[str, _StoredResponse]:
     return request.app[_RESPONSES_KEY]
 
 
-async def _responses(
-    request: web.Request, body: Any, headers: dict[str, str], started: float
-) -> web.StreamResponse:
-    payload = _openai_body(body, headers)
-    _validate_responses(payload, headers)
-    store = _response_store(request)
-    history: list[dict[str, Any]] = []
+def _responses_history(
+    store: OrderedDict[str, _StoredResponse], payload: dict[str, Any], headers: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The conversation so far, when the request continues a stored response (previous_response_id)."""
     previous_id = payload.get("previous_response_id")
-    if previous_id:
-        previous = store.get(previous_id)
-        if previous is None:
-            raise _Reject(
-                _openai_error(
-                    400,
-                    f"Previous response with id '{previous_id}' not found.",
-                    headers,
-                    param="previous_response_id",
-                    code="previous_response_not_found",
-                )
+    if not previous_id:
+        return []
+    previous = store.get(previous_id)
+    if previous is None:
+        raise _Reject(
+            _openai_error(
+                400,
+                f"Previous response with id '{previous_id}' not found.",
+                headers,
+                param="previous_response_id",
+                code="previous_response_not_found",
             )
-        history = previous.context
-    items = _normalise_items(payload.get("input", []), headers)
-    tools = _responses_tools(payload, headers)
+        )
+    return previous.context
+
+
+def _check_call_outputs(history: list[dict[str, Any]], items: list[dict[str, Any]], headers: dict[str, str]) -> None:
     called = {item.get("call_id") for item in history + items if item.get("type") == "function_call"}
     for item in items:
         if item.get("type") == "function_call_output" and item["call_id"] not in called:
@@ -1373,41 +1421,53 @@ async def _responses(
                     param="input",
                 )
             )
+
+
+def _responses_output(
+    payload: dict[str, Any], tools: list[dict[str, Any]], conversation: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
+    """The response's output items (a message, or a function call) and their token count."""
+    call = _responses_call(payload, tools, conversation)
+    if call is None:
+        reply = _responses_reply(payload["model"], conversation)
+        message = {
+            "id": _hex_id("msg_"),
+            "type": "message",
+            "status": "completed",
+            "content": [_output_text_part(reply)],
+            "role": "assistant",
+        }
+        return [message], len(reply.split())
+    name, arguments = call
+    function_call = {
+        "id": _hex_id("fc_"),
+        "type": "function_call",
+        "status": "completed",
+        "arguments": arguments,
+        "call_id": _rand_id("call_", 24),
+        "name": name,
+    }
+    return [function_call], _call_tokens(name, arguments)
+
+
+async def _responses(
+    request: web.Request, body: Any, headers: dict[str, str], started: float
+) -> web.StreamResponse:
+    payload = _openai_body(body, headers)
+    _validate_responses(payload, headers)
+    store = _response_store(request)
+    history = _responses_history(store, payload, headers)
+    items = _normalise_items(payload.get("input", []), headers)
+    tools = _responses_tools(payload, headers)
+    _check_call_outputs(history, items, headers)
     for item in items:
         if "id" not in item or not isinstance(item["id"], str):
             item["id"] = _hex_id(_ITEM_ID_PREFIX.get(str(item.get("type")), "item_"))
 
-    model: str = payload["model"]
     conversation = history + items
     instructions = payload.get("instructions") or ""
     input_tokens = _prompt_tokens(len(instructions) + sum(len(_item_text(item)) for item in conversation))
-    call = _responses_call(payload, tools, conversation)
-    if call is None:
-        reply = _responses_reply(model, conversation)
-        output = [
-            {
-                "id": _hex_id("msg_"),
-                "type": "message",
-                "status": "completed",
-                "content": [_output_text_part(reply)],
-                "role": "assistant",
-            }
-        ]
-        output_tokens = len(reply.split())
-    else:
-        name, arguments = call
-        output = [
-            {
-                "id": _hex_id("fc_"),
-                "type": "function_call",
-                "status": "completed",
-                "arguments": arguments,
-                "call_id": _rand_id("call_", 24),
-                "name": name,
-            }
-        ]
-        output_tokens = _call_tokens(name, arguments)
-
+    output, output_tokens = _responses_output(payload, tools, conversation)
     created_at = int(time.time())
     final = _response_object(payload, _hex_id("resp_"), created_at, tools)
     final.update(status="completed", completed_at=created_at, output=output,
@@ -1522,10 +1582,8 @@ def _completion_events(
     yield b"data: [DONE]\n\n"
 
 
-async def _completions(
-    request: web.Request, body: Any, headers: dict[str, str], started: float
-) -> web.StreamResponse:
-    payload = _openai_body(body, headers)
+def _completion_params(payload: dict[str, Any], headers: dict[str, str]) -> tuple[list[str | list[int]], int, int]:
+    """(prompts, max_tokens, n) of a legacy completion request, validated as OpenAI does."""
     if "prompt" not in payload:
         raise _missing("prompt", headers)
     prompts = _completion_prompts(payload["prompt"])
@@ -1549,8 +1607,13 @@ async def _completions(
                 param="stream_options",
             )
         )
-    model: str = payload["model"]
-    echo = payload.get("echo") is True
+    return prompts, max_tokens, n
+
+
+def _completion_choices(
+    model: str, prompts: list[str | list[int]], max_tokens: int, n: int, echo: bool
+) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """The (text, finish reason) of every choice, n per prompt, and the usage they add up to."""
     choices: list[tuple[str, str]] = []
     prompt_tokens = completion_tokens = 0
     for prompt in prompts:
@@ -1567,6 +1630,16 @@ async def _completions(
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    return choices, usage
+
+
+async def _completions(
+    request: web.Request, body: Any, headers: dict[str, str], started: float
+) -> web.StreamResponse:
+    payload = _openai_body(body, headers)
+    prompts, max_tokens, n = _completion_params(payload, headers)
+    model: str = payload["model"]
+    choices, usage = _completion_choices(model, prompts, max_tokens, n, payload.get("echo") is True)
     completion_id = _rand_id("cmpl-", 29)
     created = int(time.time())
     if payload.get("stream") is True:
@@ -1668,16 +1741,25 @@ def _elapsed_ms(started: float) -> str:
 
 
 async def _stream(
-    request: web.Request, events: Iterator[bytes], headers: dict[str, str], started: float, *, openai: bool
+    request: web.Request,
+    events: Iterator[bytes],
+    headers: dict[str, str],
+    started: float,
+    *,
+    openai: bool,
+    content_type: str = _SSE_CT,
 ) -> web.StreamResponse:
+    """Write ``events`` as a chunked body (SSE unless ``content_type`` says otherwise), honouring
+    x-mock-cut-after and x-mock-event-delay-ms, which count the items of ``events``."""
     cut_after = _int_header(request, "x-mock-cut-after")
     delay_ms = _int_header(request, "x-mock-event-delay-ms") or 0
     if openai:
         headers["openai-processing-ms"] = _elapsed_ms(started)
     headers["cache-control"] = "no-cache"
     response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = _SSE_CT
-    response.charset = "utf-8"
+    response.content_type = content_type
+    if content_type != _EVENTSTREAM_CT:
+        response.charset = "utf-8"
     try:
         # prepare() flushes the status line and headers immediately for a StreamResponse, so a
         # cut at 0 events still shows the client a 200 whose body never completes.
@@ -1761,14 +1843,13 @@ def _record(request: web.Request, records: deque[dict[str, Any]], body: Any, pro
 _UNTARGETED = "mock_untargeted"  # request key: the x-mock-* faults are aimed at another mock or model
 
 
-def _mark_untargeted(request: web.Request, name: str, body: Any) -> None:
+def _mark_untargeted(request: web.Request, name: str, models: tuple[str, ...]) -> None:
     """Ignore this request's fault headers when x-mock-only names other mocks and models."""
     only = request.headers.get("x-mock-only")
     if only is None:
         return
     targets = {part.strip() for part in only.split(",")}
-    model = body.get("model") if isinstance(body, dict) else None
-    if name not in targets and model not in targets:
+    if name not in targets and targets.isdisjoint(models):
         request[_UNTARGETED] = True
 
 
@@ -1776,9 +1857,21 @@ def _fault(request: web.Request, name: str) -> str | None:
     return None if request.get(_UNTARGETED) else request.headers.get(name)
 
 
-async def _handle_api(
-    request: web.Request, provider_api: str, kind: str, resource_id: str | None
-) -> web.StreamResponse:
+@dataclass
+class _Call:
+    """What every API handler starts from (see _begin)."""
+
+    body: Any  # the parsed JSON body, None when absent or not JSON
+    headers: dict[str, str]  # the reply's headers so far
+    fault: int | None  # the error status to inject (x-mock-status or MockConfig.fault_status)
+    started: float
+
+
+async def _begin(request: web.Request, provider_api: str, models: tuple[str, ...] | None = None) -> _Call | None:
+    """Read, record, delay and maybe reset a request: the steps every API shares before its auth.
+
+    ``models`` are the names x-mock-only may target, the first one reported in x-mock-received-model;
+    None takes the body's `model`. None is returned when the connection was reset (see x-mock-reset)."""
     started = time.monotonic()
     config = request.app[_CONFIG_KEY]
     raw = await request.read()
@@ -1786,7 +1879,10 @@ async def _handle_api(
         body: Any = _loads(raw) if raw else None
     except ValueError:
         body = None
-    _mark_untargeted(request, config.name, body)
+    if models is None:
+        model = body.get("model") if isinstance(body, dict) else None
+        models = (model,) if isinstance(model, str) else ()
+    _mark_untargeted(request, config.name, models)
     _record(request, request.app[_RECORDS_KEY], body, provider_api)
 
     latency_ms = _int_header(request, "x-mock-latency-ms")
@@ -1794,76 +1890,99 @@ async def _handle_api(
         latency_ms = config.latency_ms
     if latency_ms > 0:
         await asyncio.sleep(latency_ms / 1000)
-
     if (_fault(request, "x-mock-reset") or "").strip() in ("1", "true", "yes"):
         # The body has been read, so the client has finished sending and sees the reset while
-        # waiting for a response, which is the failure mode being simulated.  The returned object
-        # is never written: aiohttp's write on the aborted transport raises ConnectionError, which
-        # it treats as a client disconnect.
+        # waiting for a response, which is the failure mode being simulated.
         _abort(request, reset=True)
-        return web.Response(status=502)
+        return None
 
-    model = body.get("model") if isinstance(body, dict) else None
-    headers: dict[str, str] = {
-        "x-mock-provider": config.name,
-        "x-mock-received-model": model if isinstance(model, str) else "",
-    }
+    headers: dict[str, str] = {"x-mock-provider": config.name, "x-mock-received-model": models[0] if models else ""}
     request_id = request.headers.get("x-request-id")
     if request_id is not None:
         headers["x-request-id"] = request_id
-
     fault = _int_header(request, "x-mock-status")
     if fault is None:
         fault = config.fault_status
     if fault is not None and not 400 <= fault <= 599:
         fault = None
+    return _Call(body, headers, fault, started)
 
+
+def _reset_response() -> web.Response:
+    # Never written: aiohttp's write on the aborted transport raises ConnectionError, which it treats
+    # as a client disconnect.
+    return web.Response(status=502)
+
+
+async def _openai_api(
+    request: web.Request, kind: str, resource_id: str | None, call: _Call
+) -> web.StreamResponse:
+    """An authenticated, unfaulted OpenAI call (Azure's too); raises _Reject on a bad request."""
+    body, headers, started = call.body, call.headers, call.started
+    if kind == _CHAT:
+        return await _chat_completions(request, body, headers, started)
+    if kind == _RESPONSES:
+        return await _responses(request, body, headers, started)
+    if kind == _COMPLETIONS:
+        return await _completions(request, body, headers, started)
+    if kind == _RESPONSE:
+        return _stored_response(request, request.method, str(resource_id), headers)
+    if kind == _RESPONSE_ITEMS:
+        return _response_input_items(request, str(resource_id), headers)
+    if kind == _RESPONSE_CANCEL:
+        return _cancel_response(request, str(resource_id), headers)
+    if kind == _MODELS:
+        return _models(request, _OPENAI, resource_id, headers)
+    return _embeddings(body, headers, started)
+
+
+async def _anthropic_api(
+    request: web.Request, kind: str, resource_id: str | None, call: _Call
+) -> web.StreamResponse:
+    headers = call.headers
+    headers["request-id"] = _rand_id("req_011C", 20)
+    _check_anthropic_auth(request, request.app[_CONFIG_KEY], headers)
+    if "anthropic-version" not in request.headers:
+        return _anthropic_error(400, "invalid_request_error", "anthropic-version: header is required", headers)
+    if call.fault is not None:
+        return _anthropic_fault(call.fault, headers)
+    if kind == _COUNT_TOKENS:
+        return _count_tokens(call.body, headers)
+    if kind == _MODELS:
+        return _models(request, _ANTHROPIC, resource_id, headers)
+    return await _messages(request, call.body, headers, call.started)
+
+
+async def _handle_api(
+    request: web.Request, provider_api: str, kind: str, resource_id: str | None
+) -> web.StreamResponse:
+    call = await _begin(request, provider_api)
+    if call is None:
+        return _reset_response()
     try:
-        if provider_api == _OPENAI:
-            # Auth precedes fault injection, as on the real APIs: an unauthenticated caller never
-            # learns about rate limits.
-            _check_openai_auth(request, config, headers)
-            if fault is not None:
-                headers["openai-processing-ms"] = _elapsed_ms(started)
-                return _openai_fault(fault, headers)
-            if kind == _CHAT:
-                return await _chat_completions(request, body, headers, started)
-            if kind == _RESPONSES:
-                return await _responses(request, body, headers, started)
-            if kind == _COMPLETIONS:
-                return await _completions(request, body, headers, started)
-            if kind == _RESPONSE:
-                return _stored_response(request, request.method, str(resource_id), headers)
-            if kind == _RESPONSE_ITEMS:
-                return _response_input_items(request, str(resource_id), headers)
-            if kind == _RESPONSE_CANCEL:
-                return _cancel_response(request, str(resource_id), headers)
-            if kind == _MODELS:
-                return _models(request, _OPENAI, resource_id, headers)
-            return _embeddings(body, headers, started)
-
-        headers["request-id"] = _rand_id("req_011C", 20)
-        _check_anthropic_auth(request, config, headers)
-        if "anthropic-version" not in request.headers:
-            return _anthropic_error(
-                400, "invalid_request_error", "anthropic-version: header is required", headers
-            )
-        if fault is not None:
-            return _anthropic_fault(fault, headers)
-        if kind == _COUNT_TOKENS:
-            return _count_tokens(body, headers)
-        if kind == _MODELS:
-            return _models(request, _ANTHROPIC, resource_id, headers)
-        return await _messages(request, body, headers, started)
+        if provider_api == _ANTHROPIC:
+            return await _anthropic_api(request, kind, resource_id, call)
+        # Auth precedes fault injection, as on the real APIs: an unauthenticated caller never
+        # learns about rate limits.
+        _check_openai_auth(request, request.app[_CONFIG_KEY], call.headers)
+        if call.fault is not None:
+            call.headers["openai-processing-ms"] = _elapsed_ms(call.started)
+            return _openai_fault(call.fault, call.headers)
+        return await _openai_api(request, kind, resource_id, call)
     except _Reject as reject:
         if provider_api == _OPENAI:
-            reject.response.headers["openai-processing-ms"] = _elapsed_ms(started)
+            reject.response.headers["openai-processing-ms"] = _elapsed_ms(call.started)
         return reject.response
 
 
 async def _dispatch(request: web.Request) -> web.StreamResponse:
     path = request.path
     method = request.method
+    from devtools.mock_cloud import route as cloud_route  # it imports this module: the cycle is cut here
+
+    cloud = cloud_route(request)
+    if cloud is not None:
+        return await cloud
     route = _api_route(request)
     if route is not None:
         return await _handle_api(request, *route)
@@ -1889,6 +2008,9 @@ def build_app(config: MockConfig) -> web.Application:
     app[_CONFIG_KEY] = config
     app[_RECORDS_KEY] = deque(maxlen=max(0, config.record_limit))
     app[_RESPONSES_KEY] = OrderedDict()
+    from devtools.mock_cloud import setup as cloud_setup  # it imports this module: the cycle is cut here
+
+    cloud_setup(app)
     # One catch-all route: suffix matching is cheaper than aiohttp's router for the handful of
     # paths we serve, and it lets any base-path prefix through unchanged.
     app.router.add_route("*", "/{tail:.*}", _dispatch)
@@ -1915,8 +2037,23 @@ def _model_list(raw: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="OpenAI/Anthropic-compatible mock AI provider")
+def _deployments(raw: str | None) -> dict[str, str]:
+    """`dep=model,dep2=model2` (a bare `dep` stands for itself)."""
+    pairs = (part.strip().partition("=") for part in (raw or "").split(","))
+    return {name.strip(): (model.strip() or name.strip()) for name, _, model in pairs if name.strip()}
+
+
+def _read_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="OpenAI/Anthropic/Azure OpenAI/Bedrock/Gemini/Vertex AI-compatible mock AI provider"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--openai-key")
@@ -1927,7 +2064,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--record-limit", type=int, default=200)
     parser.add_argument("--openai-models", help="comma-separated models GET /v1/models lists (OpenAI)")
     parser.add_argument("--anthropic-models", help="comma-separated models GET /v1/models lists (Anthropic)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--azure-key", help="Azure OpenAI `api-key`")
+    parser.add_argument("--azure-token", help="Azure OpenAI Entra ID token (`Authorization: Bearer`)")
+    parser.add_argument("--azure-deployments", help="comma-separated dep=model (default: any deployment)")
+    parser.add_argument("--aws-access-key-id", help="Bedrock: verify SigV4 against this key")
+    parser.add_argument("--aws-secret-access-key")
+    parser.add_argument("--aws-session-token", help="Bedrock: require this x-amz-security-token")
+    parser.add_argument("--aws-region", help="Bedrock: the region signatures must be scoped to")
+    parser.add_argument("--gemini-key", help="Gemini API key (x-goog-api-key or ?key=)")
+    parser.add_argument("--google-public-key-file", help="PEM public key or certificate checking /token's JWTs")
+    parser.add_argument("--vertex-project")
+    parser.add_argument("--vertex-location")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str, int, MockConfig]:
+    """(host, port, config) from the command line."""
+    args = _parser().parse_args(argv)
     config = MockConfig(
         openai_key=args.openai_key,
         anthropic_key=args.anthropic_key,
@@ -1937,10 +2090,30 @@ def main(argv: list[str] | None = None) -> None:
         record_limit=args.record_limit,
         openai_models=_model_list(args.openai_models, DEFAULT_OPENAI_MODELS),
         anthropic_models=_model_list(args.anthropic_models, DEFAULT_ANTHROPIC_MODELS),
+        azure_key=args.azure_key,
+        azure_token=args.azure_token,
+        azure_deployments=_deployments(args.azure_deployments),
+        aws_access_key_id=args.aws_access_key_id,
+        aws_secret_access_key=args.aws_secret_access_key,
+        aws_session_token=args.aws_session_token,
+        aws_region=args.aws_region,
+        gemini_key=args.gemini_key,
+        google_public_key_pem=_read_text(args.google_public_key_file),
+        vertex_project=args.vertex_project,
+        vertex_location=args.vertex_location,
     )
+    return args.host, args.port, config
+
+
+def main(argv: list[str] | None = None) -> None:
+    host, port, config = parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port, config))
+        asyncio.run(serve(host, port, config))
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's main, not this __main__ copy's: devtools.mock_cloud imports
+    # devtools.mock_provider, and the app state keys must be that module's.
+    from devtools.mock_provider import main as _main
+
+    _main()

@@ -20,15 +20,81 @@ class Endpoint:
     api: Api
     operation: str
     suffix: str  # appended to a provider's base path, e.g. "/chat/completions"
-
+    # The body's format when it is not the API's own: a provider's path, seen only on a fallback attempt
+    # (Envoy re-sends the body the failed hop was sent, to the path that hop was sent to).
+    wire: str | None = None
 
     @property
     def body_format(self) -> str:
         """How its bodies, streams and usage read: the API's own, except the Responses API's."""
+        if self.wire is not None:
+            return self.wire
         return RESPONSES_FORMAT if self.operation == "responses" else str(self.api)
+
+    @property
+    def relayed_only(self) -> bool:
+        """A provider's own path: governed only as a fallback attempt that carries a genuine state."""
+        return self.wire is not None
 
 
 RESPONSES_FORMAT = "openai_responses"
+BEDROCK_FORMAT = "bedrock"  # Bedrock Converse
+GEMINI_FORMAT = "gemini"  # Gemini API and Vertex AI generateContent
+
+
+class ProviderApi(StrEnum):
+    """The provider APIs a ``providers:`` entry may name."""
+
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+    AZURE_OPENAI = "azure_openai"
+    BEDROCK = "bedrock"
+    GEMINI = "gemini"
+    VERTEX = "vertex"
+    OPENAI_COMPATIBLE = "openai_compatible"
+
+
+# The body format each provider API reads and answers in: the OpenAI-shaped ones share OpenAI's.
+_WIRE_FORMAT = {"openai": "openai", "azure_openai": "openai", "openai_compatible": "openai", "anthropic": "anthropic",
+                "bedrock": BEDROCK_FORMAT, "gemini": GEMINI_FORMAT, "vertex": GEMINI_FORMAT}
+# OpenTelemetry GenAI semantic conventions' gen_ai.provider.name for each provider API. An in-mesh
+# OpenAI-compatible server has no registered value; it is named by its API shape.
+GENAI_PROVIDER = {"openai": "openai", "azure_openai": "azure.ai.openai", "openai_compatible": "openai",
+                  "anthropic": "anthropic", "bedrock": "aws.bedrock", "gemini": "gcp.gemini", "vertex": "gcp.vertex_ai"}
+
+
+def wire_format(provider_api: str) -> str:
+    """The body format a provider API speaks: ``openai``, ``anthropic``, ``bedrock`` or ``gemini``."""
+    return _WIRE_FORMAT[provider_api]
+
+
+def native_api(provider_api: str) -> Api | None:
+    """The caller API whose endpoints a provider serves as they are; None for Bedrock and Google, which are
+    always reached through translation."""
+    wire = _WIRE_FORMAT[provider_api]
+    return Api(wire) if wire in ("openai", "anthropic") else None
+
+
+def relayed_endpoint(path: str) -> Endpoint | None:
+    """The endpoint a provider's own path stands for, on a fallback attempt Envoy sends back to it.
+
+    An OpenAI-shaped or Anthropic path under any base (``/openai/deployments/d/chat/completions``,
+    ``/openai/v1/responses``), Bedrock's ``/model/{id}/converse[-stream]``, and Google's
+    ``…/models/{model}:generateContent`` / ``:streamGenerateContent``.
+    """
+    canonical = canonical_path(path).rstrip("/")
+    last = canonical.rsplit("/", 1)[-1]
+    # The path says whether the call streams (these bodies do not).
+    if last in ("converse", "converse-stream") and canonical.count("/") >= 3 and "/model/" in canonical:
+        return Endpoint(Api.ANTHROPIC, "converse_stream" if last == "converse-stream" else "converse", "",
+                        BEDROCK_FORMAT)
+    if last.endswith((":generateContent", ":streamGenerateContent")) and "/models/" in canonical:
+        stream = last.endswith(":streamGenerateContent")
+        return Endpoint(Api.ANTHROPIC, "stream_generate_content" if stream else "generate_content", "", GEMINI_FORMAT)
+    for known, endpoint in ENDPOINTS.items():
+        if canonical.endswith(known.removeprefix("/v1")):
+            return endpoint
+    return None
 
 # The AI endpoints governed natively (POST, a model in the body): routing, quotas, cache, fallback.
 ENDPOINTS: dict[str, Endpoint] = {

@@ -21,7 +21,18 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from extproc.base.apis import ENDPOINTS, Api, ApiError, Endpoint, ErrorKind, api_of_caller, canonical_path, classify
+from extproc.base.apis import (
+    ENDPOINTS,
+    Api,
+    ApiError,
+    Endpoint,
+    ErrorKind,
+    api_of_caller,
+    canonical_path,
+    classify,
+    native_api,
+    relayed_endpoint,
+)
 from extproc.base.apis import resource as provider_resource
 from extproc.base.wire import FALLBACK_HEADER, FALLBACK_HOPS_HEADER, JOB_HEADER, JOBS_PATH, USAGE_HEADER
 from extproc.cache.entry import CacheEntry
@@ -134,6 +145,10 @@ class Exchange:
         state = await self._relayed_state()
         if state is not None:
             return await self._next_hop(data, state)
+        if self.endpoint.relayed_only:  # a provider's own path, without the fallback state that sent it here
+            return self.reject(ApiError(ErrorKind.PERMISSION, "this path is a provider's own and is governed only "
+                                        "as a fallback attempt; call an AI endpoint such as POST "
+                                        "/v1/chat/completions", "path_not_allowed"))
         resolved = self._resolve(data)
         if isinstance(resolved, LocalReply):
             return resolved
@@ -206,7 +221,7 @@ class Exchange:
             return None
         entry = await self.runtime.cache.get(cache.key)
         self.runtime.metrics.cache_lookups.labels(*self._admission.labels, "miss" if entry is None else "hit").inc()
-        if entry is None or target.provider.api != self.endpoint.api:
+        if entry is None or native_api(target.provider.api) != self.endpoint.api:
             return None
         if self.policy.mesh.cache.charge_hits:
             refused = await self._charge_hit(entry, data, route, target)
@@ -241,7 +256,7 @@ class Exchange:
             return held
         opened = False
         try:
-            decision = self._send(data, route, hops, start, skipped, cache, held)
+            decision = await self._send(data, route, hops, start, skipped, cache, held)
             if isinstance(decision, Forward) and held.tracked:
                 # From here on only close() releases it: if the caller goes away while the record is being
                 # written, the write still completes (shielded) and the sweeper releases it, once.
@@ -254,7 +269,7 @@ class Exchange:
             await admission.release_unused(held, opened)
         return decision
 
-    def _send(self, data: dict[str, object], route: ModelRoute, hops: list[Target], start: int,
+    async def _send(self, data: dict[str, object], route: ModelRoute, hops: list[Target], start: int,
               skipped: tuple[Hop, ...], cache: CachePlan | None, held: Held) -> Decision:
         """The forward to the first live hop, carrying what the response side and later hops need."""
         charge = held.charge
@@ -266,7 +281,7 @@ class Exchange:
         extra = dict(charge.headers) if charge is not None else {}
         if cache is not None:
             extra["cache"] = "miss"
-        return self._forwarder.forward(data, route, hops, state, extra)
+        return await self._forwarder.forward(data, route, hops, state, extra)
 
     def _settle_info(self, data: dict[str, object], route: ModelRoute, target: Target, cache: CachePlan | None,
                      held: Held, skipped: tuple[Hop, ...]) -> SettleInfo:
@@ -300,14 +315,14 @@ class Exchange:
         A refusal here ends the call without a response stream to settle it: what it holds (its slot, its
         reservation) is given back now, not at the sweep.
         """
-        decision = self._hop(data, state)
+        decision = await self._hop(data, state)
         if isinstance(decision, LocalReply) and state.call_id:
             held = await self.runtime.inflight.take(state.call_id)
             if held is not None:
                 await release(held, quota=self.runtime.quota, bulkhead=self.runtime.bulkhead, used=None)
         return decision
 
-    def _hop(self, data: dict[str, object], state: fallback.HopState) -> Decision:
+    async def _hop(self, data: dict[str, object], state: fallback.HopState) -> Decision:
         caller_api = format_api(state.caller_api)
         resumed = fallback.resume(self.policy, state)
         if resumed is None:
@@ -320,7 +335,7 @@ class Exchange:
         if start is None:
             return self._all_failed(skipped, caller_api)
         # The body is in the format of the provider it was last sent to, which its path tells.
-        return self._forwarder.forward(data, route, hops, state.at(start, skipped), {})
+        return await self._forwarder.forward(data, route, hops, state.at(start, skipped), {})
 
     def _prompt(self, data: dict[str, object]) -> str:
         """The request's messages for the call record, redacted, only when content capture is on."""
@@ -365,6 +380,8 @@ class Decider:
         if self.runtime.jobs is not None and request.path.startswith(JOBS_PATH):
             return self._job_poll(request, policy)
         endpoint = classify(request.path)
+        if endpoint is None and FALLBACK_HEADER in request.headers:
+            endpoint = relayed_endpoint(request.path)  # a fallback attempt re-sent to the failed hop's path
         if endpoint is None or (request.method != "POST" and provider_resource(
                 request.method, request.path, dict(request.headers)) is not None):
             return self._other_path(request, policy, strip)

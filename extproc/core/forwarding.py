@@ -12,7 +12,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from extproc.base.apis import ENDPOINTS, RESPONSES_FORMAT, Api, ApiError, Endpoint, ErrorKind, split_path
+from extproc.base.apis import (
+    BEDROCK_FORMAT,
+    ENDPOINTS,
+    GEMINI_FORMAT,
+    RESPONSES_FORMAT,
+    Api,
+    ApiError,
+    Endpoint,
+    ErrorKind,
+    native_api,
+    split_path,
+    wire_format,
+)
 from extproc.base.wire import (
     FALLBACK_HEADER,
     FALLBACK_MARKER,
@@ -29,17 +41,18 @@ from extproc.base.wire import (
 )
 from extproc.core import fallback
 from extproc.core.admission import FREE_OPERATIONS
-from extproc.core.credentials import api_headers, key_headers
+from extproc.core.credentials import api_headers
 from extproc.core.grants import Grant, body_digest, through_gateway
 from extproc.core.identity import Caller
 from extproc.core.inflight import GRACE_S
 from extproc.core.messages import Decision, Forward, HttpRequest, reject
 from extproc.core.paths import NO_USAGE
+from extproc.core.provider_request import CREDENTIAL_HEADERS, body_model, provider_auth, provider_path
 from extproc.core.request_body import dump_json
 from extproc.core.routing import Target
 from extproc.core.settlement import SettleInfo
 from extproc.policy.model import MeshSettings, ModelRoute, Provider
-from extproc.translate import TranslationError, anthropic_to_openai, openai_to_anthropic, responses_to_anthropic
+from extproc.translate import TranslationError, canonical
 
 if TYPE_CHECKING:
     from extproc.core.runtime import Runtime
@@ -47,24 +60,38 @@ if TYPE_CHECKING:
 
 # Envoy-control headers only policy may set; an internal redirect adds x-envoy-original-url.
 UNTRUSTED_HEADERS = (TIMEOUT_HEADER, PER_TRY_TIMEOUT_HEADER, RETRIABLE_CODES_HEADER, "x-envoy-original-url")
-# Chat in each API: the operations translation maps onto each other.
-_CHAT_OPERATION = {Api.OPENAI: "chat_completions", Api.ANTHROPIC: "messages"}
-_CHAT = frozenset(_CHAT_OPERATION.values())
-# Request translations that exist, (caller's body format, provider's format); the response side
-# (translate.response) covers the same pairs the other way round.
-_TRANSLATIONS = frozenset({("openai", "anthropic"), ("anthropic", "openai"), (RESPONSES_FORMAT, "anthropic")})
+# Chat in each wire format: the operations translation maps onto each other (through the canonical form).
+_CHAT_OPERATION = {"openai": "chat_completions", "anthropic": "messages", BEDROCK_FORMAT: "converse",
+                   GEMINI_FORMAT: "generate_content"}
+# The streaming spellings of a provider path, seen on a fallback attempt re-sent to it.
+_STREAM_OPERATIONS = frozenset({"converse_stream", "stream_generate_content"})
+_CHAT = frozenset(_CHAT_OPERATION.values()) | _STREAM_OPERATIONS
+# The provider APIs that serve the Responses API themselves (its stored state, its built-in tools).
+_RESPONSES_NATIVE = frozenset({"openai", "azure_openai"})
 # A Responses request that names state one provider keeps, or tools only OpenAI runs, stays with OpenAI.
 _RESPONSES_STATE = ("previous_response_id", "conversation")
 
 
-def provider_form(endpoint: Endpoint, provider_api: Api) -> tuple[str, str] | None:
+def provider_form(endpoint: Endpoint, provider_api: str) -> tuple[str, str] | None:
     """(operation, body format) in which a provider of ``provider_api`` serves a call to ``endpoint``;
     None when it cannot (an operation only the caller's API has)."""
+    wire = wire_format(provider_api)
     if endpoint.operation in _CHAT:
-        return _CHAT_OPERATION[provider_api], str(provider_api)
+        return _CHAT_OPERATION[wire], wire
     if endpoint.operation == "responses":
-        return ("responses", RESPONSES_FORMAT) if provider_api == Api.OPENAI else ("messages", str(provider_api))
-    return (endpoint.operation, endpoint.body_format) if provider_api == endpoint.api else None
+        return ("responses", RESPONSES_FORMAT) if provider_api in _RESPONSES_NATIVE else (_CHAT_OPERATION[wire], wire)
+    return (endpoint.operation, endpoint.body_format) if native_api(provider_api) == endpoint.api else None
+
+
+def translatable(body_format: str, provider_format: str) -> bool:
+    """Every chat format reaches every provider's through the canonical form; the Responses format is only
+    ever sent as the caller wrote it."""
+    return body_format == provider_format or provider_format != RESPONSES_FORMAT
+
+
+def streamed(data: Mapping[str, object], endpoint: Endpoint) -> bool:
+    """Whether the call streams: its body says so, or (a Converse or Gemini body re-sent on a fallback) its path."""
+    return data.get("stream") is True or endpoint.operation in _STREAM_OPERATIONS
 
 
 def format_api(body_format: str) -> Api:
@@ -83,18 +110,27 @@ def usable_hops(endpoint: Endpoint, hops: list[Target], data: dict[str, object])
     if caller == RESPONSES_FORMAT and _stays_with_openai(data):
         if any(data.get(key) not in (None, "") for key in _RESPONSES_STATE):
             return 1
-        return max(1, next((n for n, hop in enumerate(hops) if Api(hop.provider.api) != Api.OPENAI), len(hops)))
+        return max(1, next((n for n, hop in enumerate(hops) if hop.provider.api not in _RESPONSES_NATIVE),
+                           len(hops)))
     body = caller
     for n, hop in enumerate(hops):
-        form = provider_form(endpoint, Api(hop.provider.api))
+        form = provider_form(endpoint, hop.provider.api)
         if form is None:
             return max(1, n)
         operation, provider_format = form
-        if any(a != b and (a, b) not in _TRANSLATIONS for a, b in ((body, provider_format), (caller, provider_format))):
+        if not (translatable(body, provider_format) and translatable(caller, provider_format)):
             return max(1, n)
-        endpoint = next(e for e in ENDPOINTS.values() if e.api == hop.provider.api and e.operation == operation)
+        endpoint = _endpoint_of(operation, provider_format, endpoint)
         body = provider_format
     return len(hops)
+
+
+def _endpoint_of(operation: str, body_format: str, current: Endpoint) -> Endpoint:
+    """The endpoint a hop's body is re-sent to on the next attempt, as the next decision will see it."""
+    if body_format in (BEDROCK_FORMAT, GEMINI_FORMAT):
+        return Endpoint(Api.ANTHROPIC, operation, "", body_format)
+    found = next((e for e in ENDPOINTS.values() if e.body_format == body_format and e.operation == operation), None)
+    return found or current
 
 
 def _stays_with_openai(data: dict[str, object]) -> bool:
@@ -125,40 +161,46 @@ class Forwarder:
     rewrite: bool  # the body must be re-serialised even if nothing in it changes (duplicate keys)
     body: bytes  # the request as it arrived (a grant covers the body that is sent on)
 
-    def forward(self, data: dict[str, object], route: ModelRoute, hops: list[Target], state: fallback.HopState,
-                extra: Mapping[str, str]) -> Decision:
+    async def forward(self, data: dict[str, object], route: ModelRoute, hops: list[Target],
+                      state: fallback.HopState, extra: Mapping[str, str]) -> Decision:
         """Send the call to ``hops[state.index]``, in that provider's format, ready to fall back further."""
         target = hops[state.index]
         provider = target.provider
         caller_api = format_api(state.caller_api)
-        at_gateway = self._at_gateway(provider)
-        credential = api_headers(provider, self.request.headers) if at_gateway else self._credential(provider)
-        if isinstance(credential, ApiError):
-            return reject(caller_api, credential)
-        form = provider_form(self.endpoint, Api(provider.api))
+        form = provider_form(self.endpoint, provider.api)
         if form is None:
             return reject(caller_api, ApiError(
                 ErrorKind.INVALID_REQUEST, f"{self.endpoint.operation} is not served by the {provider.api} API of "
                 f"provider {provider.name!r}", "untranslatable_request"))
         operation, provider_format = form
-        translated = for_provider(data, self.endpoint.body_format, provider_format, target.model, self.policy.mesh)
+        stream = streamed(data, self.endpoint)
+        translated = for_provider(data, self.endpoint.body_format, provider_format, body_model(provider, target.model),
+                                  self.policy.mesh, stream=stream, provider_api=provider.api)
         if isinstance(translated, ApiError):
             return reject(caller_api, translated)
         data, rewrite = translated
-        path = provider.base_path + _suffix(provider, operation) + split_path(self.request.path)[1]
-        headers = [(":authority", provider.authority), (":path", path), *credential, *self._timeouts(route, state)]
-        remove = self._removed(provider, caller_api, at_gateway)
-        hop_token = self._fallback(route, hops, state, headers, remove)
         same_api = state.caller_api == provider_format
-        if same_api and state.settle.reservation is not None and Api(provider.api) == Api.OPENAI:
+        if same_api and state.settle.reservation is not None and provider_format == "openai":
             # Token quotas settle on the provider's own count: ask a stream for it.
             rewrite = _inject_stream_usage(data, operation) or rewrite
+        new_body = dump_json(data) if rewrite or self.rewrite else None
+        suffix = _suffix(operation, provider_format, self.endpoint)
+        path = provider_path(provider, operation, suffix, model=target.model, stream=stream,
+                             query=split_path(self.request.path)[1])
+        at_gateway = self._at_gateway(provider)
+        credential = (api_headers(provider, self.request.headers) if at_gateway else await provider_auth(
+            provider, self.runtime.credentials, self.runtime.cloud, path=path,
+            body=self.body if new_body is None else new_body, request_headers=self.request.headers))
+        if isinstance(credential, ApiError):
+            return reject(caller_api, credential)
+        headers = [(":authority", provider.authority), (":path", path), *credential, *self._timeouts(route, state)]
+        remove = self._removed(provider, caller_api, credential, at_gateway)
+        hop_token = self._fallback(route, hops, state, headers, remove)
         # A free operation's answer (count_tokens: {"input_tokens": n}) is not usage: nothing to read.
         settle = replace(state.settle, api=NO_USAGE if operation in FREE_OPERATIONS else provider_format,
                          provider=provider.name, model=target.model)
         self._usage_mode(data, route, settle, same_api, headers, remove)
         metadata = self._metadata(route, target, state, settle, hop_token, extra)
-        new_body = dump_json(data) if rewrite or self.rewrite else None
         if new_body is not None:
             headers.append(("content-length", str(len(new_body))))
         if at_gateway:
@@ -171,19 +213,16 @@ class Forwarder:
         mesh = self.policy.mesh
         return mesh.credential_injection == "gateway" and through_gateway(provider, mesh.cluster_domain)
 
-    def _credential(self, provider: Provider) -> list[tuple[str, str]] | ApiError:
-        key = key_headers(provider, self.runtime.credentials)
-        return key if isinstance(key, ApiError) else [*key, *api_headers(provider, self.request.headers)]
-
-    def _removed(self, provider: Provider, caller_api: Api, at_gateway: bool) -> list[str]:
-        """The caller's headers that must not reach the provider."""
+    def _removed(self, provider: Provider, caller_api: Api, credential: list[tuple[str, str]],
+                 at_gateway: bool) -> list[str]:
+        """The caller's headers that must not reach the provider: any credential of its own (ours replaces
+        it; a header we set is not removed, or ours would go too)."""
         remove = [*self.strip, *UNTRUSTED_HEADERS]
-        if at_gateway:
-            remove += ["authorization", "x-api-key"]  # the gateway adds the provider's; the caller's never goes
-        else:
-            remove.append("authorization" if Api(provider.api) == Api.ANTHROPIC else "x-api-key")
+        ours = {name for name, _ in credential}
+        remove += [name for name in CREDENTIAL_HEADERS if name not in ours]
+        if not at_gateway:
             remove.append(GRANT_HEADER)
-        if Api(provider.api) != Api.ANTHROPIC and caller_api != Api.ANTHROPIC:
+        if provider.api != "anthropic" and caller_api != Api.ANTHROPIC:
             # Left by an earlier Anthropic hop. (An Anthropic caller keeps it: Envoy's own error
             # replies pick the caller's format by this header.)
             remove.append("anthropic-version")
@@ -269,30 +308,29 @@ class Forwarder:
         return grant.encode(self.runtime.signer, ttl)
 
 
-def _suffix(provider: Provider, operation: str) -> str:
-    return next(e.suffix for e in ENDPOINTS.values() if e.api == provider.api and e.operation == operation)
+def _suffix(operation: str, body_format: str, endpoint: Endpoint) -> str:
+    """The endpoint path of ``operation`` under an OpenAI-shaped or Anthropic provider's base path."""
+    found = next((e for e in ENDPOINTS.values() if e.body_format == body_format and e.operation == operation), None)
+    return found.suffix if found is not None else endpoint.suffix
 
 
-def for_provider(data: dict[str, object], body_format: str, provider_format: str, model: str, mesh: MeshSettings
-                 ) -> tuple[dict[str, object], bool] | ApiError:
+def for_provider(data: dict[str, object], body_format: str, provider_format: str, model: str, mesh: MeshSettings,
+                 *, stream: bool = False, provider_api: str = "") -> tuple[dict[str, object], bool] | ApiError:
     """The request body in the provider's format, for ``model``; True when it had to change."""
     if body_format == provider_format:
-        if data.get("model") == model:
+        if provider_format in canonical.MODEL_IN_PATH or data.get("model") == model:
             return data, False
         return {**data, "model": model}, True
-    default_max = mesh.quota.default_max_output_tokens
+    if not translatable(body_format, provider_format):
+        return ApiError(ErrorKind.INVALID_REQUEST, f"the model is served through the {provider_format} API, and a "
+                        f"{body_format} call is not translated to it", "untranslatable_request")
     try:
-        if (body_format, provider_format) == ("openai", "anthropic"):
-            return openai_to_anthropic.request(data, model=model, default_max_tokens=default_max), True
-        if (body_format, provider_format) == ("anthropic", "openai"):
-            return anthropic_to_openai.request(data, model=model), True
-        if (body_format, provider_format) == (RESPONSES_FORMAT, "anthropic"):
-            return responses_to_anthropic.request(data, model=model, default_max_tokens=default_max), True
+        return canonical.to_provider(data, body_format, provider_format, model=model, stream=stream,
+                                     default_max_tokens=mesh.quota.default_max_output_tokens,
+                                     provider_api=provider_api), True
     except TranslationError as exc:
         return ApiError(ErrorKind.INVALID_REQUEST, f"the model is served through the {provider_format} API and this "
                         f"call cannot be translated to it: {exc.message}", "untranslatable_request")
-    return ApiError(ErrorKind.INVALID_REQUEST, f"the model is served through the {provider_format} API, and a "
-                    f"{body_format} call is not translated to it", "untranslatable_request")
 
 
 def _inject_stream_usage(data: dict[str, object], operation: str) -> bool:

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING
 
 from extproc.base.apis import ApiError, ErrorKind
 from extproc.base.tokens import Signer
-from extproc.core.credentials import CredentialStore, key_headers
+from extproc.core.credentials import CredentialStore
 from extproc.core.inflight import InFlightStore
 from extproc.core.peer import Peer
+from extproc.core.provider_request import credential_headers
 
 if TYPE_CHECKING:
+    from extproc.core.cloud_auth import CloudAuth
     from extproc.policy.compiled import PolicySet
     from extproc.policy.model import Provider
 
@@ -77,7 +79,7 @@ class Grant:
 
 
 async def redeem(token: str, *, method: str, path: str, authority: str, body: bytes, peer: Peer | None, signer: Signer,
-                 inflight: InFlightStore, credentials: CredentialStore, policy: PolicySet
+                 inflight: InFlightStore, credentials: CredentialStore, policy: PolicySet, cloud: CloudAuth
                  ) -> list[tuple[str, str]] | ApiError:
     """The credential header for a genuine, unused grant presented for its own call; else why not.
 
@@ -105,7 +107,7 @@ async def redeem(token: str, *, method: str, path: str, authority: str, body: by
     if not await inflight.first_use("grant:" + grant.nonce, _NONCE_MEMORY_S):
         return _refused("the grant was already used", "grant_replayed")
     # A provider that takes no key gets nothing added: the grant still proved the policy decided this call.
-    return key_headers(provider, credentials)
+    return await credential_headers(provider, credentials, cloud, path=path, body=body)
 
 
 # Long enough to outlive any grant (a grant lives at most the longest call timeout plus a grace period).

@@ -14,6 +14,7 @@ from extproc.base.tokens import Signer
 from extproc.cache.store import ResponseCache
 from extproc.core.breaker import BreakerKey, Breakers, State
 from extproc.core.bulkhead import LocalBulkhead, SharedBulkhead
+from extproc.core.cloud_auth import CloudAuth
 from extproc.core.credentials import CredentialStore
 from extproc.core.identity import Caller
 from extproc.core.inflight import InFlightStore, MemoryInFlight
@@ -38,9 +39,11 @@ class Runtime:
                  breakers: Breakers | None = None, bulkhead: LocalBulkhead | SharedBulkhead | None = None,
                  telemetry: CallTelemetry | None = None, jobs: JobStore | None = None,
                  job_workers: frozenset[str] = frozenset({"ai-extproc-worker"}),
-                 inflight: InFlightStore | None = None, peer_identity: bool = False) -> None:
+                 inflight: InFlightStore | None = None, peer_identity: bool = False,
+                 cloud: CloudAuth | None = None) -> None:
         self._policies = policies
         self.credentials = credentials
+        self.cloud = cloud or CloudAuth()  # AWS and Google credentials, resolved off the event loop
         self.quota = quota
         self.cache = cache
         self.metrics = metrics or Metrics()

@@ -20,12 +20,15 @@ from extproc.quota.engine import Reservation
 from extproc.quota.plan import Estimate
 from extproc.telemetry.metrics import CallLabels, record_usage
 from extproc.telemetry.record import CallRecord, Hop
+from extproc.translate.canonical import CANONICAL
 from extproc.translate.response import ResponseTranslator
 
 if TYPE_CHECKING:
     from extproc.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
+EVENT_STREAM_TYPE = "application/vnd.amazon.eventstream"  # Bedrock's binary stream framing
+STREAM_TYPES = ("text/event-stream", EVENT_STREAM_TYPE)
 _SETTLE_MEMORY_S = 900.0  # outlives any sealed settlement (call timeout plus grace)
 
 
@@ -63,6 +66,18 @@ class SettleInfo:
     def translating(self) -> bool:
         # api "none": an answer with no usage to read (count_tokens, a provider path), never translated.
         return bool(self.caller_api) and self.api != "none" and self.caller_api != self.api
+
+    @property
+    def decoding(self) -> bool:
+        """Whether the answer is first decoded into the canonical (Anthropic) form: the provider speaks
+        neither the caller's format nor the canonical one. Usage is then read from the canonical form,
+        which carries the provider's own counts."""
+        return self.translating and self.api != CANONICAL
+
+    @property
+    def encoding(self) -> bool:
+        """Whether the (canonical) answer is encoded into the caller's format."""
+        return self.translating and self.caller_api != CANONICAL
 
     def encode(self) -> str:
         return orjson.dumps({"r": self.reservation.encode() if self.reservation else None, "api": self.api,
@@ -125,7 +140,8 @@ class Settlement:
         self._status = 0
         self._content_type = ""
         self._tracker: UsageTracker | None = None
-        self._translator: ResponseTranslator | None = None
+        self._decoder: ResponseTranslator | None = None  # the provider's format → canonical
+        self._translator: ResponseTranslator | None = None  # canonical → the caller's format
         # What the caller received, kept only while it may still be cached. A fallback's answer is
         # never stored under the key of the model the caller asked for.
         self._body: bytearray | None = bytearray() if info.cache_key and not info.hops else None
@@ -140,24 +156,38 @@ class Settlement:
         self._content_type = content_type
         if self.info.api == "none":
             return  # a provider path without a model (GET /v1/models, an allowed path): no usage to read
-        streaming = content_type.startswith("text/event-stream")
-        self._tracker = UsageTracker(self.info.api, streaming=streaming,
+        info = self.info
+        streaming = content_type.startswith(STREAM_TYPES)
+        if info.decoding:
+            self._decoder = ResponseTranslator(CANONICAL, status, streaming, requested_model=info.requested,
+                                               provider_format=info.api)
+        self._tracker = UsageTracker(CANONICAL if info.decoding else info.api, streaming=streaming,
                                      strip_injected_usage=self._strip and streaming and not self.translating)
-        if self.translating:
-            self._translator = ResponseTranslator(self.info.caller_api, status, streaming,
-                                                  requested_model=self.info.requested,
-                                                  include_usage=self.info.include_usage, usage=self._tracker)
+        if info.encoding:
+            self._translator = ResponseTranslator(info.caller_api, status, streaming, requested_model=info.requested,
+                                                  include_usage=info.include_usage, usage=self._tracker)
+
+    def response_headers(self) -> tuple[list[tuple[str, str]], list[str]]:
+        """(set, remove): a translated body has another length (Envoy sends it chunked instead), and a
+        decoded stream is SSE whatever the provider framed it in (Bedrock's binary event stream)."""
+        if self._decoder is not None and self._content_type.startswith(EVENT_STREAM_TYPE):
+            return [("content-type", "text/event-stream")], ["content-length"]
+        return [], ["content-length"]
 
     def feed(self, chunk: bytes) -> bytes:
         if self._first_byte_at is None and chunk:
             self._first_byte_at = time.time()
+        if self._decoder is not None:
+            chunk = self._decoder.feed(chunk)
         forwarded = self._tracker.feed(chunk) if self._tracker is not None else chunk
         if self._translator is not None:
             forwarded = self._translator.feed(forwarded)
         return self._keep(forwarded)
 
     def flush(self) -> bytes:
-        forwarded = self._tracker.finish() if self._tracker is not None else b""
+        tail = self._decoder.finish() if self._decoder is not None else b""
+        tracker = self._tracker
+        forwarded = (tracker.feed(tail) + tracker.finish()) if tracker is not None else tail
         if self._translator is not None:
             forwarded = self._translator.feed(forwarded) + self._translator.finish()
         return self._keep(forwarded)
@@ -215,7 +245,7 @@ class Settlement:
     @property
     def _untranslatable(self) -> bool:
         """The provider's answer could not be put in the caller's format: the caller got an error instead."""
-        return self._translator is not None and self._translator.failed
+        return any(step is not None and step.failed for step in (self._decoder, self._translator))
 
     @property
     def failed(self) -> bool:

@@ -369,14 +369,13 @@ def provider_objects(spec: IstioSpec) -> list[dict[str, Any]]:
     for provider in spec.providers:
         host = provider_host(provider, spec.cluster_domain)
         meta = {"name": provider.name, "namespace": spec.provider_namespace, "labels": dict(spec.labels)}
-        provider_spec: dict[str, Any] = {"api": provider.api, "base_url": provider.base_url}
-        if provider.credential is not None:
-            provider_spec["credential"] = {"secretRef": {"name": f"{provider.name}-api-key", "key": SECRET_KEY}}
-        if provider.api == "anthropic":
-            provider_spec["anthropic_version"] = provider.anthropic_version
-        objects.append({"apiVersion": API_VERSION, "kind": "AIProvider", "metadata": meta, "spec": provider_spec})
+        objects.append({"apiVersion": API_VERSION, "kind": "AIProvider", "metadata": meta,
+                        "spec": _provider_spec(provider)})
         if not host.external:
             continue  # an in-mesh model server is already a Service: Istio knows its host and port
+        if not provider.upstream_tls:
+            objects.append(_plain_service_entry(provider, host, meta))
+            continue
         objects.append({
             "apiVersion": "networking.istio.io/v1",
             "kind": "ServiceEntry",
@@ -390,7 +389,8 @@ def provider_objects(spec: IstioSpec) -> list[dict[str, Any]]:
                 # the mesh: no TLS port, so a workload has no route to the host around the policy
                 # (with REGISTRY_ONLY egress, an https:// call goes nowhere).
                 "ports": [
-                    {"number": host.port, "name": f"http-{provider.name}", "protocol": "HTTP", "targetPort": 443},
+                    {"number": host.port, "name": f"http-{provider.name}", "protocol": "HTTP",
+                     "targetPort": provider.upstream_port or 443},
                 ],
             },
         })
@@ -409,6 +409,43 @@ def provider_objects(spec: IstioSpec) -> list[dict[str, Any]]:
             },
         })
     return objects
+
+
+def _provider_spec(provider: Provider) -> dict[str, Any]:
+    """The AIProvider spec: the provider entry without its name, a key or token file as a Secret reference
+    (the processor mounts it), a cloud credential chain as it is (it needs no Secret)."""
+    spec: dict[str, Any] = provider.model_dump(mode="json", exclude={"name", "credential"}, exclude_defaults=True)
+    spec["api"], spec["base_url"] = provider.api, provider.base_url
+    if provider.api == "anthropic":
+        spec["anthropic_version"] = provider.anthropic_version
+    source = provider.credential
+    if source is None:
+        return spec
+    credential: dict[str, Any] = {"type": source.type} if source.type != "api_key" else {}
+    if source.type == "aws":
+        credential.update({"profile": source.profile} if source.profile else {})
+    elif source.type != "google" or source.file is not None:
+        credential["secretRef"] = {"name": f"{provider.name}-{_SECRET_SUFFIX.get(source.type, 'api-key')}",
+                                   "key": SECRET_KEY}
+    spec["credential"] = credential
+    return spec
+
+
+_SECRET_SUFFIX = {"entra_id": "entra-token", "google": "service-account"}
+
+
+def _plain_service_entry(provider: Provider, host: ProviderHost, meta: dict[str, Any]) -> dict[str, Any]:
+    """A host outside the mesh reached in plain HTTP (``upstream_tls: false``): no TLS origination."""
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "ServiceEntry",
+        "metadata": copy.deepcopy(meta),
+        "spec": {
+            "hosts": [host.host], "exportTo": ["*"], "location": "MESH_EXTERNAL", "resolution": "DNS",
+            "ports": [{"number": host.port, "name": f"http-{provider.name}", "protocol": "HTTP",
+                       "targetPort": provider.upstream_port or host.port}],
+        },
+    }
 
 
 # --- the egress gateway (credentials="gateway"): the only way out to the provider hosts ----------------------------

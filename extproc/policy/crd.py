@@ -126,7 +126,9 @@ def provider_spec_schema() -> dict[str, Any]:
     schema["required"] = [r for r in schema.get("required", []) if r != "name"]
     credential = schema["properties"]["credential"]
     credential["properties"]["secretRef"] = model_schema(SecretKeyRef)
-    credential["description"] = "API key source: exactly one of env, file or secretRef."
+    credential["description"] = ("Credential source: for api_key and entra_id exactly one of env, file or secretRef; "
+                                 "for google a service-account key in file or secretRef, or nothing (workload "
+                                 "identity); for aws nothing but an optional profile (the AWS chain: IRSA, ...).")
     return schema
 
 
@@ -251,14 +253,15 @@ def provider_document(obj: Mapping[str, Any], secrets_dir: str = SECRETS_DIR) ->
     provider = {"name": key.name, **{k: v for k, v in spec.items() if k != "name"}}
     credential = spec.get("credential")
     if isinstance(credential, dict) and "secretRef" in credential:
-        if len(credential) != 1:
+        if set(credential) - {"secretRef", "type"}:
             raise ObjectError("spec.credential: set exactly one of 'env', 'file' or 'secretRef'")
         ref = credential["secretRef"]
         try:
             secret = SecretKeyRef.model_validate(ref)
         except ValueError as exc:
             raise ObjectError(f"spec.credential.secretRef: {_first_error(exc)}") from exc
-        provider["credential"] = {"file": f"{secrets_dir}/{secret.name}/{secret.key}"}
+        kind = {"type": credential["type"]} if "type" in credential else {}
+        provider["credential"] = {**kind, "file": f"{secrets_dir}/{secret.name}/{secret.key}"}
     return Document.from_data(key.label, {"providers": [provider]})
 
 

@@ -379,6 +379,7 @@ def build_policy(documents: Sequence[Document], problems: list[Problem]) -> Poli
     problems.extend(_cross_check(services, providers, mesh))
     if not problems:
         problems.extend(_check_prices(services, providers, prices, mesh))
+        problems.extend(_check_deployments(services, providers))
     if problems:
         raise PolicyError(problems)
     digest = hashlib.sha256()
@@ -482,6 +483,25 @@ def _check_prices(
                     yield Problem(doc.label, _line(doc.node, loc), _dotted(loc),
                                   f"a cost limit applies but there is no price for {provider}/{upstream}; "
                                   "add it under 'prices:' in the mesh document")
+
+
+def _check_deployments(services: list[tuple[Document, ServicePolicy]],
+                       providers: list[tuple[Document, int, Provider]]) -> Iterator[Problem]:
+    """An Azure OpenAI provider on deployment paths serves only the models it names a deployment for."""
+    azure = {p.name: p for _, _, p in providers if p.api == "azure_openai" and p.deployments is not None}
+    for doc, policy in services:
+        for i, model in enumerate(policy.ai_proxy.models):
+            targets: list[tuple[tuple[str | int, ...], str, str]] = [(("model",), model.provider, model.model)]
+            targets += [(("variants", j, "model"), v.provider or model.provider, v.model or model.model)
+                        for j, v in enumerate(model.variants)]
+            targets += [(("fallback", j, "model"), f.provider, f.model) for j, f in enumerate(model.fallback)]
+            for where, provider, upstream in targets:
+                found = azure.get(provider)
+                if found is not None and upstream not in (found.deployments or {}):
+                    loc = ("ai_proxy", "models", i, *where)
+                    yield Problem(doc.label, _line(doc.node, loc), _dotted(loc),
+                                  f"provider {provider!r} has no deployment for model {upstream!r} (its deployments: "
+                                  f"{', '.join(sorted(found.deployments or {}))})")
 
 
 def _check_providers(doc: Document, prefix: tuple[Any, ...], models: Iterable[Any],

@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from extproc.policy.units import Rate, duration_range_error, parse_duration_ms, parse_rate
 
-ApiSchema = Literal["openai", "anthropic"]
+ApiSchema = Literal["openai", "anthropic", "azure_openai", "bedrock", "gemini", "vertex", "openai_compatible"]
 
 _NAME = r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$"
 _HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
@@ -56,17 +56,68 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
 
-class CredentialSource(_Frozen):
-    """Where a provider's API key comes from. Exactly one of ``env`` or ``file``."""
+CredentialType = Literal["api_key", "entra_id", "aws", "google"]
+# What each provider API can authenticate with; the first is what a bare {env|file} means.
+CREDENTIAL_TYPES: dict[str, tuple[str, ...]] = {
+    "openai": ("api_key",),
+    "anthropic": ("api_key",),
+    "openai_compatible": ("api_key",),
+    "azure_openai": ("api_key", "entra_id"),
+    "gemini": ("api_key",),
+    "bedrock": ("aws",),
+    "vertex": ("google",),
+}
+# The providers whose entry is incomplete without a credential (an in-mesh server may need none).
+CREDENTIAL_REQUIRED = frozenset({"azure_openai", "bedrock", "gemini", "vertex"})
+AZURE_V1 = "v1"  # api_version selecting Azure's v1 paths (/openai/v1/..., the model in the body)
+_REGION = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-[0-9]$")
+_GOOGLE_LOCATION = re.compile(r"^(global|[a-z]+-[a-z]+[0-9])$")
 
+
+class CredentialSource(_Frozen):
+    """Where a provider's credential comes from.
+
+    ``api_key`` (the default) and ``entra_id`` (an Azure Entra ID bearer token that the platform keeps
+    fresh in a mounted file) read exactly one of ``env`` or ``file``. ``aws`` uses the standard AWS chain
+    (environment, web identity token file for IRSA, instance or container role; ``profile`` picks a
+    shared-config profile). ``google`` uses the service-account key in ``file``, or Application Default
+    Credentials (GKE workload identity) when no file is given.
+    """
+
+    type: CredentialType = Field(default="api_key", description="api_key, entra_id, aws or google.")
     env: str | None = Field(default=None, description="Environment variable holding the key.")
-    file: str | None = Field(default=None, description="File holding the key (e.g. a mounted Secret).")
+    file: str | None = Field(default=None, description="File holding the key or token (e.g. a mounted Secret); "
+                             "for type google, a service-account key file.")
+    profile: str | None = Field(default=None, description="type aws only: the shared-config profile to use.")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> CredentialSource:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("set exactly one of 'env' or 'file'")
+    def _one_source(self) -> CredentialSource:
+        if self.type in ("api_key", "entra_id"):
+            if (self.env is None) == (self.file is None):
+                raise ValueError("set exactly one of 'env' or 'file'")
+        elif self.env is not None or (self.type == "aws" and self.file is not None):
+            allowed = "'profile'" if self.type == "aws" else "'file' (a service-account key)"
+            raise ValueError(f"a {self.type} credential comes from its own chain: set only {allowed}, or nothing")
+        if self.profile is not None and self.type != "aws":
+            raise ValueError("'profile' applies to type aws only")
         return self
+
+
+def _default_base_url(api: str, region: str | None, location: str | None) -> str:
+    """Bedrock, Gemini and Vertex AI have one public endpoint per region or location (plain HTTP to the
+    sidecar, which originates TLS)."""
+    if api == "bedrock" and region:
+        return f"http://bedrock-runtime.{region}.amazonaws.com"
+    if api == "gemini":
+        return "http://generativelanguage.googleapis.com"
+    if api == "vertex" and location:
+        return f"http://{'' if location == 'global' else location + '-'}aiplatform.googleapis.com"
+    return ""
+
+
+def _provider_problem(message: str, field: str) -> PydanticCustomError:
+    """A provider entry's problem located at ``field`` (which may be missing: its line is then the entry's)."""
+    return _duplicate(message, (field,))
 
 
 class Provider(_Frozen):
@@ -74,11 +125,26 @@ class Provider(_Frozen):
 
     name: Name
     api: ApiSchema = Field(description="Wire format the provider speaks.")
-    base_url: str = Field(description="API root as the sidecar sees it, e.g. http://api.openai.com/v1.")
+    base_url: str = Field(default="", description="API root as the sidecar sees it, e.g. http://api.openai.com/v1. "
+                          "Bedrock, Gemini and Vertex AI default to their public endpoint for the region or location.")
     credential: CredentialSource | None = Field(
-        default=None, description="API key source; omit for in-mesh model servers that need none."
+        default=None, description="Credential source; omit for in-mesh model servers that need none."
     )
     anthropic_version: str = Field(default="2023-06-01", description="Sent when the caller sent none.")
+    api_version: str | None = Field(
+        default=None, description="azure_openai: the api-version query of deployment paths (e.g. 2024-10-21), "
+        "or 'v1' for the v1 API (/openai/v1/..., the model in the body).")
+    deployments: dict[str, str] | None = Field(
+        default=None, description="azure_openai with deployment paths: model name → deployment name.")
+    region: str | None = Field(default=None, description="bedrock: the AWS region, e.g. us-east-1.")
+    project: str | None = Field(default=None, description="vertex: the Google Cloud project id.")
+    location: str | None = Field(default=None, description="vertex: the region, e.g. us-central1, or global.")
+    upstream_tls: bool = Field(
+        default=True, description="A host outside the mesh: the mesh originates TLS to it (the default). false: "
+        "plain HTTP, e.g. a model server on a private network.")
+    upstream_port: int | None = Field(
+        default=None, ge=1, le=65535, description="A host outside the mesh: the port the mesh connects to (default "
+        "443 with TLS, else the base_url's port).")
 
     @field_validator("base_url")
     @classmethod
@@ -93,6 +159,66 @@ class Provider(_Frozen):
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query or fragment")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _fields_of_api(self) -> Provider:
+        """Each API's own fields: required where the API cannot be called without them, refused elsewhere."""
+        api = str(self.api)
+        own = {"azure_openai": ("api_version", "deployments"), "bedrock": ("region",),
+               "vertex": ("project", "location")}.get(api, ())
+        for field in ("api_version", "deployments", "region", "project", "location"):
+            if getattr(self, field) is not None and field not in own:
+                raise _provider_problem(f"'{field}' does not apply to a provider of api {api}", field)
+        self._check_credential(api)
+        if api == "azure_openai":
+            self._check_azure()
+        elif api == "bedrock":
+            if self.region is None or not _REGION.match(self.region):
+                raise _provider_problem("a bedrock provider needs 'region', an AWS region such as us-east-1", "region")
+        elif api == "vertex":
+            if not self.project:
+                raise _provider_problem("a vertex provider needs 'project', the Google Cloud project id", "project")
+            if self.location is None or not _GOOGLE_LOCATION.match(self.location):
+                raise _provider_problem("a vertex provider needs 'location', a region such as us-central1 (or "
+                                        "global)", "location")
+        if not self.base_url:
+            # A model-level "before" validator would hide the model's shape from the CRD schema generator;
+            # the model is frozen, so the default is set the way pydantic itself sets fields.
+            object.__setattr__(self, "base_url", _default_base_url(api, self.region, self.location))
+        if not self.base_url:
+            raise _provider_problem(f"a provider of api {api} needs 'base_url', its API root as the sidecar sees it "
+                                    "(e.g. http://api.openai.com/v1)", "base_url")
+        return self
+
+    def _check_credential(self, api: str) -> None:
+        types = CREDENTIAL_TYPES[api]
+        if self.credential is None:
+            if api in CREDENTIAL_REQUIRED:
+                example = {"aws": "{type: aws}", "google": "{type: google, file: /path/key.json}"}.get(
+                    types[0], "{env: VARIABLE} or {file: /path}")
+                raise _provider_problem(f"a {api} provider needs a credential source, e.g. credential: {example}",
+                                        "credential")
+            return
+        if self.credential.type not in types:
+            raise _provider_problem(f"a {api} provider takes a credential of type {' or '.join(types)}, not "
+                                    f"{self.credential.type}", "credential")
+
+    def _check_azure(self) -> None:
+        version = self.api_version
+        if version is None:
+            raise _provider_problem("an azure_openai provider needs 'api_version' (e.g. 2024-10-21, or v1)",
+                                    "api_version")
+        if version == AZURE_V1:
+            if self.deployments is not None:
+                raise _provider_problem("'deployments' does not apply with api_version v1 (the model is in the body)",
+                                        "deployments")
+            return
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}(-preview)?", version):
+            raise _provider_problem(f"api_version {version!r} is not an Azure API version such as 2024-10-21 or "
+                                    "2025-01-01-preview, or v1", "api_version")
+        if not self.deployments:
+            raise _provider_problem("an azure_openai provider with deployment paths needs 'deployments' (model name: "
+                                    "deployment name)", "deployments")
 
     @property
     def authority(self) -> str:

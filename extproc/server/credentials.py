@@ -75,7 +75,7 @@ class CredentialSession:
             result = await redeem(self._headers.get(GRANT_HEADER, ""), method=self._method, path=self._path,
                                   authority=self._authority, body=body, peer=peer,
                                   signer=runtime.signer, inflight=runtime.inflight, credentials=runtime.credentials,
-                                  policy=runtime.policy())
+                                  policy=runtime.policy(), cloud=runtime.cloud)
         if isinstance(result, ApiError):
             log.warning("credential refused for %s on %s: %s", self._peer_uri or "an unidentified caller",
                         self._authority, result.message)

@@ -30,6 +30,7 @@ from extproc.server.protocol import (
     CONTINUE_BODY,
     CONTINUE_TRAILERS,
     body_responses,
+    header_mutation,
     headers_response,
     immediate_response,
     request_from,
@@ -145,9 +146,9 @@ class UsageSession:
             if observing:
                 return []
             if settlement is not None and settlement.translating:
-                # The translated body has another length; Envoy sends it chunked instead.
+                set_headers, remove = settlement.response_headers()
                 return [pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
-                    header_mutation=pb.HeaderMutation(remove_headers=["content-length"]))))]
+                    header_mutation=header_mutation(set_headers, tuple(remove)))))]
             return [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
         if kind == "response_body":
             body = message.response_body

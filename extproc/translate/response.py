@@ -13,9 +13,14 @@ or an error event mid-stream) is not a failure of translation: it is passed on i
 A translated stream is parsed once: given ``usage`` (the usage tracker reading the same provider
 stream), the translator hands it every event it parses, so the tracker reads no bytes of its own.
 
-The caller's format picks the module (each is named for the caller it serves): ``"openai"`` (chat
-completions) → ``openai_to_anthropic``, ``"openai_responses"`` (the Responses API) →
-``responses_to_anthropic``, anything else (``"anthropic"``) → ``anthropic_to_openai``.
+One translator is one step to or from the canonical form (the Anthropic Messages shape; see
+``extproc.translate.canonical``). Encoding the canonical form for a caller, the caller's format picks
+the module (each is named for the caller it serves): ``"openai"`` (chat completions) →
+``openai_to_anthropic``, ``"openai_responses"`` (the Responses API) → ``responses_to_anthropic``.
+Decoding a provider's answer into the canonical form (the caller's format is then ``"anthropic"``), the
+provider's format picks it: ``"openai"`` → ``anthropic_to_openai``, ``"bedrock"`` → ``bedrock``,
+``"gemini"`` → ``gemini``. A call whose caller and provider are both not Anthropic takes both steps, the
+decoder's output fed to the encoder.
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ from typing import Any, Protocol, TypeVar
 
 import orjson
 
-from extproc.translate import TranslationError, anthropic_to_openai, openai_to_anthropic, responses_to_anthropic
+from extproc.translate import (
+    TranslationError,
+    anthropic_to_openai,
+    bedrock,
+    gemini,
+    openai_to_anthropic,
+    responses_to_anthropic,
+)
 from extproc.translate.sse import SseEvent, SseParser
 
 log = logging.getLogger(__name__)
@@ -52,18 +64,30 @@ class EventReader(Protocol):
         ...
 
 
-_MODULES: dict[str, ModuleType] = {
+_ENCODERS: dict[str, ModuleType] = {  # the canonical form → the caller's format, by the caller's format
     "openai": openai_to_anthropic,
     responses_to_anthropic.CALLER_FORMAT: responses_to_anthropic,
-    "anthropic": anthropic_to_openai,
 }
+_DECODERS: dict[str, ModuleType] = {  # the provider's format → the canonical form, by the provider's format
+    "openai": anthropic_to_openai,
+    "bedrock": bedrock,
+    "gemini": gemini,
+}
+
+
+def module_for(caller_api: str, provider_format: str) -> ModuleType:
+    """The one step between the two formats, one of which is the canonical ``"anthropic"``."""
+    if caller_api == "anthropic":
+        return _DECODERS.get(provider_format, anthropic_to_openai)
+    return _ENCODERS[caller_api]
 
 
 class ResponseTranslator:
     def __init__(self, caller_api: str, status: int, streaming: bool, *, requested_model: str,
                  include_usage: bool = False, echo: dict[str, Any] | None = None,
-                 usage: EventReader | None = None) -> None:
-        """``caller_api`` is the caller's format: ``"openai"``, ``"openai_responses"`` or ``"anthropic"``.
+                 usage: EventReader | None = None, provider_format: str = "openai") -> None:
+        """``caller_api`` is the caller's format: ``"openai"``, ``"openai_responses"`` or ``"anthropic"``;
+        ``provider_format``, read only when the caller's is ``"anthropic"``, the format decoded from.
 
         ``include_usage`` only matters to chat-completions callers; ``echo`` only to Responses callers
         (``responses_to_anthropic.echo(request_body)``: the settings their response object repeats).
@@ -73,7 +97,7 @@ class ResponseTranslator:
         """
         # Each module is named for the caller it serves: openai_to_anthropic serves OpenAI callers.
         self._caller_api = caller_api
-        self._module: ModuleType = _MODULES.get(caller_api, anthropic_to_openai)
+        self._module: ModuleType = module_for(caller_api, provider_format)
         self._status = status
         self._model = requested_model
         self._echo = echo
@@ -90,7 +114,7 @@ class ResponseTranslator:
             elif self._module is responses_to_anthropic:
                 self._stream = responses_to_anthropic.StreamTranslator(requested_model=requested_model, echo=echo)
             else:
-                self._stream = anthropic_to_openai.StreamTranslator(requested_model=requested_model)
+                self._stream = self._module.StreamTranslator(requested_model=requested_model)
             self._reader = usage.event_reader() if usage is not None else None
             if self._reader is not None:
                 self._parser = SseParser()

@@ -517,7 +517,7 @@ def test_a_grant_for_a_provider_without_a_key_is_redeemed_with_nothing_added(tmp
         store = MemoryInFlight()
         args = {"authority": local.authority, "body": b"{}", "peer": None, "signer": decider.runtime.signer,
                 "inflight": store, "credentials": decider.runtime.credentials, "policy": policy, "method": "POST",
-                "path": "/serving/v1/chat/completions"}
+                "path": "/serving/v1/chat/completions", "cloud": decider.runtime.cloud}
         other = await redeem(token, **{**args, "path": "/serving/v1/embeddings"})  # type: ignore[arg-type]
         assert not isinstance(other, list) and other.code == "grant_wrong_request"  # for this request only
         assert await redeem(token, **args) == []  # type: ignore[arg-type]

@@ -27,7 +27,9 @@ ai_proxy:
 
 
 @pytest.mark.parametrize(("extra", "hops"), [
-    ({}, 2),  # openai, then claude (translated); not back to openai: the body is Anthropic's by then
+    # openai, then claude (translated), then openai's chat API: the body is Anthropic's by then and reaches
+    # chat through the canonical form (the answer goes chat → canonical → Responses).
+    ({}, 3),
     ({"previous_response_id": "resp_1"}, 1),  # state only its provider keeps: no fallback at all
     ({"tools": [{"type": "web_search"}]}, 1),  # a built-in tool: OpenAI providers only (the next is claude)
 ])
