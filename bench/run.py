@@ -510,7 +510,7 @@ def breaker_states(admin_port: int) -> dict[str, str]:
     states: dict[str, list[str]] = {}
     for labels, value in processor_samples(admin_port, "ai_extproc_breaker_state"):
         states.setdefault(labels["service"], []).append(
-            f"{labels['gen_ai_provider_name']}/{labels['gen_ai_request_model']}={int(value)} "
+            f"{labels['provider']}/{labels['gen_ai_request_model']}={int(value)} "
             f"({names.get(int(value), '?')})")
     return {service: ", ".join(sorted(found)) for service, found in states.items()}
 

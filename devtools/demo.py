@@ -156,7 +156,44 @@ def drive_traffic(stack: Stack) -> tuple[list[Row], Counter[str], str]:
                      (time.perf_counter() - start) * 1000))
     fallback = (f"order-service fallback: the Anthropic SDK got {final.type!r} events translated from OpenAI's "
                 f"stream; x-ai-fallback-hops: {hops}")
+    rows.extend(_cloud_providers(stack))
     return rows, variants, burst + "\n\n" + fallback
+
+
+def _cloud_providers(stack: Stack) -> list[Row]:
+    """product-service's summarizer is an Azure OpenAI deployment, order-service's risk_scorer Claude on
+    Bedrock (Converse, SigV4-signed by the processor, its binary event stream answered as SSE); both mocks."""
+    import anthropic
+    import openai
+
+    rows: list[Row] = []
+    azure = openai.OpenAI(base_url=stack.base_url("product-service") + "/v1", api_key="unused", max_retries=0)
+    bedrock = anthropic.Anthropic(base_url=stack.base_url("order-service"), api_key="unused", max_retries=0)
+    order = openai.OpenAI(base_url=stack.base_url("order-service") + "/v1", api_key="unused", max_retries=0)
+    prompt: Any = [{"role": "user", "content": "summarise the red shoes"}]
+    for label, extra in (("azure deployment", {}), ("azure 503 → fallback", {"x-mock-status": "503",
+                                                                                "x-mock-only": "cloud"})):
+        raw, ms = _timed(functools.partial(azure.chat.completions.with_raw_response.create,
+                                           model="summarizer", messages=prompt, extra_headers=extra))
+        raw.parse()
+        rows.append(_row("product-service", label, "summarizer", raw.headers, raw.status_code, ms))
+    start = time.perf_counter()
+    with bedrock.messages.stream(model="risk_scorer", max_tokens=64,
+                                 messages=[{"role": "user", "content": "score order 46"}]) as stream:
+        final = stream.get_final_message()
+        headers = stream.response.headers
+    rows.append(_row("order-service", f"bedrock (stream, {final.usage.output_tokens} tok)", "risk_scorer",
+                     headers, 200, (time.perf_counter() - start) * 1000))
+    raw, ms = _timed(lambda: order.chat.completions.with_raw_response.create(
+        model="risk_scorer", messages=[{"role": "user", "content": "score order 47"}]))
+    raw.parse()
+    rows.append(_row("order-service", "bedrock (OpenAI SDK)", "risk_scorer", raw.headers, raw.status_code, ms))
+    msg, ms = _timed(lambda: bedrock.messages.with_raw_response.create(
+        model="risk_scorer", max_tokens=64, messages=[{"role": "user", "content": "score order 48"}],
+        extra_headers={"x-mock-status": "503", "x-mock-only": "cloud"}))
+    msg.parse()
+    rows.append(_row("order-service", "bedrock 503 → fallback", "risk_scorer", msg.headers, msg.status_code, ms))
+    return rows
 
 
 def _burst(client: Any, calls: int) -> str:
@@ -293,6 +330,46 @@ def _async_call(stack: Stack) -> str:
     return "\n".join(asyncio.run(run()))
 
 
+# The demo's cloud providers, on top of the samples (which the Istio install ships, so they name only the
+# public OpenAI and Anthropic hosts): product-service's summarizer is an Azure OpenAI deployment,
+# order-service's risk_scorer Claude on Bedrock. Both are served by the cloud mock.
+_DEMO_PROVIDERS = """
+- name: azure
+  api: azure_openai
+  base_url: http://contoso-ai.openai.azure.com
+  api_version: 2024-10-21
+  deployments: {gpt-4o-mini: gpt-4o-mini-prod}
+  credential: {env: AZURE_OPENAI_API_KEY}
+- name: bedrock
+  api: bedrock
+  region: us-east-1
+  credential: {type: aws}
+"""
+_DEMO_MODELS = {
+    "product-service.yaml": """
+  - {name: summarizer, provider: azure, model: gpt-4o-mini, purpose: product_summaries, rate_limit: 300/min,
+     timeout: 10s, fallback: [openai/gpt-4o-mini]}
+""",
+    "order-service.yaml": """
+  - {name: risk_scorer, provider: bedrock, model: 'anthropic.claude-3-haiku-20240307-v1:0', purpose: order_risk,
+     timeout: 5s, fallback: [claude/claude-3]}
+""",
+}
+
+
+def demo_policy_dir(directory: Path) -> Path:
+    """The sample policies with the demo's cloud providers added."""
+    directory.mkdir(parents=True)
+    for path in sample_policy_dir().iterdir():
+        text = path.read_text()
+        if path.name == "mesh.yaml":
+            text = text.rstrip("\n") + "\n" + _DEMO_PROVIDERS.lstrip("\n")
+        elif path.name in _DEMO_MODELS:
+            text = text.rstrip("\n") + "\n" + _DEMO_MODELS[path.name].lstrip("\n")
+        (directory / path.name).write_text(text)
+    return directory
+
+
 def run_demo(keep_logs: bool = False) -> int:
     logging.getLogger().setLevel(logging.WARNING)  # the SDKs log every request at INFO
     log_dir = Path(tempfile.mkdtemp(prefix="extproc-demo-"))
@@ -301,14 +378,15 @@ def run_demo(keep_logs: bool = False) -> int:
     nats = _nats_reachable()
     telemetry = ["--events-file", str(events_file), "--access-log", str(log_dir / "access.jsonl"),
                  *(["--events-nats", NATS_URL] if nats else [])]
+    policies = demo_policy_dir(log_dir / "policies")
     try:
-        stack = Stack(sample_policy_dir(), log_dir, processor_args=telemetry,
+        stack = Stack(policies, log_dir, processor_args=telemetry,
                       jobs=(NATS_URL, DEMO_JOBS_PREFIX) if nats else None)
     except LaunchError as exc:
         print(f"demo: could not start: {exc}")
         return 1
     try:
-        print(f"  processor policies: {sample_policy_dir()}")
+        print(f"  processor policies: {policies} (the samples, plus an Azure OpenAI and a Bedrock provider)")
         for service in SERVICES:
             print(f"  {service:16} → Envoy on {stack.base_url(service)}")
         print()

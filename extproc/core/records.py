@@ -9,6 +9,7 @@ from extproc.base.apis import Endpoint
 from extproc.core.identity import Caller
 from extproc.core.messages import HttpRequest, LocalReply
 from extproc.policy.compiled import PolicySet
+from extproc.telemetry.metrics import genai_provider
 from extproc.telemetry.record import CallRecord
 
 # Calls the processor answers itself that are not refusals: served from the cache, or queued as a job.
@@ -21,10 +22,12 @@ def reply_record(request: HttpRequest, caller: Caller, endpoint: Endpoint, reply
     now = time.time()
     headers = dict(reply.headers)
     code = reply.details.removeprefix("ai_")
+    provider = headers.get("x-ai-provider", "")
     return CallRecord(
         service=caller.service or "", namespace=caller.namespace or "", operation=endpoint.operation,
         caller_api=str(endpoint.api), requested_model=requested, route=headers.get("x-ai-route", ""),
-        provider=headers.get("x-ai-provider", ""), response_model=headers.get("x-ai-model", ""),
+        provider=provider, genai_provider=genai_provider(policy, provider),
+        response_model=headers.get("x-ai-model", ""),
         status=reply.status, outcome=_LOCAL_OUTCOMES.get(code, f"refused:{code}"),
         streamed=headers.get("content-type", "").startswith("text/event-stream"), started_at=now, ended_at=now,
         cache="hit" if code == "cache_hit" else "", variant=headers.get("x-ai-variant", ""),

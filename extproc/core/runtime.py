@@ -81,12 +81,12 @@ class Runtime:
         else:
             labels = CallLabels.of(policy, service=caller.service, namespace=caller.namespace)
             outcome = decision.details.removeprefix("ai_")
-        self.metrics.calls.labels(*labels.caller, labels.provider, labels.request_model, outcome).inc()
+        self.metrics.calls.labels(*labels.caller, *labels.providers, labels.request_model, outcome).inc()
 
     def _breaker_changed(self, key: BreakerKey, state: State) -> None:
         namespace, service, provider, model = key
         labels = CallLabels.of(self._policies(), service=service, namespace=namespace, provider=provider,
                                request_model=model)
-        self.metrics.breaker_state.labels(*labels.caller, labels.provider, labels.request_model).set(int(state))
+        self.metrics.breaker_state.labels(*labels.caller, *labels.providers, labels.request_model).set(int(state))
         log.warning("circuit breaker for %s/%s → %s/%s is now %s", namespace, service, provider, model,
                     state.name.lower())

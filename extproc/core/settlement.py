@@ -18,7 +18,7 @@ from extproc.cache.entry import CacheEntry
 from extproc.core.usage import Usage, UsageTracker
 from extproc.quota.engine import Reservation
 from extproc.quota.plan import Estimate
-from extproc.telemetry.metrics import CallLabels, record_usage
+from extproc.telemetry.metrics import CallLabels, genai_provider, record_usage
 from extproc.telemetry.record import CallRecord, Hop
 from extproc.translate.canonical import CANONICAL
 from extproc.translate.response import ResponseTranslator
@@ -180,17 +180,25 @@ class Settlement:
         if self._decoder is not None:
             chunk = self._decoder.feed(chunk)
         forwarded = self._tracker.feed(chunk) if self._tracker is not None else chunk
-        if self._translator is not None:
-            forwarded = self._translator.feed(forwarded)
-        return self._keep(forwarded)
+        return self._keep(self._encode(forwarded, last=False))
 
     def flush(self) -> bytes:
         tail = self._decoder.finish() if self._decoder is not None else b""
         tracker = self._tracker
         forwarded = (tracker.feed(tail) + tracker.finish()) if tracker is not None else tail
-        if self._translator is not None:
-            forwarded = self._translator.feed(forwarded) + self._translator.finish()
-        return self._keep(forwarded)
+        return self._keep(self._encode(forwarded, last=True))
+
+    def _encode(self, canonical: bytes, *, last: bool) -> bytes:
+        """The caller's bytes: the canonical answer encoded, unless the decoder could not read the provider's,
+        when the caller gets the encoder's own untranslatable ending (not an encoding of the decoder's)."""
+        encoder = self._translator
+        if encoder is None:
+            return canonical
+        decoder = self._decoder
+        if decoder is not None and decoder.failure is not None:
+            return encoder.abandon(decoder.failure) + (encoder.finish() if last else b"")
+        out = encoder.feed(canonical)
+        return out + encoder.finish() if last else out
 
     def _keep(self, forwarded: bytes) -> bytes:
         if self._body is not None:
@@ -267,7 +275,8 @@ class Settlement:
         return CallRecord(
             service=info.service, namespace=info.namespace, operation=info.operation,
             caller_api=info.caller_api or info.api, requested_model=info.requested or info.route, route=info.route,
-            provider=info.provider, response_model=info.model, status=self._status, outcome=outcome,
+            provider=info.provider, genai_provider=genai_provider(self._policy, info.provider),
+            response_model=info.model, status=self._status, outcome=outcome,
             streamed=self._content_type.startswith("text/event-stream"), input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens, cached_input_tokens=usage.cached_input_tokens,
             usage_reported=usage.reported, cost_usd=cost_micro_usd / 1e6, started_at=info.decided_at,
@@ -289,9 +298,9 @@ class Settlement:
         info, metrics = self.info, self._metrics
         labels = CallLabels.of(self._policy, service=info.service, namespace=info.namespace, provider=info.provider,
                                request_model=info.route, response_model=info.model)
-        genai = (info.operation, labels.provider, labels.request_model, labels.response_model)
+        genai = labels.genai(info.operation)
         record_usage(metrics, labels, info.operation, usage)
-        metrics.cost.labels(*labels.caller, labels.provider, labels.response_model).inc(cost_micro_usd / 1e6)
+        metrics.cost.labels(*labels.caller, *labels.providers, labels.response_model).inc(cost_micro_usd / 1e6)
         if info.decided_at:
             now = time.time()
             metrics.duration.labels(*labels.caller, *genai, str(self._status)).observe(max(0.0, now - info.decided_at))

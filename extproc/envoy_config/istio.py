@@ -231,9 +231,11 @@ def provider_calls_only(config: dict[str, Any], hosts: Iterable[ProviderHost]) -
     In a sidecar the HCM serves every service on the port, so replies to other services must keep
     Envoy's usual bodies; a call to (or re-routed to) a provider carries the provider's host.
     """
-    names = "|".join(re.escape(h.host) for h in hosts)
-    to_provider = {"header_filter": {"header": {
-        "name": ":authority", "string_match": {"safe_regex": {"regex": f"^({names})(:[0-9]+)?$"}}}}}
+    # One small match per host, not one regex of all: RE2 refuses a program over 100 instructions, which
+    # four provider hosts already exceed.
+    matches = [{"header_filter": {"header": {"name": ":authority", "string_match": match}}}
+               for h in hosts for match in ({"exact": h.host}, {"prefix": h.host + ":"})]
+    to_provider = matches[0] if len(matches) == 1 else {"or_filter": {"filters": matches}}
     scoped = copy.deepcopy(config)
     for mapper in scoped["mappers"]:
         mapper["filter"] = {"and_filter": {"filters": [to_provider, mapper["filter"]]}}

@@ -54,6 +54,7 @@ def to_event(record: CallRecord, *, event_id: str | None = None) -> UsageEvent:
         requested_model=record.requested_model,
         route=record.route,
         provider=record.provider,
+        gen_ai_provider_name=record.genai_provider,
         response_model=record.response_model,
         status=_uint32(record.status),
         outcome=record.outcome,
@@ -90,8 +91,8 @@ def event_to_dict(event: UsageEvent) -> dict[str, Any]:
         "event_id": event.event_id, "schema_version": event.schema_version, "service": event.service,
         "namespace": event.namespace, "operation": event.operation, "caller_api": event.caller_api,
         "requested_model": event.requested_model, "route": event.route, "provider": event.provider,
-        "response_model": event.response_model, "status": event.status, "outcome": event.outcome,
-        "streamed": event.streamed,
+        "gen_ai_provider_name": event.gen_ai_provider_name, "response_model": event.response_model,
+        "status": event.status, "outcome": event.outcome, "streamed": event.streamed,
         "tokens": {"input": tokens.input, "output": tokens.output, "cached_input": tokens.cached_input,
                    "usage_reported": tokens.usage_reported},
         "cost_usd": event.cost_usd,
@@ -129,7 +130,7 @@ def reference_event_dict(event: UsageEvent) -> dict[str, Any]:
 
 def _in_field_order(message: Message, mapped: dict[str, Any]) -> dict[str, Any]:
     # MessageToDict lists set fields first and defaults after them, so the key order would depend
-    # on the values; field-number order makes every line of a JSONL file read the same.
+    # on the values; .proto declaration order makes every line of a JSONL file read the same.
     ordered: dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
         if field.name not in mapped:

@@ -4,6 +4,11 @@ Names follow the OpenTelemetry GenAI semantic conventions in their Prometheus fo
 (``gen_ai.client.token.usage`` → ``gen_ai_client_token_usage``). Label values come from the
 active policy only (its services, models and providers); anything else is folded into ``other``,
 so a misbehaving caller cannot blow up the series count.
+
+A provider is named twice: ``gen_ai_provider_name`` is the GenAI convention's value for its API
+(``openai``, ``anthropic``, ``azure.ai.openai``, ``aws.bedrock``, ``gcp.gemini``, ``gcp.vertex_ai``),
+``provider`` the name the policy gave it (``claude``, ``my-bedrock``), which is what an operator
+configured and what breakers and fallbacks are keyed on.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from extproc.base.apis import GENAI_PROVIDER
 from extproc.policy.compiled import PolicySet
 
 OTHER = "other"
@@ -28,9 +34,10 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         caller = ["service", "namespace"]
-        genai = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model"]
+        providers = ["gen_ai_provider_name", "provider"]  # the GenAI value of its API, the policy's name
+        genai = ["gen_ai_operation_name", *providers, "gen_ai_request_model", "gen_ai_response_model"]
         self.calls = Counter("ai_extproc_calls", "AI calls decided, by outcome (forwarded, cache_hit or the "
-                             "refusal code).", [*caller, "gen_ai_provider_name", "gen_ai_request_model", "outcome"],
+                             "refusal code).", [*caller, *providers, "gen_ai_request_model", "outcome"],
                              registry=r)
         self.quota_rejections = Counter("ai_extproc_quota_rejections", "Calls refused by a quota, by the kind of "
                                         "limit that tripped.", [*caller, "limit"], registry=r)
@@ -40,7 +47,7 @@ class Metrics:
                                 "(estimated for cut streams).", [*caller, *genai, "gen_ai_token_type"],
                                 buckets=_TOKEN_BUCKETS, registry=r)
         self.cost = Counter("ai_extproc_cost_usd", "Spend in USD from the price table.",
-                            [*caller, "gen_ai_provider_name", "gen_ai_response_model"], registry=r)
+                            [*caller, *providers, "gen_ai_response_model"], registry=r)
         self.duration = Histogram("gen_ai_server_request_duration_seconds", "From the decision to the end of the "
                                   "response.", [*caller, *genai, "status"], buckets=_SECONDS, registry=r)
         self.ttft = Histogram("gen_ai_server_time_to_first_token_seconds", "From the decision to the first "
@@ -55,7 +62,7 @@ class Metrics:
         self.fallbacks = Counter("ai_extproc_fallbacks", "Fallback hops taken: the provider left, the one tried "
                                  "next, and why.", [*caller, "from_provider", "to_provider", "reason"], registry=r)
         self.breaker_state = Gauge("ai_extproc_breaker_state", "Circuit breaker state per service, provider and "
-                                   "model: 0 closed, 1 half-open, 2 open.", [*caller, "gen_ai_provider_name",
+                                   "model: 0 closed, 1 half-open, 2 open.", [*caller, *providers,
                                                                            "gen_ai_request_model"], registry=r)
         self.bulkhead_rejections = Counter("ai_extproc_bulkhead_rejections", "Calls refused because the service "
                                            "had too many AI calls in flight.", caller, registry=r)
@@ -78,7 +85,8 @@ class CallLabels:
 
     service: str
     namespace: str
-    provider: str
+    genai_provider: str  # gen_ai_provider_name: the GenAI convention's value for the provider's API
+    provider: str  # provider: the policy's name for it
     request_model: str
     response_model: str
 
@@ -86,10 +94,12 @@ class CallLabels:
     def of(cls, policy: PolicySet, *, service: str | None, namespace: str | None, provider: str | None = None,
            request_model: str | None = None, response_model: str | None = None) -> CallLabels:
         known = service in policy.known_services
+        configured = _bounded(provider, policy.providers)
         return cls(
             service if known and service else OTHER,
             (namespace or "") if known else OTHER,
-            _bounded(provider, policy.providers),
+            genai_provider(policy, configured) or configured,  # "" and "other" as the name is
+            configured,
             _bounded(request_model, policy.model_names),
             _bounded(response_model, policy.model_names),
         )
@@ -98,10 +108,26 @@ class CallLabels:
     def caller(self) -> tuple[str, str]:
         return self.service, self.namespace
 
+    @property
+    def providers(self) -> tuple[str, str]:
+        """``gen_ai_provider_name`` and ``provider``, in label order."""
+        return self.genai_provider, self.provider
+
+    def genai(self, operation: str) -> tuple[str, str, str, str, str]:
+        """The GenAI labels of the token and latency histograms, in label order."""
+        return operation, *self.providers, self.request_model, self.response_model
+
 
 def bounded(policy: PolicySet, provider: str) -> str:
     """A provider name as a label value: one the policy defines, else ``other``."""
     return _bounded(provider, policy.providers)
+
+
+def genai_provider(policy: PolicySet, provider: str | None) -> str:
+    """The OpenTelemetry GenAI ``gen_ai.provider.name`` of a provider the policy defines (``aws.bedrock``
+    for a bedrock provider, whatever its name); "" when the policy has no such provider."""
+    found = policy.providers.get(provider) if provider else None
+    return GENAI_PROVIDER.get(str(found.api), OTHER) if found is not None else ""
 
 
 def _bounded(value: str | None, known: Collection[str]) -> str:
@@ -124,7 +150,7 @@ class TokenCounts(Protocol):
 
 
 def record_usage(metrics: Metrics, labels: CallLabels, operation: str, usage: TokenCounts) -> None:
-    genai = (operation, labels.provider, labels.request_model, labels.response_model)
+    genai = labels.genai(operation)
     for kind, value in (("input", usage.input_tokens), ("output", usage.output_tokens),
                         ("cached_input", usage.cached_input_tokens), ("reasoning", usage.reasoning_tokens)):
         if value or kind in ("input", "output"):

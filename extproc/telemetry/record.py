@@ -37,7 +37,7 @@ class CallRecord:
     caller_api: str  # the API format the caller spoke: "openai" or "anthropic"
     requested_model: str  # the model name the caller asked for (policy model name or alias)
     route: str  # the policy model entry that served it
-    provider: str  # provider of the final hop ("" when never forwarded)
+    provider: str  # provider of the final hop ("" when never forwarded), as the policy names it
     response_model: str  # model of the final hop
     # outcome
     status: int  # HTTP status the caller received
@@ -66,6 +66,9 @@ class CallRecord:
     prompt: str | None = None
     completion: str | None = None
     error: str = ""  # short error type/message for failed calls, never content
+    # the final hop's provider as OpenTelemetry GenAI names its API ("aws.bedrock", "azure.ai.openai", ...),
+    # "" when never forwarded
+    genai_provider: str = ""
 
     @property
     def duration_s(self) -> float:

@@ -263,9 +263,10 @@ def span_attributes(record: CallRecord) -> dict[str, AttributeValue]:
     """
     attributes: dict[str, AttributeValue] = {
         "gen_ai.operation.name": GENAI_OPERATIONS.get(record.operation, record.operation),
-        "gen_ai.provider.name": record.provider,
+        "gen_ai.provider.name": record.genai_provider,
         "gen_ai.request.model": record.requested_model,
         "gen_ai.response.model": record.response_model,
+        "ai.provider": record.provider,  # the policy's name for it
         "ai.service": record.service,
         "ai.namespace": record.namespace,
         "ai.caller_api": record.caller_api,

@@ -174,6 +174,19 @@ class ResponseTranslator:
         except Exception as exc:  # a bug here must not break the response; the caller gets a clean error
             return self._untranslatable_body(f"unexpected {type(exc).__name__}: {exc}", exc)
 
+    def abandon(self, cause: str) -> bytes:
+        """The caller's own "untranslatable" ending, when an earlier step (the decoder of a two-step
+        translation) could not read the provider's answer: what that step made of it is not translated as
+        if it were the answer. Only the first call answers."""
+        if self.failure is not None or self._stream_over:
+            return b""
+        if self._stream is not None:
+            self._stream_over = True
+            self._fail(cause)
+            return self._last_event()
+        self._body = None
+        return self._untranslatable_body(cause)
+
     def _guarded(self, step: Callable[[_T], bytes], arg: _T) -> bytes:
         """One step of the stream translator; its failure, if it just failed, is logged once."""
         if self._stream_over:

@@ -250,8 +250,8 @@ def test_breaker_opens_skips_probes_and_closes(stack: Stack, mock: Mock) -> None
     assert raw.headers["x-ai-fallback-hops"] == "claude/claude-3=breaker_open, openai/gpt-4o"
     assert anthropic_calls(mock) == 3
     metrics = httpx.get(f"http://127.0.0.1:{stack.admin_port}/metrics").text
-    assert ('ai_extproc_breaker_state{gen_ai_provider_name="claude",gen_ai_request_model="claude-3",'
-            'namespace="demo",service="order-service"} 2.0') in metrics
+    assert ('ai_extproc_breaker_state{gen_ai_provider_name="anthropic",gen_ai_request_model="claude-3",'
+            'namespace="demo",provider="claude",service="order-service"} 2.0') in metrics
     assert ('ai_extproc_fallbacks_total{from_provider="claude",namespace="demo",reason="breaker_open",'
             'service="order-service",to_provider="openai"}') in metrics
     # The other service's breaker for the same provider and model is untouched: isolation.

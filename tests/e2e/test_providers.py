@@ -36,7 +36,10 @@ ROUTES = {
     "gemini-chat": ("gemini", "gemini-2.5-flash", "gemini"),
     "vertex-chat": ("vertex", "gemini-2.5-flash", "vertex"),
     "compat-chat": ("compat", "llama-3.1-8b-instruct", "openai"),
+    # The v1 path (the body names the deployment) with an Entra ID token.
+    "azure-entra-v1": ("azure-entra", "gpt-4o-mini-prod", "azure_openai"),
 }
+ENTRA_TOKEN = "entra-demo-token"
 TOOL_OPENAI: Any = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -45,7 +48,7 @@ TOOL_ANTHROPIC: Any = {"name": "get_weather", "description": "Weather for a city
                                         "required": ["city"]}}
 
 
-def _policies(directory: Path, key_file: Path) -> None:
+def _policies(directory: Path, key_file: Path, token_file: Path) -> None:
     (directory / "mesh.yaml").write_text(f"""
 mesh:
   unknown_service: deny
@@ -56,6 +59,11 @@ providers:
   api_version: 2024-10-21
   deployments: {{gpt-4o-mini: gpt-4o-mini-prod}}
   credential: {{env: AZURE_OPENAI_API_KEY}}
+- name: azure-entra
+  api: azure_openai
+  base_url: http://contoso-ai.openai.azure.com
+  api_version: v1
+  credential: {{type: entra_id, file: {token_file}}}
 - name: bedrock
   api: bedrock
   region: us-east-1
@@ -79,6 +87,9 @@ providers:
   api: openai_compatible
   base_url: http://vllm.models.svc.cluster.local:8000/v1
   credential: {{env: COMPATIBLE_API_KEY}}
+- name: compat-no-key
+  api: openai_compatible
+  base_url: http://vllm-open.models.svc.cluster.local:8000/v1
 """)
     models = [f"  - {{name: {name}, provider: {provider}, model: '{model}'}}"
               for name, (provider, model, _) in ROUTES.items()]
@@ -93,6 +104,7 @@ providers:
         "  - {name: bedrock-bad-signature, provider: bedrock-wrong-key, "
         "model: 'anthropic.claude-3-haiku-20240307-v1:0'}",
         "  - {name: gemini-no-key, provider: gemini-no-key, model: gemini-2.5-flash}",
+        "  - {name: compat-unauthenticated, provider: compat-no-key, model: llama-3.1-8b-instruct}",
     ]
     (directory / "app.yaml").write_text(f"service: {SERVICE}\nai_proxy:\n  models:\n" + "\n".join(models) + "\n")
 
@@ -118,12 +130,15 @@ def cloud(envoy_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                            "aws_secret_access_key = not-the-secret-the-mock-knows\n")
     policies = directory / "policies"
     policies.mkdir()
-    _policies(policies, key_file)
+    token_file = directory / "entra-token"
+    token_file.write_text(ENTRA_TOKEN + "\n")  # kept fresh by the platform (workload identity)
+    _policies(policies, key_file, token_file)
     running = Stack(policies, tmp_path_factory.mktemp("providers-logs"), services=[SERVICE], cloud_port=port,
                     processor_env={"AWS_SHARED_CREDENTIALS_FILE": str(credentials)},
                     cloud_mock_args=["--google-public-key-file", str(public), "--vertex-project", VERTEX_PROJECT,
                                      "--vertex-location", VERTEX_LOCATION,
-                                     "--azure-deployments", "gpt-4o-mini-prod=gpt-4o-mini"])
+                                     "--azure-deployments", "gpt-4o-mini-prod=gpt-4o-mini",
+                                     "--azure-token", ENTRA_TOKEN])
     yield running
     running.close()
 
@@ -210,6 +225,9 @@ def _check_credential(name: str, record: dict[str, Any]) -> None:
         assert headers["api-key"] == "azure-demo-key" and "authorization" not in headers
         assert record["path"] == "/openai/deployments/gpt-4o-mini-prod/chat/completions"
         assert record["query"] == "api-version=2024-10-21"
+    elif provider == "azure-entra":
+        assert headers["authorization"] == f"Bearer {ENTRA_TOKEN}" and "api-key" not in headers
+        assert record["path"] == "/openai/v1/chat/completions" and record["body"]["model"] == "gpt-4o-mini-prod"
     elif provider == "bedrock":
         assert headers["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIADEMO00000000000/")
         assert record["path"] == "/model/anthropic.claude-3-haiku-20240307-v1:0/converse"
@@ -290,3 +308,17 @@ def test_a_missing_credential_is_a_503_naming_the_provider(cloud: Stack) -> None
                 if r["provider_api"] == "gemini"], "nothing may reach the provider without its credential"
     log = "\n".join(p.log_text() for p in cloud.processors)
     assert "the credential of provider 'gemini-no-key' cannot be had" in log
+
+
+def test_a_missing_key_is_refused_at_the_mock(cloud: Stack) -> None:
+    """An in-mesh server that wants a key, reached through a provider entry that has none: the server's
+    own 401 comes back to the caller in the caller's format (the caller's own key never goes)."""
+    _clear(cloud)
+    with pytest.raises(openai.AuthenticationError):
+        _openai(cloud).chat.completions.create(model="compat-unauthenticated",
+                                               messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(anthropic.AuthenticationError):
+        _anthropic(cloud).messages.create(model="compat-unauthenticated", max_tokens=10,
+                                          messages=[{"role": "user", "content": "hi"}])
+    records = httpx.get(f"http://127.0.0.1:{cloud.mock_ports['openai_compatible']}/_mock/requests").json()
+    assert len(records) == 2 and all("authorization" not in r["headers"] for r in records), records

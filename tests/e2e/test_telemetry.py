@@ -173,6 +173,7 @@ def test_every_call_is_one_event_one_log_line_and_one_span(setup: tuple[Stack, s
     assert len(traced) == 1 and traced[0].parent_span_id.hex() == "1" * 16  # type: ignore[attr-defined]
     attributes = {a.key: a.value for a in traced[0].attributes}  # type: ignore[attr-defined]
     assert attributes["gen_ai.provider.name"].string_value == "openai"
+    assert attributes["ai.provider"].string_value == "openai"
     assert attributes["gen_ai.request.model"].string_value == "chat"
 
     # Content was captured (on purpose, --capture-content), but the key never left the processor.

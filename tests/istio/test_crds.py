@@ -135,8 +135,9 @@ def provider(**spec: Any) -> dict[str, Any]:
 
 
 INVALID_PROVIDERS = [
-    (provider(api="gemini"), "spec.api", "'gemini' is not one of ['openai', 'anthropic']"),
-    (provider(base_url=None), "spec", "'base_url' is a required property"),
+    (provider(api="watsonx"), "spec.api", "'watsonx' is not one of ['openai', 'anthropic', 'azure_openai', "
+     "'bedrock', 'gemini', 'vertex', 'openai_compatible']"),
+    (provider(region=7), "spec.region", "7 is not of type 'string'"),
     (provider(credential={"secretRef": {"name": "openai-api-key"}}), "spec.credential.secretRef",
      "'key' is a required property"),
     (provider(credential={"secretRef": {"name": "Bad Name", "key": "k"}}), "spec.credential.secretRef.name",

@@ -51,7 +51,7 @@ def a_record(**changes: object) -> CallRecord:
         traceparent=f"00-{TRACE}-00f067aa0ba902b7-01", b3="",
         hops=(telemetry.Hop("openai", "gpt-4o-mini", "status_503", T0 + 0.001),
               telemetry.Hop("anthropic", "claude-3-haiku", "ok", T0 + 0.5)),
-        prompt="SECRET PROMPT", completion="SECRET COMPLETION", error="",
+        prompt="SECRET PROMPT", completion="SECRET COMPLETION", error="", genai_provider="anthropic",
     )
     return dataclasses.replace(record, **changes)  # type: ignore[arg-type]
 
@@ -67,7 +67,7 @@ def ts(seconds: float) -> object:
 EXPECTED = UsageEvent(
     event_id="e" * 32, schema_version=1, service="checkout", namespace="shop", operation="chat_completions",
     caller_api="openai", requested_model="fast", route="fast", provider="anthropic",
-    response_model="claude-3-haiku", status=200, outcome="ok", streamed=True,
+    gen_ai_provider_name="anthropic", response_model="claude-3-haiku", status=200, outcome="ok", streamed=True,
     tokens=Tokens(input=120, output=45, cached_input=100, usage_reported=True), cost_usd=0.00123,
     started_at=ts(T0), ended_at=ts(T0 + 1.5), latency_ms=1500.0, ttft_ms=125.0, cache="miss", variant="b",
     hops=[Hop(provider="openai", model="gpt-4o-mini", outcome="status_503", started_at=ts(T0 + 0.001)),
@@ -85,7 +85,7 @@ FIELD_MAP = {
     "usage_reported": "tokens.usage_reported", "cost_usd": "cost_usd", "started_at": "started_at",
     "ended_at": "ended_at", "first_byte_at": "ttft_ms", "cache": "cache", "variant": "variant", "hops": "hops",
     "policy_version": "policy_version", "request_id": "request_id", "traceparent": "trace_id", "b3": "trace_id",
-    "error": "error",
+    "error": "error", "genai_provider": "gen_ai_provider_name",
 }
 CONTENT = {"prompt", "completion"}
 
@@ -132,9 +132,10 @@ def test_unknown_times_stay_unset() -> None:
 
 
 def test_refusal_without_provider() -> None:
-    event = to_event(a_record(provider="", response_model="", status=429, outcome="refused:quota", hops=(),
-                              first_byte_at=None, input_tokens=0, output_tokens=0, cached_input_tokens=0,
+    event = to_event(a_record(provider="", genai_provider="", response_model="", status=429, outcome="refused:quota",
+                              hops=(), first_byte_at=None, input_tokens=0, output_tokens=0, cached_input_tokens=0,
                               usage_reported=False, cost_usd=0.0, error="quota exceeded"))
+    assert event.gen_ai_provider_name == ""
     assert (event.provider, event.status, event.outcome, event.error) == ("", 429, "refused:quota", "quota exceeded")
     assert list(event.hops) == [] and not event.HasField("ttft_ms")
 
@@ -150,7 +151,8 @@ def test_token_counts_are_clamped_to_uint32() -> None:
 GOLDEN_JSON = (
     '{"event_id":"eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee","schema_version":1,"service":"checkout","namespace":"shop",'
     '"operation":"chat_completions","caller_api":"openai","requested_model":"fast","route":"fast",'
-    '"provider":"anthropic","response_model":"claude-3-haiku","status":200,"outcome":"ok","streamed":true,'
+    '"provider":"anthropic","gen_ai_provider_name":"anthropic","response_model":"claude-3-haiku","status":200,'
+    '"outcome":"ok","streamed":true,'
     '"tokens":{"input":120,"output":45,"cached_input":100,"usage_reported":true},"cost_usd":0.00123,'
     '"started_at":"2023-11-14T22:13:20.250Z","ended_at":"2023-11-14T22:13:21.750Z","latency_ms":1500.0,'
     '"ttft_ms":125.0,"cache":"miss","variant":"b","hops":[{"provider":"openai","model":"gpt-4o-mini",'

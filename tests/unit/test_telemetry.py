@@ -7,6 +7,7 @@ collector stand-in on 127.0.0.1 to prove the batch path works end to end.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import threading
@@ -23,7 +24,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from extproc.base.apis import Api, Endpoint
+from extproc.core.breaker import Breakers
+from extproc.core.identity import Caller
+from extproc.core.messages import Forward, HttpRequest, LocalReply
+from extproc.core.records import reply_record
+from extproc.core.settlement import SettleInfo, Settlement
+from extproc.events.schema import event_to_dict, to_event
 from extproc.telemetry.access_log import AccessLogSink
+from extproc.telemetry.metrics import CallLabels, genai_provider
 from extproc.telemetry.record import CallRecord, Hop
 from extproc.telemetry.redact import REDACTED, RedactionPatternError, Redactor
 from extproc.telemetry.telemetry import Telemetry, TelemetryOptions, build_telemetry
@@ -32,8 +41,10 @@ from extproc.telemetry.tracing import (
     build_tracer_provider,
     parse_b3,
     parse_traceparent,
+    span_attributes,
     trace_id_of,
 )
+from tests.unit.resilience_support import breaker_settings, load, make_decider
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_SPAN = "b7ad6b7169203331"
@@ -47,6 +58,7 @@ RECORD = CallRecord(
     usage_reported=True, cost_usd=0.0042, started_at=T0, ended_at=T0 + 1.5, first_byte_at=T0 + 0.25,
     cache="miss", variant="control", policy_version="v7", request_id="req-1", traceparent=TRACEPARENT,
     hops=(Hop("openai", "gpt-4", "status_503", T0 + 0.01), Hop("claude", "claude-3", "ok", T0 + 0.5)),
+    genai_provider="anthropic",
 )
 
 # Secrets of every shape the redactor must catch, and one operator-configured pattern.
@@ -102,7 +114,8 @@ def test_span_attributes_are_exact(sink: TraceSink, exporter: InMemorySpanExport
     sink.emit(RECORD)
     assert dict(call_span(exporter).attributes or {}) == {
         "gen_ai.operation.name": "chat",
-        "gen_ai.provider.name": "claude",
+        "gen_ai.provider.name": "anthropic",
+        "ai.provider": "claude",
         "gen_ai.request.model": "fraud_detector",
         "gen_ai.response.model": "claude-3",
         "gen_ai.usage.input_tokens": 120,
@@ -128,10 +141,10 @@ def test_span_attributes_are_exact(sink: TraceSink, exporter: InMemorySpanExport
 
 
 def test_refusal_is_an_error_span_without_usage(sink: TraceSink, exporter: InMemorySpanExporter) -> None:
-    refused = replace(RECORD, provider="", response_model="", status=429, outcome="refused:rate_limit_exceeded",
-                      streamed=False, input_tokens=0, output_tokens=0, cached_input_tokens=0, usage_reported=False,
-                      cost_usd=0.0, first_byte_at=None, cache="", variant="", hops=(), operation="embeddings",
-                      error="rate limit exceeded")
+    refused = replace(RECORD, provider="", genai_provider="", response_model="", status=429,
+                      outcome="refused:rate_limit_exceeded", streamed=False, input_tokens=0, output_tokens=0,
+                      cached_input_tokens=0, usage_reported=False, cost_usd=0.0, first_byte_at=None, cache="",
+                      variant="", hops=(), operation="embeddings", error="rate limit exceeded")
     sink.emit(refused)
     span = call_span(exporter)
     assert span.name == "embeddings fraud_detector"
@@ -139,7 +152,8 @@ def test_refusal_is_an_error_span_without_usage(sink: TraceSink, exporter: InMem
     assert attributes["error.type"] == "rate_limit_exceeded"
     assert attributes["http.response.status_code"] == 429
     assert attributes["ai.fallback.hops"] == 0
-    assert not {"gen_ai.provider.name", "gen_ai.usage.input_tokens", "ai.cost_usd", "ai.cache"} & attributes.keys()
+    assert not {"gen_ai.provider.name", "ai.provider", "gen_ai.usage.input_tokens", "ai.cost_usd",
+                "ai.cache"} & attributes.keys()
     assert span.status.status_code is StatusCode.ERROR and span.status.description == "rate limit exceeded"
 
 
@@ -477,3 +491,92 @@ def test_build_telemetry_orders_sinks(tmp_path: Any) -> None:
 def test_trace_id_of() -> None:
     assert trace_id_of(RECORD) == TRACE_ID
     assert trace_id_of(replace(RECORD, traceparent="", b3="1")) == ""  # a lone sampling state has no ids
+
+
+# --- provider names: the GenAI value of its API, and the policy's own name -------------------------
+
+PROVIDERS_POLICY = """\
+providers:
+- {name: my-bedrock, api: bedrock, region: us-east-1, credential: {type: aws}}
+- {name: my-azure, api: azure_openai, base_url: http://contoso-ai.openai.azure.com, api_version: v1,
+   credential: {env: AZURE_KEY}}
+- {name: my-vertex, api: vertex, project: demo-project, location: us-central1,
+   credential: {type: google, file: /keys/vertex.json}}
+- {name: my-gemini, api: gemini, credential: {env: GEMINI_KEY}}
+---
+service: order-service
+ai_proxy:
+  models:
+  - {name: chat, provider: my-bedrock, model: m, fallback: [my-azure/m, my-vertex/m, my-gemini/m]}
+"""
+OPENAI_ANSWER = orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion", "usage": {
+    "prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}, "choices": [
+    {"index": 0, "message": {"role": "assistant", "content": "hi"}}]})
+
+
+@pytest.mark.parametrize(("provider", "genai"), [("my-bedrock", "aws.bedrock"), ("my-azure", "azure.ai.openai"),
+                                                 ("my-vertex", "gcp.vertex_ai"), ("my-gemini", "gcp.gemini")])
+def test_a_provider_is_named_by_its_api_and_by_the_policy(tmp_path: Any, provider: str, genai: str) -> None:
+    """gen_ai_provider_name / gen_ai.provider.name is the convention's value for the provider's API;
+    ``provider`` / ``ai.provider`` / the event's ``provider`` the name the policy gave it."""
+    runtime = make_decider(tmp_path, PROVIDERS_POLICY).runtime
+    records = _Collecting()
+    runtime.telemetry = Telemetry([records])
+    policy = runtime.policy()
+    runtime.count(Forward((), (), None, {"provider": provider, "route": "chat"}), policy,
+                  Caller("order-service", "shop", None, "node"))
+    # The body format the provider answers in does not matter to the names: an OpenAI-shaped one here.
+    settlement = Settlement(SettleInfo(None, "openai", 4, provider, "m", operation="chat_completions", route="chat",
+                                       decided_at=T0, service="order-service", namespace="shop"), runtime, False)
+    settlement.on_headers(200, "application/json")
+    settlement.feed(OPENAI_ANSWER)
+    settlement.flush()
+    asyncio.run(settlement.settle(True))
+    # The runtime's own breakers report to the gauge (the test decider's run on an injected clock, unwired).
+    Breakers(on_change=runtime._breaker_changed).record(("shop", "order-service", provider, "m"),
+                                                        breaker_settings(consecutive_failures=1), failed=True)
+
+    sample = runtime.metrics.registry.get_sample_value
+    caller = {"service": "order-service", "namespace": "shop"}
+    names = {"gen_ai_provider_name": genai, "provider": provider}
+    assert sample("ai_extproc_calls_total", {**caller, **names, "gen_ai_request_model": "chat",
+                                             "outcome": "forwarded"}) == 1
+    assert sample("ai_extproc_cost_usd_total", {**caller, **names, "gen_ai_response_model": "m"}) is not None
+    genai_labels = {**caller, "gen_ai_operation_name": "chat_completions", **names, "gen_ai_request_model": "chat",
+                    "gen_ai_response_model": "m"}
+    assert sample("gen_ai_client_token_usage_sum", {**genai_labels, "gen_ai_token_type": "input"}) == 11
+    assert sample("gen_ai_client_token_usage_sum", {**genai_labels, "gen_ai_token_type": "output"}) == 7
+    assert sample("gen_ai_server_request_duration_seconds_count", {**genai_labels, "status": "200"}) == 1
+    assert sample("ai_extproc_breaker_state", {**caller, **names, "gen_ai_request_model": "m"}) == 2
+
+    (record,) = records.records
+    assert (record.provider, record.genai_provider) == (provider, genai)
+    attributes = span_attributes(record)
+    assert (attributes["gen_ai.provider.name"], attributes["ai.provider"]) == (genai, provider)
+    event = event_to_dict(to_event(record))
+    assert (event["provider"], event["gen_ai_provider_name"]) == (provider, genai)
+    keys = list(event)
+    assert keys.index("gen_ai_provider_name") == keys.index("provider") + 1  # .proto order
+
+
+def test_provider_labels_are_bounded_by_the_policy(tmp_path: Any) -> None:
+    policy = load(tmp_path, PROVIDERS_POLICY)
+
+    def providers(provider: str | None) -> tuple[str, str]:
+        return CallLabels.of(policy, service="order-service", namespace="shop", provider=provider).providers
+
+    assert providers("my-bedrock") == ("aws.bedrock", "my-bedrock")
+    assert providers("someone-elses") == ("other", "other")  # not the policy's: bounded, never echoed
+    assert providers("") == ("other", "other")
+    assert providers(None) == ("", "")  # a call never forwarded
+    assert (genai_provider(policy, "my-azure"), genai_provider(policy, "nope"), genai_provider(policy, "")) == (
+        "azure.ai.openai", "", "")
+
+
+def test_a_locally_answered_call_names_its_provider_both_ways(tmp_path: Any) -> None:
+    policy = load(tmp_path, PROVIDERS_POLICY)
+    reply = LocalReply(200, b"{}", "ai_cache_hit", (("x-ai-provider", "my-vertex"), ("x-ai-model", "m")))
+    record = reply_record(HttpRequest("POST", "/v1/chat/completions", "api.openai.com", {}, {}),
+                          Caller("order-service", "shop", None, "node"),
+                          Endpoint(Api.OPENAI, "chat_completions", "/chat/completions"), reply, policy, "chat")
+    assert (record.provider, record.genai_provider, record.outcome) == ("my-vertex", "gcp.vertex_ai", "cache_hit")

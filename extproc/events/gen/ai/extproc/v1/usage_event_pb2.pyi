@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class UsageEvent(_message.Message):
-    __slots__ = ("event_id", "schema_version", "service", "namespace", "operation", "caller_api", "requested_model", "route", "provider", "response_model", "status", "outcome", "streamed", "tokens", "cost_usd", "started_at", "ended_at", "latency_ms", "ttft_ms", "cache", "variant", "hops", "policy_version", "request_id", "trace_id", "error")
+    __slots__ = ("event_id", "schema_version", "service", "namespace", "operation", "caller_api", "requested_model", "route", "provider", "gen_ai_provider_name", "response_model", "status", "outcome", "streamed", "tokens", "cost_usd", "started_at", "ended_at", "latency_ms", "ttft_ms", "cache", "variant", "hops", "policy_version", "request_id", "trace_id", "error")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class UsageEvent(_message.Message):
     REQUESTED_MODEL_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    GEN_AI_PROVIDER_NAME_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_MODEL_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +47,7 @@ class UsageEvent(_message.Message):
     requested_model: str
     route: str
     provider: str
+    gen_ai_provider_name: str
     response_model: str
     status: int
     outcome: str
@@ -63,7 +65,7 @@ class UsageEvent(_message.Message):
     request_id: str
     trace_id: str
     error: str
-    def __init__(self, event_id: _Optional[str] = ..., schema_version: _Optional[int] = ..., service: _Optional[str] = ..., namespace: _Optional[str] = ..., operation: _Optional[str] = ..., caller_api: _Optional[str] = ..., requested_model: _Optional[str] = ..., route: _Optional[str] = ..., provider: _Optional[str] = ..., response_model: _Optional[str] = ..., status: _Optional[int] = ..., outcome: _Optional[str] = ..., streamed: _Optional[bool] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., cost_usd: _Optional[float] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latency_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., cache: _Optional[str] = ..., variant: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., policy_version: _Optional[str] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, event_id: _Optional[str] = ..., schema_version: _Optional[int] = ..., service: _Optional[str] = ..., namespace: _Optional[str] = ..., operation: _Optional[str] = ..., caller_api: _Optional[str] = ..., requested_model: _Optional[str] = ..., route: _Optional[str] = ..., provider: _Optional[str] = ..., gen_ai_provider_name: _Optional[str] = ..., response_model: _Optional[str] = ..., status: _Optional[int] = ..., outcome: _Optional[str] = ..., streamed: _Optional[bool] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., cost_usd: _Optional[float] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latency_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., cache: _Optional[str] = ..., variant: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., policy_version: _Optional[str] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Tokens(_message.Message):
     __slots__ = ("input", "output", "cached_input", "usage_reported")
