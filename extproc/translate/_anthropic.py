@@ -1,23 +1,28 @@
-"""Building blocks shared by the translators between the OpenAI APIs and Anthropic Messages.
+"""Building blocks shared by the translators to and from the canonical form (Anthropic Messages).
 
 ``openai_to_anthropic`` (Chat Completions callers) and ``responses_to_anthropic`` (Responses API
 callers) both build Anthropic requests and read Anthropic answers; the pieces that do the same thing
 for both live here: request field checks, image/document/tool/tool_choice conversion, tool-call
-argument parsing, usage counts, error-type mapping, the stream event checks, and the stream feed loop
-(also used by ``anthropic_to_openai``). Where the callers' error messages differ only in a name or
-path, the difference is a parameter.
+argument parsing, usage counts, error-type mapping, the stream event checks, and the stream feed loop.
+
+The provider translators (``anthropic_to_openai``, ``bedrock``, ``gemini``) read canonical requests and
+write Anthropic answers; what they share is here too: the checks of a canonical request's turns,
+blocks, system prompt, sampling fields and tools, and the writers of Anthropic error bodies, messages
+and stream events (with :class:`AnthropicStream` for the streams that open one block at a time).
+
+Where the callers' error messages differ only in a name or path, the difference is a parameter.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, NamedTuple
 
 import orjson
 
 from extproc.translate import TranslationError, _fields
-from extproc.translate.sse import SseEvent, SseParser
+from extproc.translate.sse import SseEvent, SseParser, named_event
 
 MEDIA_TYPES: Final = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
 DATA_URL: Final = re.compile(r"data:([\w.+/-]+);base64,(.*)", re.DOTALL)
@@ -48,37 +53,49 @@ def untranslatable_message(caller_format: str) -> str:
     return f"The upstream provider's response could not be translated to the {caller_format} format."
 
 
+UNTRANSLATABLE_ANTHROPIC: Final = untranslatable_message("Anthropic Messages")
+
+# The canonical request fields every provider translator reads; each adds its own and those it drops.
+REQUEST_FIELDS: Final = frozenset(
+    (
+        "model",
+        "messages",
+        "system",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop_sequences",
+        "metadata",
+        "tools",
+        "tool_choice",
+        "thinking",
+    )
+)
+# HTTP status → Anthropic error type, for a provider whose error bodies do not tell these apart.
+HTTP_ERROR_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
 # ---------------------------------------------------------------------------------------------------
 # request
 
 
-def optional_bool(body: dict[str, Any], key: str) -> bool | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise _fields.wrong(key, "a boolean")
-    return value
-
-
-def optional_str(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, str):
-        raise _fields.wrong(key, "a string")
-    return value
-
-
 def sampling(body: dict[str, Any], out: dict[str, Any]) -> None:
     """``temperature`` (clamped to Anthropic's range), ``top_p`` and ``stream`` into ``out``, in that order."""
-    temperature = body.get("temperature")
-    if temperature is not None:
-        if not _fields.is_number(temperature):
-            raise _fields.wrong("temperature", "a number")
-        out["temperature"] = min(temperature, MAX_TEMPERATURE)
-    top_p = body.get("top_p")
-    if top_p is not None:
-        if not _fields.is_number(top_p):
-            raise _fields.wrong("top_p", "a number")
-        out["top_p"] = top_p
-    if optional_bool(body, "stream"):
+    numbers = _fields.numbers(body, (("temperature", "temperature"), ("top_p", "top_p")))
+    if "temperature" in numbers:
+        numbers["temperature"] = min(numbers["temperature"], MAX_TEMPERATURE)
+    out.update(numbers)
+    if _fields.optional_bool(body, "stream"):
         out["stream"] = True
 
 
@@ -95,22 +112,8 @@ def system_prompt(
 
 
 def part(content: list[Any], position: int, where: str) -> tuple[dict[str, Any], str]:
-    """A content part and its type, both checked."""
-    found = content[position]
-    if not isinstance(found, dict):
-        raise _fields.wrong(f"{where}.content[{position}]", "an object")
-    kind = found.get("type")
-    if not isinstance(kind, str):
-        raise _fields.wrong(f"{where}.content[{position}].type", "a string")
-    return found, kind
-
-
-def text_of(found: dict[str, Any], key: str, at: str) -> str:
-    """The string ``key`` of the part at ``at``."""
-    text = found.get(key)
-    if not isinstance(text, str):
-        raise _fields.wrong(f"{at}.{key}", "a string")
-    return text
+    """A content part (OpenAI's path: ``{where}.content[{position}]``) and its type, both checked."""
+    return _fields.typed(content[position], f"{where}.content[{position}]")
 
 
 def text_blocks(content: Any, where: str, kinds: tuple[str, ...], kinds_name: str) -> list[dict[str, Any]]:
@@ -124,7 +127,7 @@ def text_blocks(content: Any, where: str, kinds: tuple[str, ...], kinds_name: st
         found, kind = part(content, position, where)
         if kind not in kinds:
             raise TranslationError(f"'{where}.content' may only hold {kinds_name} parts here")
-        blocks.append({"type": "text", "text": text_of(found, "text", f"{where}.content[{position}]")})
+        blocks.append({"type": "text", "text": _fields.string(found, "text", f"{where}.content[{position}]")})
     return blocks
 
 
@@ -260,6 +263,139 @@ def tool_choice(
 
 
 # ---------------------------------------------------------------------------------------------------
+# canonical requests, as the provider translators read them (Anthropic's dotted paths)
+
+
+def turns(raw: Any, prefill_by: str = "") -> list[Any]:
+    """A canonical request's ``messages``, a non-empty array.
+
+    With ``prefill_by`` (a provider that answers anew rather than continue), a final assistant turn is refused.
+    """
+    if not isinstance(raw, list) or not raw:
+        raise TranslationError("'messages' must be a non-empty array")
+    if prefill_by and isinstance(raw[-1], dict) and raw[-1].get("role") == "assistant":
+        raise TranslationError(f"a final assistant turn (prefill) cannot be continued by {prefill_by}")
+    return raw
+
+
+def turn(message: Any, index: int) -> tuple[str, Any]:
+    """(role, content) of the turn at ``messages.{index}``, whose role is checked to be user or assistant."""
+    if not isinstance(message, dict):
+        raise _fields.wrong(f"messages.{index}", "an object")
+    role = message.get("role")
+    if role not in ("user", "assistant"):
+        if isinstance(role, str):
+            raise TranslationError(f"'messages.{index}.role' {_fields.shown(role)} cannot be translated")
+        raise _fields.wrong(f"messages.{index}.role", "a string")
+    return role, message.get("content")
+
+
+def content_blocks(content: Any, index: int) -> tuple[list[Any], str]:
+    """A turn's content as a block list and its path (a string is one text block, an empty one none)."""
+    where = f"messages.{index}.content"
+    if isinstance(content, str):
+        return ([{"type": "text", "text": content}] if content else []), where
+    if not isinstance(content, list):
+        raise TranslationError(f"'{where}' must be a string or an array")
+    return content, where
+
+
+def block(content: list[Any], position: int, where: str) -> tuple[dict[str, Any], str]:
+    """A content block (at ``{where}.{position}``) and its type, both checked."""
+    return _fields.typed(content[position], f"{where}.{position}")
+
+
+def texts(blocks: list[Any], where: str) -> list[str]:
+    """The texts of the text blocks at ``where``; a block of another type is refused."""
+    out: list[str] = []
+    for position in range(len(blocks)):
+        found, kind = block(blocks, position, where)
+        if kind != "text":
+            raise TranslationError(f"'{where}' may only hold text blocks")
+        out.append(_fields.string(found, "text", f"{where}.{position}"))
+    return out
+
+
+def system_texts(system: Any) -> list[str]:
+    """The texts of a canonical ``system`` (a string, none if empty, or text blocks)."""
+    if isinstance(system, str):
+        return [system] if system else []
+    if not isinstance(system, list):
+        raise TranslationError("'system' must be a string or an array of text blocks")
+    return texts(system, "system")
+
+
+def system_of(found: list[str]) -> str | list[dict[str, Any]] | None:
+    """A canonical ``system`` read back from a provider's system texts: one as a string, several as blocks."""
+    if not found:
+        return None
+    return found[0] if len(found) == 1 else [{"type": "text", "text": text} for text in found]
+
+
+def source(found: dict[str, Any], at: str) -> dict[str, Any]:
+    """The ``source`` object of the image or document block at ``at``."""
+    value = found.get("source")
+    if not isinstance(value, dict):
+        raise _fields.wrong(f"{at}.source", "an object")
+    return value
+
+
+def tool_use_input(found: dict[str, Any], at: str) -> dict[str, Any]:
+    """The ``input`` of the tool_use block at ``at``: an object JSON can carry (absent: empty)."""
+    value = found.get("input")
+    if value is None:
+        value = {}
+    elif not isinstance(value, dict):
+        raise _fields.wrong(f"{at}.input", "an object")
+    _fields.writable(value, f"{at}.input")
+    return value
+
+
+def sampling_config(body: dict[str, Any], max_tokens: str, top_p: str) -> dict[str, Any]:
+    """``max_tokens``, ``temperature`` and ``top_p``, each checked if set, under a provider's names."""
+    out: dict[str, Any] = {}
+    limit = body.get("max_tokens")
+    if limit is not None:
+        out[max_tokens] = _fields.max_tokens(limit, "max_tokens")
+    out.update(_fields.numbers(body, (("temperature", "temperature"), ("top_p", top_p))))
+    return out
+
+
+def stop_sequences(stop: Any, limit: int, provider: str) -> list[str]:
+    """``stop_sequences`` (null: none), refused past the ``provider``'s ``limit`` rather than cut short."""
+    if stop is None:
+        return []
+    stop = _fields.strings(stop, "stop_sequences")
+    if len(stop) > limit:
+        raise TranslationError(f"{provider} accepts at most {limit} stop sequences")
+    return list(stop)
+
+
+def client_tool(tool: Any, where: str, refusal: str) -> dict[str, Any]:
+    """The tool at ``where``, checked to be a client (custom) tool: a server tool ``refusal`` (cannot be ...)."""
+    if not isinstance(tool, dict):
+        raise _fields.wrong(where, "an object")
+    kind = tool.get("type")
+    if kind is not None and not isinstance(kind, str):
+        raise _fields.wrong(f"{where}.type", "a string")
+    if kind not in (None, "custom") or "input_schema" not in tool:
+        shown = _fields.shown(kind) if kind is not None else _fields.shown(str(tool.get("name")))
+        raise TranslationError(f"tool {shown} is an Anthropic server tool and {refusal}")
+    return tool
+
+
+def tool_definition(tool: dict[str, Any], where: str) -> tuple[str, str | None, dict[str, Any]]:
+    """(name, description if set, input schema) of the client tool at ``where``, each checked."""
+    name = _fields.string(tool, "name", where)
+    description = _fields.optional_str(tool, "description", where)
+    schema = tool.get("input_schema")
+    if not isinstance(schema, dict):
+        raise _fields.wrong(f"{where}.input_schema", "an object")
+    _fields.writable(schema, f"{where}.input_schema")
+    return name, description, schema
+
+
+# ---------------------------------------------------------------------------------------------------
 # response and error
 
 
@@ -346,6 +482,103 @@ def stream_error(payload: dict[str, Any]) -> tuple[str | None, str, str | None]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Anthropic answers, as the provider translators write them
+
+
+def anthropic_error(err_type: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": err_type, "message": message}}
+
+
+def error_event(err_type: str, message: str) -> bytes:
+    return named_event("error", anthropic_error(err_type, message))
+
+
+_UNTRANSLATABLE: Final = anthropic_error("api_error", UNTRANSLATABLE_ANTHROPIC)
+
+
+def untranslatable_body() -> bytes:
+    """The Anthropic error body that replaces a provider answer the translator could not translate."""
+    return orjson.dumps(_UNTRANSLATABLE)
+
+
+def untranslatable_event() -> bytes:
+    """The Anthropic stream's last event when the provider's stream could not be translated further."""
+    return named_event("error", _UNTRANSLATABLE)
+
+
+def status_error_type(status: int, types: Mapping[int, str]) -> str:
+    """The Anthropic error type of an HTTP ``status`` (``types``, else by the status's class)."""
+    return types.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+
+
+def provider_error(status: int, body: bytes, err_type: str, message_of: Callable[[Any], str | None]) -> bytes:
+    """A provider's error body → Anthropic error body of ``err_type``. Never raises.
+
+    ``message_of`` finds the message in the parsed body (None when it is not JSON); without one, the
+    message names the HTTP status.
+    """
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    message = message_of(parsed)
+    return orjson.dumps(anthropic_error(err_type, message or f"Upstream provider error (HTTP {status})"))
+
+
+def message_object(
+    message_id: str, model: str, content: list[dict[str, Any]], stop_reason: str | None, usage: dict[str, Any]
+) -> dict[str, Any]:
+    """An Anthropic message (an answer, or a stream's start with no content and no stop reason)."""
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": usage,
+    }
+
+
+def cached_usage(prompt: int, cached: int, output: int) -> dict[str, int]:
+    """Anthropic usage from a prompt count that includes the cached tokens (OpenAI's, Gemini's).
+
+    Anthropic's input_tokens leave the cache reads out; these providers report no cache writes.
+    """
+    return {
+        "input_tokens": max(prompt - cached, 0),
+        "output_tokens": output,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+    }
+
+
+def message_start_event(message_id: str, model: str, usage: dict[str, Any]) -> bytes:
+    message = message_object(message_id, model, [], None, usage)
+    return named_event("message_start", {"type": "message_start", "message": message})
+
+
+def message_end_events(stop_reason: str | None, usage: dict[str, Any]) -> list[bytes]:
+    """``message_delta`` (the stop reason and the final usage) and ``message_stop``."""
+    delta = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": usage}
+    return [named_event("message_delta", delta), named_event("message_stop", {"type": "message_stop"})]
+
+
+def block_start_event(index: int | None, content_block: dict[str, Any]) -> bytes:
+    payload = {"type": "content_block_start", "index": index, "content_block": content_block}
+    return named_event("content_block_start", payload)
+
+
+def block_delta_event(index: int | None, delta: dict[str, Any]) -> bytes:
+    return named_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+
+
+def block_stop_event(index: int | None) -> bytes:
+    return named_event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+
+# ---------------------------------------------------------------------------------------------------
 # streaming
 
 
@@ -393,6 +626,55 @@ class EventStream:
 
     def _untranslatable(self) -> bytes:
         raise NotImplementedError
+
+
+class AnthropicStream(EventStream):
+    """A stream translator that writes Anthropic Messages SSE with one content block open at a time.
+
+    The provider's events are SSE chunks (``chunk_payload``); a block opens (closing the one before)
+    with ``_open_block``, grows with ``_delta`` and closes with ``_close_block``.
+    """
+
+    def __init__(self, *, requested_model: str) -> None:
+        self._model = requested_model
+        self._parser = SseParser()
+        self._started = False
+        self._open: int | None = None  # Anthropic index of the open content block
+        self._open_kind: str | None = None
+        self._blocks = 0  # content blocks opened so far
+        self._ended = False
+        self.failure: str | None = None  # why the stream could not be translated, if it could not
+
+    def _untranslatable(self) -> bytes:
+        self._ended = True
+        return untranslatable_event()
+
+    def _open_block(self, kind: str, content_block: dict[str, Any]) -> list[bytes]:
+        out = self._close_block()
+        self._open, self._open_kind = self._blocks, kind
+        self._blocks += 1
+        out.append(block_start_event(self._open, content_block))
+        return out
+
+    def _close_block(self) -> list[bytes]:
+        if self._open is None:
+            return []
+        index, self._open, self._open_kind = self._open, None, None
+        return [block_stop_event(index)]
+
+    def _delta(self, delta: dict[str, Any], index: int | None = None) -> bytes:
+        return block_delta_event(self._open if index is None else index, delta)
+
+
+def chunk_payload(event: SseEvent) -> dict[str, Any]:
+    """The JSON object of a provider's nameless SSE chunk (OpenAI's, Gemini's)."""
+    try:
+        payload = event.json()
+    except orjson.JSONDecodeError:
+        raise TranslationError("a chunk is not JSON") from None
+    if not isinstance(payload, dict):
+        raise TranslationError("a chunk is not a JSON object")
+    return payload
 
 
 def event_payload(event: SseEvent) -> tuple[dict[str, Any], str]:

@@ -49,29 +49,15 @@ from typing import Any, Final
 import orjson
 
 from extproc.translate import TranslationError, _anthropic, _fields
-from extproc.translate.sse import SseEvent, SseParser, named_event
+from extproc.translate._anthropic import untranslatable_body, untranslatable_event
+from extproc.translate.sse import SseEvent
 
 __all__ = ["StreamTranslator", "error", "request", "response", "untranslatable_body", "untranslatable_event"]
 
 _MAX_STOP: Final = 4  # OpenAI's limit; more would be a 400 from the provider with a less useful message
 
 _DROPPED: Final = frozenset(("top_k", "service_tier"))
-_HANDLED: Final = frozenset(
-    (
-        "model",
-        "messages",
-        "system",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "stop_sequences",
-        "stream",
-        "metadata",
-        "tools",
-        "tool_choice",
-        "thinking",
-    )
-)
+_KNOWN: Final = _anthropic.REQUEST_FIELDS | {"stream"} | _DROPPED
 
 _STOP_REASONS: Final = {
     "stop": "end_turn",
@@ -82,22 +68,10 @@ _STOP_REASONS: Final = {
 }
 
 # HTTP status → Anthropic error type; OpenAI's own error types are too coarse to tell these apart.
-_ERROR_TYPES: Final = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
+_ERROR_TYPES: Final = _anthropic.HTTP_ERROR_TYPES | {402: "billing_error", 529: "overloaded_error"}
 
 _CUT_MESSAGE: Final = _anthropic.CUT_MESSAGE
-_UNTRANSLATABLE_MESSAGE: Final = _anthropic.untranslatable_message("Anthropic Messages")
+_UNTRANSLATABLE_MESSAGE: Final = _anthropic.UNTRANSLATABLE_ANTHROPIC
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,11 +103,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         content = _system_content(system)
         if content:
             messages.append({"role": "system", "content": content})
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise TranslationError("'messages' must be a non-empty array")
-    if isinstance(raw[-1], dict) and raw[-1].get("role") == "assistant":
-        raise TranslationError("a final assistant turn (prefill) cannot be continued by the OpenAI Chat API")
+    raw = _anthropic.turns(body.get("messages"), prefill_by="the OpenAI Chat API")
     for index, message in enumerate(raw):
         messages.extend(_turn_messages(message, index))
     return messages
@@ -141,51 +111,26 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _turn_messages(message: Any, index: int) -> list[dict[str, Any]]:
     """One Anthropic turn → its chat messages (a user turn with tool results becomes several)."""
-    if not isinstance(message, dict):
-        raise _fields.wrong(f"messages.{index}", "an object")
-    role = message.get("role")
+    role, content = _anthropic.turn(message, index)
     if role == "user":
-        return _user_messages(message.get("content"), index)
-    if role == "assistant":
-        return [_assistant_message(message.get("content"), index)]
-    if isinstance(role, str):
-        raise TranslationError(f"'messages.{index}.role' {_fields.shown(role)} cannot be translated")
-    raise _fields.wrong(f"messages.{index}.role", "a string")
+        return _user_messages(content, index)
+    return [_assistant_message(content, index)]
 
 
 def _sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
     """``max_tokens`` → ``max_completion_tokens``; ``temperature`` and ``top_p`` as they are."""
-    out: dict[str, Any] = {}
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None:
-        out["max_completion_tokens"] = _fields.max_tokens(max_tokens, "max_tokens")
-    for key in ("temperature", "top_p"):
-        value = body.get(key)
-        if value is not None:
-            if not _fields.is_number(value):
-                raise _fields.wrong(key, "a number")
-            out[key] = value
-    return out
+    return _anthropic.sampling_config(body, "max_completion_tokens", "top_p")
 
 
 def _stop_fields(body: dict[str, Any]) -> dict[str, Any]:
     """``stop_sequences`` → ``stop``, refused past OpenAI's limit rather than cut short."""
-    stop = body.get("stop_sequences")
-    if stop is None:
-        return {}
-    if not isinstance(stop, list) or not all(isinstance(item, str) for item in stop):
-        raise _fields.wrong("stop_sequences", "an array of strings")
-    if len(stop) > _MAX_STOP:
-        raise TranslationError(f"OpenAI accepts at most {_MAX_STOP} stop sequences")
-    return {"stop": list(stop)} if stop else {}
+    stop = _anthropic.stop_sequences(body.get("stop_sequences"), _MAX_STOP, "OpenAI")
+    return {"stop": stop} if stop else {}
 
 
 def _stream_fields(body: dict[str, Any]) -> dict[str, Any]:
     """``stream``, asking for the usage chunk so the stream can report usage back."""
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _fields.wrong("stream", "a boolean")
-    if stream:
+    if _fields.optional_bool(body, "stream"):
         return {"stream": True, "stream_options": {"include_usage": True}}
     return {}
 
@@ -197,12 +142,8 @@ def _user_fields(body: dict[str, Any]) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict):
         raise _fields.wrong("metadata", "an object")
-    user = metadata.get("user_id")
-    if user is None:
-        return {}
-    if not isinstance(user, str):
-        raise _fields.wrong("metadata.user_id", "a string")
-    return {"user": user}
+    user = _fields.optional_str(metadata, "user_id", "metadata")
+    return {} if user is None else {"user": user}
 
 
 def _tool_fields(body: dict[str, Any]) -> dict[str, Any]:
@@ -221,52 +162,20 @@ def _tool_fields(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    for key, value in body.items():
-        if value is None or key in _DROPPED:
-            continue
-        if key not in _HANDLED:
-            raise TranslationError(f"{_fields.shown(key)} cannot be translated to the OpenAI Chat Completions API")
+    _fields.only(body, _KNOWN, "", "cannot be translated to the OpenAI Chat Completions API")
     thinking = body.get("thinking")
-    if thinking is not None:
-        if not isinstance(thinking, dict):
-            raise _fields.wrong("thinking", "an object")
-        if not isinstance(thinking.get("type"), str):
-            raise _fields.wrong("thinking.type", "a string")
-        if thinking["type"] != "disabled":
-            raise TranslationError("extended 'thinking' cannot be served by the OpenAI Chat Completions API")
+    if thinking is not None and _fields.typed(thinking, "thinking")[1] != "disabled":
+        raise TranslationError("extended 'thinking' cannot be served by the OpenAI Chat Completions API")
 
 
 def _system_content(system: Any) -> str | list[dict[str, Any]]:
     if isinstance(system, str):
         return system
-    if isinstance(system, list):
-        return [_text_part(system, position, "system") for position in range(len(system))]
-    raise TranslationError("'system' must be a string or an array of text blocks")
+    return _text_parts(_anthropic.system_texts(system))
 
 
-def _block(content: list[Any], position: int, where: str) -> tuple[dict[str, Any], str]:
-    """A content block and its type, both checked."""
-    block = content[position]
-    if not isinstance(block, dict):
-        raise _fields.wrong(f"{where}.{position}", "an object")
-    kind = block.get("type")
-    if not isinstance(kind, str):
-        raise _fields.wrong(f"{where}.{position}.type", "a string")
-    return block, kind
-
-
-def _text(block: dict[str, Any], where: str) -> str:
-    text = block.get("text")
-    if not isinstance(text, str):
-        raise _fields.wrong(f"{where}.text", "a string")
-    return text
-
-
-def _text_part(blocks: list[Any], position: int, where: str) -> dict[str, Any]:
-    block, kind = _block(blocks, position, where)
-    if kind != "text":
-        raise TranslationError(f"'{where}' may only hold text blocks")
-    return {"type": "text", "text": _text(block, f"{where}.{position}")}
+def _text_parts(texts: list[str]) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": text} for text in texts]
 
 
 def _user_messages(content: Any, index: int) -> list[dict[str, Any]]:
@@ -278,14 +187,14 @@ def _user_messages(content: Any, index: int) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
     for position in range(len(content)):
-        block, kind = _block(content, position, where)
+        block, kind = _anthropic.block(content, position, where)
         at = f"{where}.{position}"
         if kind == "tool_result":
             results.append(_tool_message(block, at))
         elif kind == "text":
-            parts.append({"type": "text", "text": _text(block, at)})
+            parts.append({"type": "text", "text": _fields.string(block, "text", at)})
         elif kind == "image":
-            parts.append(_image_part(block.get("source"), at, index))
+            parts.append(_image_part(block, at, index))
         elif kind == "document":
             parts.append(_file_part(block, at, index))
         else:
@@ -295,22 +204,14 @@ def _user_messages(content: Any, index: int) -> list[dict[str, Any]]:
     return results
 
 
-def _source_str(source: dict[str, Any], key: str, at: str) -> str:
-    value = source.get(key)
-    if not isinstance(value, str):
-        raise _fields.wrong(f"{at}.source.{key}", "a string")
-    return value
-
-
-def _image_part(source: Any, at: str, index: int) -> dict[str, Any]:
-    if not isinstance(source, dict):
-        raise _fields.wrong(f"{at}.source", "an object")
+def _image_part(block: dict[str, Any], at: str, index: int) -> dict[str, Any]:
+    source = _anthropic.source(block, at)
     kind = source.get("type")
     if kind == "base64":
-        media_type = _source_str(source, "media_type", at)
-        url = f"data:{media_type};base64,{_source_str(source, 'data', at)}"
+        media_type = _fields.string(source, "media_type", f"{at}.source")
+        url = f"data:{media_type};base64,{_fields.string(source, 'data', f'{at}.source')}"
     elif kind == "url":
-        url = _source_str(source, "url", at)
+        url = _fields.string(source, "url", f"{at}.source")
     else:
         shown = _fields.shown(kind) if isinstance(kind, str) else "without a type"
         raise TranslationError(f"'messages.{index}' image source {shown} cannot be translated")
@@ -321,24 +222,21 @@ def _file_part(block: dict[str, Any], at: str, index: int) -> dict[str, Any]:
     source = block.get("source")
     if not isinstance(source, dict) or source.get("type") != "base64" or source.get("media_type") != "application/pdf":
         raise TranslationError(f"'messages.{index}' only base64 PDF documents can be translated")
-    file: dict[str, Any] = {"file_data": f"data:application/pdf;base64,{_source_str(source, 'data', at)}"}
-    title = block.get("title")
+    data = _fields.string(source, "data", f"{at}.source")
+    file: dict[str, Any] = {"file_data": f"data:application/pdf;base64,{data}"}
+    title = _fields.optional_str(block, "title", at)
     if title is not None:
-        if not isinstance(title, str):
-            raise _fields.wrong(f"{at}.title", "a string")
         file["filename"] = title
     return {"type": "file", "file": file}
 
 
 def _tool_message(block: dict[str, Any], at: str) -> dict[str, Any]:
-    call_id = block.get("tool_use_id")
-    if not isinstance(call_id, str):
-        raise _fields.wrong(f"{at}.tool_use_id", "a string")
+    call_id = _fields.string(block, "tool_use_id", at)
     content = block.get("content")
     if content is None:
         content = ""
     elif isinstance(content, list):
-        content = [_text_part(content, position, f"{at}.content") for position in range(len(content))]
+        content = _text_parts(_anthropic.texts(content, f"{at}.content"))
     elif not isinstance(content, str):
         raise _fields.wrong(f"{at}.content", "a string or an array of text blocks")
     return {"role": "tool", "tool_call_id": call_id, "content": content}
@@ -353,21 +251,13 @@ def _assistant_message(content: Any, index: int) -> dict[str, Any]:
     texts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
     for position in range(len(content)):
-        block, kind = _block(content, position, where)
+        block, kind = _anthropic.block(content, position, where)
         at = f"{where}.{position}"
         if kind == "text":
-            texts.append({"type": "text", "text": _text(block, at)})
+            texts.append({"type": "text", "text": _fields.string(block, "text", at)})
         elif kind == "tool_use":
-            call_id, name, tool_input = block.get("id"), block.get("name"), block.get("input")
-            if not isinstance(call_id, str):
-                raise _fields.wrong(f"{at}.id", "a string")
-            if not isinstance(name, str):
-                raise _fields.wrong(f"{at}.name", "a string")
-            if tool_input is None:
-                tool_input = {}
-            elif not isinstance(tool_input, dict):
-                raise _fields.wrong(f"{at}.input", "an object")
-            arguments = _fields.writable(tool_input, f"{at}.input")
+            call_id, name = _fields.string(block, "id", at), _fields.string(block, "name", at)
+            arguments = _fields.writable(_anthropic.tool_use_input(block, at), f"{at}.input")
             calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
         elif kind in ("thinking", "redacted_thinking"):
             continue
@@ -388,27 +278,11 @@ def _assistant_message(content: Any, index: int) -> dict[str, Any]:
 
 def _tool(tool: Any, index: int) -> dict[str, Any]:
     where = f"tools.{index}"
-    if not isinstance(tool, dict):
-        raise _fields.wrong(where, "an object")
-    kind = tool.get("type")
-    if kind is not None and not isinstance(kind, str):
-        raise _fields.wrong(f"{where}.type", "a string")
-    if kind not in (None, "custom") or "input_schema" not in tool:
-        shown = _fields.shown(kind) if kind is not None else _fields.shown(str(tool.get("name")))
-        raise TranslationError(f"tool {shown} is an Anthropic server tool and cannot be translated")
-    name = tool.get("name")
-    if not isinstance(name, str):
-        raise _fields.wrong(f"{where}.name", "a string")
+    tool = _anthropic.client_tool(tool, where, "cannot be translated")
+    name, description, schema = _anthropic.tool_definition(tool, where)
     function: dict[str, Any] = {"name": name}
-    description = tool.get("description")
     if description is not None:
-        if not isinstance(description, str):
-            raise _fields.wrong(f"{where}.description", "a string")
         function["description"] = description
-    schema = tool["input_schema"]
-    if not isinstance(schema, dict):
-        raise _fields.wrong(f"{where}.input_schema", "an object")
-    _fields.writable(schema, f"{where}.input_schema")
     function["parameters"] = schema
     return {"type": "function", "function": function}
 
@@ -433,9 +307,7 @@ def _tool_choice(choice: Any, has_tools: bool) -> dict[str, Any]:
         raise TranslationError(f"'tool_choice' type {_fields.shown(kind)} cannot be translated")
     else:
         raise _fields.wrong("tool_choice.type", "a string")
-    disable = choice.get("disable_parallel_tool_use")
-    if disable is not None and not isinstance(disable, bool):
-        raise _fields.wrong("tool_choice.disable_parallel_tool_use", "a boolean")
+    disable = _fields.optional_bool(choice, "disable_parallel_tool_use", "tool_choice")
     # OpenAI rejects parallel_tool_calls without tools.
     if disable and has_tools:
         out["parallel_tool_calls"] = False
@@ -463,13 +335,8 @@ def usage(raw: Any) -> dict[str, Any]:
         raw = {}
     details = raw.get("prompt_tokens_details")
     cached = _fields.count(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    prompt = _fields.count(raw.get("prompt_tokens"))
-    return {
-        "input_tokens": max(prompt - cached, 0),
-        "output_tokens": _fields.count(raw.get("completion_tokens")),
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": cached,
-    }
+    output = _fields.count(raw.get("completion_tokens"))
+    return _anthropic.cached_usage(_fields.count(raw.get("prompt_tokens")), cached, output)
 
 
 def response(body: Any, *, requested_model: str) -> dict[str, Any]:
@@ -487,16 +354,8 @@ def response(body: Any, *, requested_model: str) -> dict[str, Any]:
     content += _tool_uses(message)
     reason = "refusal" if refusal else stop_reason(choice.get("finish_reason"))
     completion_id = body.get("id")
-    return {
-        "id": message_id(completion_id if isinstance(completion_id, str) else ""),
-        "type": "message",
-        "role": "assistant",
-        "model": requested_model,
-        "content": content,
-        "stop_reason": reason,
-        "stop_sequence": None,
-        "usage": usage(body.get("usage")),
-    }
+    answer_id = message_id(completion_id if isinstance(completion_id, str) else "")
+    return _anthropic.message_object(answer_id, requested_model, content, reason, usage(body.get("usage")))
 
 
 def _first_choice(body: dict[str, Any]) -> dict[str, Any]:
@@ -564,35 +423,17 @@ def _arguments(raw: Any) -> dict[str, Any]:
     return value
 
 
-def _anthropic_error(err_type: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": err_type, "message": message}}
-
-
-_UNTRANSLATABLE: Final = _anthropic_error("api_error", _UNTRANSLATABLE_MESSAGE)
-
-
-def untranslatable_body() -> bytes:
-    """The Anthropic error body that replaces a provider answer this module could not translate."""
-    return orjson.dumps(_UNTRANSLATABLE)
-
-
-def untranslatable_event() -> bytes:
-    """The Anthropic stream's last event when the provider's stream could not be translated further."""
-    return named_event("error", _UNTRANSLATABLE)
-
-
 def error(status: int, body: bytes) -> bytes:
     """OpenAI error body → Anthropic error body (the status is passed through by the caller).
 
     Never raises: a body that is not OpenAI's error shape gives a message naming the HTTP status.
     """
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
-    message = _error_message(parsed.get("error") if isinstance(parsed, dict) else None)
-    err_type = _ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
-    return orjson.dumps(_anthropic_error(err_type, message or f"Upstream provider error (HTTP {status})"))
+    err_type = _anthropic.status_error_type(status, _ERROR_TYPES)
+    return _anthropic.provider_error(status, body, err_type, _body_message)
+
+
+def _body_message(parsed: Any) -> str | None:
+    return _error_message(parsed.get("error") if isinstance(parsed, dict) else None)
 
 
 def _error_message(inner: Any) -> str | None:
@@ -607,7 +448,7 @@ def _error_message(inner: Any) -> str | None:
 # streaming
 
 
-class StreamTranslator(_anthropic.EventStream):
+class StreamTranslator(_anthropic.AnthropicStream):
     """OpenAI chat.completion.chunk SSE → Anthropic Messages SSE, one event at a time.
 
     Content blocks open and close as OpenAI switches between text and tool calls. ``finish_reason``
@@ -619,44 +460,28 @@ class StreamTranslator(_anthropic.EventStream):
     """
 
     def __init__(self, *, requested_model: str) -> None:
-        self._model = requested_model
-        self._parser = SseParser()
-        self._started = False
-        self._open: int | None = None  # Anthropic index of the open content block
-        self._open_kind: str | None = None  # "text" or "tool"
-        self._blocks = 0
+        super().__init__(requested_model=requested_model)  # the open block's kind is "text" or "tool"
         self._tools: dict[int, int] = {}  # OpenAI tool_calls index → Anthropic block index
         self._id = "msg_"
         self._finish: str | None = None
         self._refused = False
         self._usage: dict[str, Any] = {}
-        self._ended = False
-        self.failure: str | None = None  # why the stream could not be translated, if it could not
 
     def finish(self) -> bytes:
         if self._ended:
             return b""
         self._ended = True
-        return named_event("error", _anthropic_error("api_error", _CUT_MESSAGE))
-
-    def _untranslatable(self) -> bytes:
-        self._ended = True
-        return untranslatable_event()
+        return _anthropic.error_event("api_error", _CUT_MESSAGE)
 
     def _event(self, event: SseEvent) -> Iterable[bytes]:  # OpenAI's events have no name
         if event.data == b"[DONE]":
             return self._done()
-        try:
-            payload = event.json()
-        except orjson.JSONDecodeError:
-            raise TranslationError("a chunk is not JSON") from None
-        if not isinstance(payload, dict):
-            raise TranslationError("a chunk is not a JSON object")
+        payload = _anthropic.chunk_payload(event)
         if payload.get("error") is not None:
             # The provider's own error, passed on as such (not a translation failure), whatever its shape.
             self._ended = True
             message = _error_message(payload["error"]) or "The upstream provider failed."
-            return [named_event("error", _anthropic_error("api_error", message))]
+            return [_anthropic.error_event("api_error", message)]
         choices = payload.get("choices")
         if choices is None:
             choices = ()
@@ -678,17 +503,7 @@ class StreamTranslator(_anthropic.EventStream):
         self._started = True
         if isinstance(payload.get("id"), str):
             self._id = message_id(payload["id"])
-        message: dict[str, Any] = {
-            "id": self._id,
-            "type": "message",
-            "role": "assistant",
-            "model": self._model,
-            "content": [],
-            "stop_reason": None,
-            "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
-        }
-        return named_event("message_start", {"type": "message_start", "message": message})
+        return _anthropic.message_start_event(self._id, self._model, {"input_tokens": 0, "output_tokens": 0})
 
     def _choice(self, choice: dict[str, Any]) -> list[bytes]:
         out: list[bytes] = []
@@ -747,27 +562,6 @@ class StreamTranslator(_anthropic.EventStream):
             out.append(self._delta({"type": "input_json_delta", "partial_json": arguments}, block))
         return out
 
-    def _open_block(self, kind: str, block: dict[str, Any]) -> list[bytes]:
-        out = self._close_block()
-        self._open, self._open_kind = self._blocks, kind
-        self._blocks += 1
-        out.append(
-            named_event(
-                "content_block_start", {"type": "content_block_start", "index": self._open, "content_block": block}
-            )
-        )
-        return out
-
-    def _close_block(self) -> list[bytes]:
-        if self._open is None:
-            return []
-        index, self._open, self._open_kind = self._open, None, None
-        return [named_event("content_block_stop", {"type": "content_block_stop", "index": index})]
-
-    def _delta(self, delta: dict[str, Any], index: int | None = None) -> bytes:
-        payload = {"type": "content_block_delta", "index": self._open if index is None else index, "delta": delta}
-        return named_event("content_block_delta", payload)
-
     def _done(self) -> list[bytes]:
         self._ended = True
         out: list[bytes] = []
@@ -775,11 +569,5 @@ class StreamTranslator(_anthropic.EventStream):
             out.append(self._start({}))
         out.extend(self._close_block())
         reason = "refusal" if self._refused else stop_reason(self._finish)
-        message_delta = {
-            "type": "message_delta",
-            "delta": {"stop_reason": reason, "stop_sequence": None},
-            "usage": usage(self._usage),
-        }
-        out.append(named_event("message_delta", message_delta))
-        out.append(named_event("message_stop", {"type": "message_stop"}))
+        out.extend(_anthropic.message_end_events(reason, usage(self._usage)))
         return out

@@ -70,8 +70,8 @@ from typing import Any, Final
 import orjson
 
 from extproc.translate import TranslationError, _anthropic, _fields
+from extproc.translate._anthropic import untranslatable_body, untranslatable_event
 from extproc.translate.eventstream import EventStreamDecoder, EventStreamError, Message
-from extproc.translate.sse import named_event
 
 __all__ = [
     "StreamTranslator",
@@ -86,22 +86,7 @@ __all__ = [
 _API: Final = "the Bedrock Converse API"
 
 _DROPPED: Final = frozenset(("service_tier", "stream"))
-_HANDLED: Final = frozenset(
-    (
-        "model",
-        "messages",
-        "system",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "stop_sequences",
-        "metadata",
-        "tools",
-        "tool_choice",
-        "thinking",
-    )
-)
+_KNOWN: Final = _anthropic.REQUEST_FIELDS | {"top_k"} | _DROPPED
 
 _IMAGE_FORMATS: Final = {"image/png": "png", "image/jpeg": "jpeg", "image/gif": "gif", "image/webp": "webp"}
 # Converse's document names: alphanumerics, single whitespace, hyphens, parentheses, square brackets
@@ -141,7 +126,7 @@ _EXCEPTION_TYPES: Final = {
     "validationException": "invalid_request_error",
 }
 
-_UNTRANSLATABLE_MESSAGE: Final = _anthropic.untranslatable_message("Anthropic Messages")
+_UNTRANSLATABLE_MESSAGE: Final = _anthropic.UNTRANSLATABLE_ANTHROPIC
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,14 +166,8 @@ def request(body: dict[str, Any], *, model: str) -> dict[str, Any]:
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    for key, value in body.items():
-        if value is None or key in _DROPPED:
-            continue
-        if key not in _HANDLED:
-            raise TranslationError(f"{_fields.shown(key)} cannot be translated to {_API}")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _fields.wrong("stream", "a boolean")
+    _fields.only(body, _KNOWN, "", f"cannot be translated to {_API}")
+    _fields.optional_bool(body, "stream")
     metadata = body.get("metadata")
     if metadata is None:
         return
@@ -199,86 +178,55 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
             raise TranslationError(f"'metadata.{key}' cannot be translated to {_API}")
     # user_id only labels the caller for abuse tracking: Converse has nowhere to put it, and the answer
     # does not depend on it, so it is dropped (after the type check Anthropic would make).
-    if metadata.get("user_id") is not None and not isinstance(metadata["user_id"], str):
-        raise _fields.wrong("metadata.user_id", "a string")
+    _fields.optional_str(metadata, "user_id", "metadata")
 
 
 def _thinking(thinking: Any, model: str) -> dict[str, Any] | None:
     """The ``thinking`` object to pass on, or None when thinking is off."""
     if thinking is None:
         return None
-    if not isinstance(thinking, dict):
-        raise _fields.wrong("thinking", "an object")
-    kind = thinking.get("type")
-    if not isinstance(kind, str):
-        raise _fields.wrong("thinking.type", "a string")
+    checked, kind = _fields.typed(thinking, "thinking")
     if kind == "disabled":
         return None
     # Only Anthropic's models on Bedrock read Anthropic's thinking object (the model ids, inference
     # profiles and their ARNs all name the vendor); other families spell reasoning their own way.
     if "anthropic." not in model:
         raise TranslationError(f"extended 'thinking' cannot be served by the Bedrock model {_fields.shown(model)}")
-    _fields.writable(thinking, "thinking")
-    return thinking
+    _fields.writable(checked, "thinking")
+    return checked
 
 
 def _additional_fields(body: dict[str, Any], thinking: dict[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     top_k = body.get("top_k")
     if top_k is not None:
-        if type(top_k) is not int or not 0 <= top_k <= _fields.MAX_TOKENS:
-            raise _fields.wrong("top_k", f"an integer from 0 to {_fields.MAX_TOKENS}")
-        out["top_k"] = top_k
+        out["top_k"] = _fields.integer(top_k, "top_k", 0)
     if thinking is not None:
         out["thinking"] = thinking
     return out
 
 
 def _inference_config(body: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None:
-        out["maxTokens"] = _fields.max_tokens(max_tokens, "max_tokens")
-    for key, name in (("temperature", "temperature"), ("top_p", "topP")):
-        value = body.get(key)
-        if value is not None:
-            if not _fields.is_number(value):
-                raise _fields.wrong(key, "a number")
-            out[name] = value
+    out = _anthropic.sampling_config(body, "maxTokens", "topP")
     stop = body.get("stop_sequences")
     if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(item, str) for item in stop):
-            raise _fields.wrong("stop_sequences", "an array of strings")
         # Converse refuses empty stop sequences; an empty one never matches anyway.
-        stop = [item for item in stop if item]
+        stop = [item for item in _fields.strings(stop, "stop_sequences") if item]
         if stop:
             out["stopSequences"] = stop
     return out
 
 
 def _system(system: Any) -> list[dict[str, Any]]:
+    """Text blocks; blank ones are dropped, as Converse refuses them."""
     if system is None:
         return []
-    if isinstance(system, str):
-        return [{"text": system}] if system.strip() else []
-    if not isinstance(system, list):
-        raise TranslationError("'system' must be a string or an array of text blocks")
-    out: list[dict[str, Any]] = []
-    for position in range(len(system)):
-        block, kind = _block(system, position, "system")
-        if kind != "text":
-            raise TranslationError("'system' may only hold text blocks")
-        text = _str(block, "text", f"system.{position}")
-        if text.strip():
-            out.append({"text": text})
-    return out
+    return [{"text": text} for text in _anthropic.system_texts(system) if text.strip()]
 
 
 def _messages(raw: Any, *, keep_thinking: bool) -> list[dict[str, Any]]:
-    if not isinstance(raw, list) or not raw:
-        raise TranslationError("'messages' must be a non-empty array")
     turns: list[dict[str, Any]] = []
-    for index, message in enumerate(raw):
+    for index, message in enumerate(_anthropic.turns(raw)):
         role, blocks = _turn(message, index, keep_thinking)
         if not blocks:
             continue  # Converse refuses a turn without content
@@ -293,29 +241,18 @@ def _messages(raw: Any, *, keep_thinking: bool) -> list[dict[str, Any]]:
 
 
 def _turn(message: Any, index: int, keep_thinking: bool) -> tuple[str, list[dict[str, Any]]]:
-    if not isinstance(message, dict):
-        raise _fields.wrong(f"messages.{index}", "an object")
-    role = message.get("role")
-    if role not in ("user", "assistant"):
-        if isinstance(role, str):
-            raise TranslationError(f"'messages.{index}.role' {_fields.shown(role)} cannot be translated")
-        raise _fields.wrong(f"messages.{index}.role", "a string")
-    content = message.get("content")
-    if isinstance(content, str):
-        return role, [{"text": content}] if content.strip() else []
-    where = f"messages.{index}.content"
-    if not isinstance(content, list):
-        raise TranslationError(f"'{where}' must be a string or an array")
+    role, content = _anthropic.turn(message, index)
+    content, where = _anthropic.content_blocks(content, index)
     blocks = [_content_block(content, position, where, keep_thinking) for position in range(len(content))]
     return role, [block for block in blocks if block is not None]
 
 
 def _content_block(content: list[Any], position: int, where: str, keep_thinking: bool) -> dict[str, Any] | None:
     """One Anthropic content block → its Converse block, or None for a block that is dropped."""
-    block, kind = _block(content, position, where)
+    block, kind = _anthropic.block(content, position, where)
     at = f"{where}.{position}"
     if kind == "text":
-        text = _str(block, "text", at)
+        text = _fields.string(block, "text", at)
         return {"text": text} if text.strip() else None
     if kind == "image":
         return _image(block, at)
@@ -328,73 +265,44 @@ def _content_block(content: list[Any], position: int, where: str, keep_thinking:
     if kind == "thinking":
         if not keep_thinking:
             return None
-        text, signature = _str(block, "thinking", at), _str(block, "signature", at)
+        text, signature = _fields.string(block, "thinking", at), _fields.string(block, "signature", at)
         return {"reasoningContent": {"reasoningText": {"text": text, "signature": signature}}}
     if kind == "redacted_thinking":
-        return {"reasoningContent": {"redactedContent": _str(block, "data", at)}} if keep_thinking else None
+        return {"reasoningContent": {"redactedContent": _fields.string(block, "data", at)}} if keep_thinking else None
     raise TranslationError(f"'{where}' block type {_fields.shown(kind)} cannot be translated to {_API}")
 
 
-def _block(content: list[Any], position: int, where: str) -> tuple[dict[str, Any], str]:
-    """A content block and its type, both checked."""
-    block = content[position]
-    if not isinstance(block, dict):
-        raise _fields.wrong(f"{where}.{position}", "an object")
-    kind = block.get("type")
-    if not isinstance(kind, str):
-        raise _fields.wrong(f"{where}.{position}.type", "a string")
-    return block, kind
-
-
-def _str(block: dict[str, Any], key: str, at: str) -> str:
-    value = block.get(key)
-    if not isinstance(value, str):
-        raise _fields.wrong(f"{at}.{key}", "a string")
-    return value
-
-
-def _source(block: dict[str, Any], at: str) -> dict[str, Any]:
-    source = block.get("source")
-    if not isinstance(source, dict):
-        raise _fields.wrong(f"{at}.source", "an object")
-    return source
-
-
 def _image(block: dict[str, Any], at: str) -> dict[str, Any]:
-    source = _source(block, at)
+    source = _anthropic.source(block, at)
     kind = source.get("type")
     if kind == "url":
         raise TranslationError(f"'{at}' is an image URL: {_API} takes images as base64 data only")
     if kind != "base64":
         shown = _fields.shown(kind) if isinstance(kind, str) else "without a type"
         raise TranslationError(f"'{at}' image source {shown} cannot be translated to {_API}")
-    media_type = _str(source, "media_type", f"{at}.source")
+    media_type = _fields.string(source, "media_type", f"{at}.source")
     image_format = _IMAGE_FORMATS.get(media_type)
     if image_format is None:
         raise TranslationError(f"'{at}' image type {_fields.shown(media_type)} is not supported by {_API}")
     # The JSON form of Converse carries bytes as base64 text, so Anthropic's data passes as it is.
-    return {"image": {"format": image_format, "source": {"bytes": _str(source, "data", f"{at}.source")}}}
+    return {"image": {"format": image_format, "source": {"bytes": _fields.string(source, "data", f"{at}.source")}}}
 
 
 def _document(block: dict[str, Any], at: str) -> dict[str, Any]:
-    source = _source(block, at)
+    source = _anthropic.source(block, at)
     if source.get("type") != "base64" or source.get("media_type") != "application/pdf":
         raise TranslationError(f"'{at}': only base64 PDF documents can be translated to {_API}")
     citations = block.get("citations")
     if isinstance(citations, dict) and citations.get("enabled"):
         raise TranslationError(f"'{at}': document citations cannot be translated to {_API}")
-    title = block.get("title")
-    if title is not None and not isinstance(title, str):
-        raise _fields.wrong(f"{at}.title", "a string")
+    title = _fields.optional_str(block, "title", at)
     document: dict[str, Any] = {
         "format": "pdf",
         "name": _document_name(title) or "document " + at.replace(".", " "),
-        "source": {"bytes": _str(source, "data", f"{at}.source")},
+        "source": {"bytes": _fields.string(source, "data", f"{at}.source")},
     }
-    context = block.get("context")
+    context = _fields.optional_str(block, "context", at)
     if context is not None:
-        if not isinstance(context, str):
-            raise _fields.wrong(f"{at}.context", "a string")
         document["context"] = context
     return {"document": document}
 
@@ -407,21 +315,15 @@ def _document_name(title: str | None) -> str:
 
 
 def _tool_use(block: dict[str, Any], at: str) -> dict[str, Any]:
-    tool_input = block.get("input")
-    if tool_input is None:
-        tool_input = {}
-    elif not isinstance(tool_input, dict):
-        raise _fields.wrong(f"{at}.input", "an object")
-    _fields.writable(tool_input, f"{at}.input")
-    return {"toolUse": {"toolUseId": _str(block, "id", at), "name": _str(block, "name", at), "input": tool_input}}
+    tool_input = _anthropic.tool_use_input(block, at)
+    tool_id, name = _fields.string(block, "id", at), _fields.string(block, "name", at)
+    return {"toolUse": {"toolUseId": tool_id, "name": name, "input": tool_input}}
 
 
 def _tool_result(block: dict[str, Any], at: str) -> dict[str, Any]:
-    result: dict[str, Any] = {"toolUseId": _str(block, "tool_use_id", at), "content": _result_content(block, at)}
-    is_error = block.get("is_error")
-    if is_error is not None and not isinstance(is_error, bool):
-        raise _fields.wrong(f"{at}.is_error", "a boolean")
-    if is_error:
+    tool_id = _fields.string(block, "tool_use_id", at)
+    result: dict[str, Any] = {"toolUseId": tool_id, "content": _result_content(block, at)}
+    if _fields.optional_bool(block, "is_error", at):
         result["status"] = "error"
     return {"toolResult": result}
 
@@ -438,10 +340,10 @@ def _result_content(block: dict[str, Any], at: str) -> list[dict[str, Any]]:
         raise _fields.wrong(where, "a string or an array")
     out: list[dict[str, Any]] = []
     for position in range(len(content)):
-        part, kind = _block(content, position, where)
+        part, kind = _anthropic.block(content, position, where)
         part_at = f"{where}.{position}"
         if kind == "text":
-            text = _str(part, "text", part_at)
+            text = _fields.string(part, "text", part_at)
             if text.strip():
                 out.append({"text": text})
         elif kind == "image":
@@ -478,25 +380,11 @@ def _tool_config(body: dict[str, Any]) -> dict[str, Any]:
 
 def _tool(tool: Any, index: int) -> dict[str, Any]:
     where = f"tools.{index}"
-    if not isinstance(tool, dict):
-        raise _fields.wrong(where, "an object")
-    kind = tool.get("type")
-    if kind is not None and not isinstance(kind, str):
-        raise _fields.wrong(f"{where}.type", "a string")
-    if kind not in (None, "custom") or "input_schema" not in tool:
-        shown = _fields.shown(kind) if kind is not None else _fields.shown(str(tool.get("name")))
-        raise TranslationError(f"tool {shown} is an Anthropic server tool and cannot be translated to {_API}")
-    spec: dict[str, Any] = {"name": _str(tool, "name", where)}
-    description = tool.get("description")
-    if description is not None:
-        if not isinstance(description, str):
-            raise _fields.wrong(f"{where}.description", "a string")
-        if description:  # Converse refuses an empty description
-            spec["description"] = description
-    schema = tool["input_schema"]
-    if not isinstance(schema, dict):
-        raise _fields.wrong(f"{where}.input_schema", "an object")
-    _fields.writable(schema, f"{where}.input_schema")
+    tool = _anthropic.client_tool(tool, where, f"cannot be translated to {_API}")
+    name, description, schema = _anthropic.tool_definition(tool, where)
+    spec: dict[str, Any] = {"name": name}
+    if description:  # Converse refuses an empty description
+        spec["description"] = description
     spec["inputSchema"] = {"json": schema}
     return {"toolSpec": spec}
 
@@ -507,10 +395,7 @@ def _tool_choice(choice: Any) -> dict[str, Any] | str | None:
         return None
     if not isinstance(choice, dict):
         raise _fields.wrong("tool_choice", "an object")
-    disable = choice.get("disable_parallel_tool_use")
-    if disable is not None and not isinstance(disable, bool):
-        raise _fields.wrong("tool_choice.disable_parallel_tool_use", "a boolean")
-    if disable:
+    if _fields.optional_bool(choice, "disable_parallel_tool_use", "tool_choice"):
         raise TranslationError(f"'tool_choice.disable_parallel_tool_use' cannot be translated to {_API}")
     kind = choice.get("type")
     if kind == "none":
@@ -518,7 +403,7 @@ def _tool_choice(choice: Any) -> dict[str, Any] | str | None:
     if kind in ("auto", "any"):
         return {kind: {}}
     if kind == "tool":
-        return {"tool": {"name": _str(choice, "name", "tool_choice")}}
+        return {"tool": {"name": _fields.string(choice, "name", "tool_choice")}}
     if isinstance(kind, str):
         raise TranslationError(f"'tool_choice' type {_fields.shown(kind)} cannot be translated to {_API}")
     raise _fields.wrong("tool_choice.type", "a string")
@@ -528,6 +413,7 @@ def _tool_choice(choice: Any) -> dict[str, Any] | str | None:
 # a Converse request read back (a fallback hop's body → canonical)
 
 
+_CANNOT_READ: Final = f"cannot be translated from {_API}"
 _CONVERSE_FIELDS: Final = frozenset(
     ("messages", "system", "inferenceConfig", "toolConfig", "additionalModelRequestFields")
 )
@@ -545,7 +431,7 @@ def canonical_request(body: dict[str, Any], *, model: str, stream: bool, default
     """
     if not isinstance(body, dict):
         raise TranslationError("the request body must be a JSON object")
-    _only(body, _CONVERSE_FIELDS, "")
+    _fields.only(body, _CONVERSE_FIELDS, "", _CANNOT_READ, 100)
     out: dict[str, Any] = {"model": model, "messages": _read_messages(body.get("messages"))}
     system = _read_system(body.get("system"))
     if system is not None:
@@ -560,20 +446,14 @@ def canonical_request(body: dict[str, Any], *, model: str, stream: bool, default
 
 def _unreadable(at: str, key: Any) -> TranslationError:
     where = f"{at}.{key}" if at else str(key)
-    return TranslationError(f"{_fields.shown(where, 100)} cannot be translated from {_API}")
-
-
-def _only(value: dict[str, Any], known: frozenset[str] | tuple[str, ...], at: str) -> None:
-    """Refuses a key of ``value`` (at ``at``) this module does not read; a null one reads as absent."""
-    for key, item in value.items():
-        if item is not None and key not in known:
-            raise _unreadable(at, key)
+    return TranslationError(f"{_fields.shown(where, 100)} {_CANNOT_READ}")
 
 
 def _object(value: Any, at: str, known: tuple[str, ...]) -> dict[str, Any]:
+    """The object at ``at``, refusing a key (not null) this module does not read."""
     if not isinstance(value, dict):
         raise _fields.wrong(at, "an object")
-    _only(value, known, at)
+    _fields.only(value, known, at, _CANNOT_READ, 100)
     return value
 
 
@@ -629,12 +509,12 @@ def _read_value_str(value: Any, at: str) -> str:
 def _read_bytes(holder: dict[str, Any], at: str) -> str:
     """The base64 text of a ``source`` (the JSON form of Converse carries bytes as base64)."""
     source = _object(holder.get("source"), f"{at}.source", ("bytes",))
-    return _str(source, "bytes", f"{at}.source")
+    return _fields.string(source, "bytes", f"{at}.source")
 
 
 def _read_image(image: Any, at: str) -> dict[str, Any]:
     image = _object(image, at, ("format", "source"))
-    image_format = _str(image, "format", at)
+    image_format = _fields.string(image, "format", at)
     media_type = _MEDIA_TYPES.get(image_format)
     if media_type is None:
         raise TranslationError(f"'{at}.format' {_fields.shown(image_format)} cannot be translated from {_API}")
@@ -647,18 +527,18 @@ def _read_document(document: Any, at: str) -> dict[str, Any]:
         raise TranslationError(f"'{at}.format': only PDF documents can be translated from {_API}")
     source = {"type": "base64", "media_type": "application/pdf", "data": _read_bytes(document, at)}
     out: dict[str, Any] = {"type": "document", "source": source}
-    name = _str(document, "name", at)
+    name = _fields.string(document, "name", at)
     if not _POSITION_NAME.fullmatch(name):  # a name ``request`` made up for an untitled document is no title
         out["title"] = name
-    context = document.get("context")
+    context = _fields.optional_str(document, "context", at)
     if context is not None:
-        out["context"] = _read_value_str(context, f"{at}.context")
+        out["context"] = context
     return out
 
 
 def _read_tool_use(tool: Any, at: str) -> dict[str, Any]:
     tool = _object(tool, at, ("toolUseId", "name", "input"))
-    tool_id, name = _str(tool, "toolUseId", at), _str(tool, "name", at)
+    tool_id, name = _fields.string(tool, "toolUseId", at), _fields.string(tool, "name", at)
     tool_input = tool.get("input")
     if not isinstance(tool_input, dict):
         raise _fields.wrong(f"{at}.input", "an object")
@@ -668,7 +548,7 @@ def _read_tool_use(tool: Any, at: str) -> dict[str, Any]:
 
 def _read_tool_result(result: Any, at: str) -> dict[str, Any]:
     result = _object(result, at, ("toolUseId", "content", "status"))
-    out: dict[str, Any] = {"type": "tool_result", "tool_use_id": _str(result, "toolUseId", at)}
+    out: dict[str, Any] = {"type": "tool_result", "tool_use_id": _fields.string(result, "toolUseId", at)}
     content = result.get("content")
     if not isinstance(content, list):
         raise _fields.wrong(f"{at}.content", "an array")
@@ -700,10 +580,8 @@ def _read_reasoning(reasoning: Any, at: str) -> dict[str, Any]:
     if kind != "reasoningText":
         raise _unreadable(at, kind)
     text = _object(value, f"{at}.reasoningText", ("text", "signature"))
-    thinking = _str(text, "text", f"{at}.reasoningText")
-    signature = text.get("signature")
-    if signature is not None and not isinstance(signature, str):
-        raise _fields.wrong(f"{at}.reasoningText.signature", "a string")
+    thinking = _fields.string(text, "text", f"{at}.reasoningText")
+    signature = _fields.optional_str(text, "signature", f"{at}.reasoningText")
     return {"type": "thinking", "thinking": thinking, "signature": signature or ""}
 
 
@@ -720,9 +598,7 @@ def _read_system(system: Any) -> str | list[dict[str, Any]] | None:
         if kind != "text":
             raise _unreadable(at, kind)
         texts.append(_read_value_str(value, f"{at}.text"))
-    if not texts:
-        return None
-    return texts[0] if len(texts) == 1 else [{"type": "text", "text": text} for text in texts]
+    return _anthropic.system_of(texts)
 
 
 def _read_inference_config(config: Any, default_max_tokens: int) -> dict[str, Any]:
@@ -732,18 +608,10 @@ def _read_inference_config(config: Any, default_max_tokens: int) -> dict[str, An
     out: dict[str, Any] = {
         "max_tokens": default_max_tokens if max_tokens is None else _fields.max_tokens(max_tokens, f"{at}.maxTokens")
     }
-    for name, key in (("temperature", "temperature"), ("topP", "top_p")):
-        value = config.get(name)
-        if value is not None:
-            if not _fields.is_number(value):
-                raise _fields.wrong(f"{at}.{name}", "a number")
-            out[key] = value
+    out.update(_fields.numbers(config, (("temperature", "temperature"), ("topP", "top_p")), at))
     stop = config.get("stopSequences")
-    if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(item, str) for item in stop):
-            raise _fields.wrong(f"{at}.stopSequences", "an array of strings")
-        if stop:
-            out["stop_sequences"] = stop
+    if stop is not None and _fields.strings(stop, f"{at}.stopSequences"):
+        out["stop_sequences"] = stop
     return out
 
 
@@ -756,9 +624,7 @@ def _read_additional_fields(extra: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     top_k = extra.get("top_k")
     if top_k is not None:
-        if type(top_k) is not int or not 0 <= top_k <= _fields.MAX_TOKENS:
-            raise _fields.wrong(f"{at}.top_k", f"an integer from 0 to {_fields.MAX_TOKENS}")
-        out["top_k"] = top_k
+        out["top_k"] = _fields.integer(top_k, f"{at}.top_k", 0)
     thinking = extra.get("thinking")
     if thinking is not None:
         if not isinstance(thinking, dict) or not isinstance(thinking.get("type"), str):
@@ -789,10 +655,10 @@ def _read_tool(tool: Any, at: str) -> dict[str, Any]:
         raise _unreadable(at, kind)
     at = f"{at}.toolSpec"
     spec = _object(value, at, ("name", "description", "inputSchema"))
-    out: dict[str, Any] = {"name": _str(spec, "name", at)}
-    description = spec.get("description")
+    out: dict[str, Any] = {"name": _fields.string(spec, "name", at)}
+    description = _fields.optional_str(spec, "description", at)
     if description is not None:
-        out["description"] = _read_value_str(description, f"{at}.description")
+        out["description"] = description
     schema = _object(spec.get("inputSchema"), f"{at}.inputSchema", ("json",)).get("json")
     if not isinstance(schema, dict):
         raise _fields.wrong(f"{at}.inputSchema.json", "an object")
@@ -808,7 +674,7 @@ def _read_tool_choice(choice: Any, at: str) -> dict[str, Any]:
         return {"type": kind}
     if kind == "tool":
         tool = _object(value, f"{at}.tool", ("name",))
-        return {"type": "tool", "name": _str(tool, "name", f"{at}.tool")}
+        return {"type": "tool", "name": _fields.string(tool, "name", f"{at}.tool")}
     raise _unreadable(at, kind)
 
 
@@ -855,16 +721,9 @@ def response(body: Any, *, requested_model: str) -> dict[str, Any]:
         content = []
     elif not isinstance(content, list):
         raise TranslationError("'output.message.content' is not an array")
-    return {
-        "id": message_id(),
-        "type": "message",
-        "role": "assistant",
-        "model": requested_model,
-        "content": [_answer_block(block, position) for position, block in enumerate(content)],
-        "stop_reason": stop_reason(body.get("stopReason")),
-        "stop_sequence": None,
-        "usage": usage(body.get("usage")),
-    }
+    blocks = [_answer_block(block, position) for position, block in enumerate(content)]
+    reason = stop_reason(body.get("stopReason"))
+    return _anthropic.message_object(message_id(), requested_model, blocks, reason, usage(body.get("usage")))
 
 
 def _answer_block(block: Any, position: int) -> dict[str, Any]:
@@ -914,35 +773,12 @@ def _answer_object(block: dict[str, Any], key: str, at: str) -> dict[str, Any]:
     return value
 
 
-def _anthropic_error(err_type: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": err_type, "message": message}}
-
-
-_UNTRANSLATABLE: Final = _anthropic_error("api_error", _UNTRANSLATABLE_MESSAGE)
-
-
-def untranslatable_body() -> bytes:
-    """The Anthropic error body that replaces a Bedrock answer this module could not translate."""
-    return orjson.dumps(_UNTRANSLATABLE)
-
-
-def untranslatable_event() -> bytes:
-    """The Anthropic stream's last event when Bedrock's stream could not be translated further."""
-    return named_event("error", _UNTRANSLATABLE)
-
-
 def error(status: int, body: bytes) -> bytes:
     """Bedrock error body → Anthropic error body (the status is passed through by the caller).
 
     Never raises: a body that is not Bedrock's ``{"message": ...}`` gives a message naming the status.
     """
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
-    message = _error_message(parsed)
-    err_type = _ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
-    return orjson.dumps(_anthropic_error(err_type, message or f"Upstream provider error (HTTP {status})"))
+    return _anthropic.provider_error(status, body, _anthropic.status_error_type(status, _ERROR_TYPES), _error_message)
 
 
 def _error_message(parsed: Any) -> str | None:
@@ -1027,7 +863,7 @@ class StreamTranslator:
         if self._stop is not None:
             return b"".join(self._end())  # metadata (usage) missing: the end goes out with what is known
         self._ended = True
-        return named_event("error", _anthropic_error("api_error", _anthropic.CUT_MESSAGE))
+        return _anthropic.error_event("api_error", _anthropic.CUT_MESSAGE)
 
     def _translate(self, messages: list[Message], *, corrupt: str | None = None) -> bytes:
         """The events of decoded frames; ``corrupt`` is why the frame after them could not be decoded."""
@@ -1069,23 +905,13 @@ class StreamTranslator:
     def _provider_error(self, err_type: str, message: str | None) -> list[bytes]:
         """The provider's own error, passed on as such (not a translation failure); the stream ends."""
         self._ended = True
-        return [named_event("error", _anthropic_error(err_type, message or _anthropic.PROVIDER_ERROR_MESSAGE))]
+        return [_anthropic.error_event(err_type, message or _anthropic.PROVIDER_ERROR_MESSAGE)]
 
     def _start(self) -> list[bytes]:
         if self._started:
             return []
         self._started = True
-        message: dict[str, Any] = {
-            "id": self._id,
-            "type": "message",
-            "role": "assistant",
-            "model": self._model,
-            "content": [],
-            "stop_reason": None,
-            "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
-        }
-        return [named_event("message_start", {"type": "message_start", "message": message})]
+        return [_anthropic.message_start_event(self._id, self._model, {"input_tokens": 0, "output_tokens": 0})]
 
     def _message_start(self, payload: dict[str, Any]) -> list[bytes]:
         role = payload.get("role")
@@ -1095,7 +921,7 @@ class StreamTranslator:
 
     def _block_start(self, payload: dict[str, Any]) -> list[bytes]:
         position = _index(payload, "contentBlockStart")
-        start = _event_object(payload, "start", "contentBlockStart")
+        start = _anthropic.event_object(payload, "start", "contentBlockStart")
         tool = start.get("toolUse")
         if not isinstance(tool, dict):
             kinds = ", ".join(repr(key) for key in start)
@@ -1117,20 +943,20 @@ class StreamTranslator:
 
     def _start_event(self, block: _Block, content_block: dict[str, Any]) -> bytes:
         block.index, self._next_index = self._next_index, self._next_index + 1
-        payload = {"type": "content_block_start", "index": block.index, "content_block": content_block}
-        return named_event("content_block_start", payload)
+        return _anthropic.block_start_event(block.index, content_block)
 
     def _block_delta(self, payload: dict[str, Any]) -> list[bytes]:
         position = _index(payload, "contentBlockDelta")
-        delta = _event_object(payload, "delta", "contentBlockDelta")
+        delta = _anthropic.event_object(payload, "delta", "contentBlockDelta")
         anthropic_delta: dict[str, Any]
         if "text" in delta:
             kind, anthropic_delta = "text", {"type": "text_delta", "text": _delta_str(delta, "text")}
         elif "toolUse" in delta:
-            tool = _event_object(delta, "toolUse", "contentBlockDelta")
+            tool = _anthropic.event_object(delta, "toolUse", "contentBlockDelta")
             kind, anthropic_delta = "tool_use", {"type": "input_json_delta", "partial_json": _delta_str(tool, "input")}
         elif "reasoningContent" in delta:
-            kind, anthropic_delta = _reasoning_delta(_event_object(delta, "reasoningContent", "contentBlockDelta"))
+            reasoning = _anthropic.event_object(delta, "reasoningContent", "contentBlockDelta")
+            kind, anthropic_delta = _reasoning_delta(reasoning)
         else:
             kinds = ", ".join(repr(key) for key in delta)
             raise TranslationError(f"a contentBlockDelta event holds a delta that cannot be translated ({kinds})")
@@ -1144,8 +970,7 @@ class StreamTranslator:
         if kind == "redacted_thinking":
             block.redacted += anthropic_delta["data"]
         elif anthropic_delta.get("text") != "":  # an empty text delta (which opens a block) adds nothing
-            payload = {"type": "content_block_delta", "index": block.index, "delta": anthropic_delta}
-            out.append(named_event("content_block_delta", payload))
+            out.append(_anthropic.block_delta_event(block.index, anthropic_delta))
         return out
 
     def _block_stop(self, payload: dict[str, Any]) -> list[bytes]:
@@ -1161,7 +986,7 @@ class StreamTranslator:
         if block.kind == "redacted_thinking":
             data = base64.b64encode(bytes(block.redacted)).decode()
             out.append(self._start_event(block, {"type": "redacted_thinking", "data": data}))
-        out.append(named_event("content_block_stop", {"type": "content_block_stop", "index": block.index}))
+        out.append(_anthropic.block_stop_event(block.index))
         return out
 
     def _message_stop(self, payload: dict[str, Any]) -> list[bytes]:
@@ -1180,13 +1005,7 @@ class StreamTranslator:
     def _end(self) -> list[bytes]:
         self._ended = True
         out = self._start()
-        message_delta = {
-            "type": "message_delta",
-            "delta": {"stop_reason": self._stop, "stop_sequence": None},
-            "usage": self._usage or usage(None),
-        }
-        out.append(named_event("message_delta", message_delta))
-        out.append(named_event("message_stop", {"type": "message_stop"}))
+        out.extend(_anthropic.message_end_events(self._stop, self._usage or usage(None)))
         return out
 
 
@@ -1237,13 +1056,6 @@ def _index(payload: dict[str, Any], event: str) -> int:
     if type(index) is not int or index < 0:
         raise TranslationError(f"a {event} event's 'contentBlockIndex' is not a non-negative integer")
     return index
-
-
-def _event_object(payload: dict[str, Any], key: str, event: str) -> dict[str, Any]:
-    value = payload.get(key)
-    if not isinstance(value, dict):
-        raise TranslationError(f"a {event} event's {key!r} is not an object")
-    return value
 
 
 def _delta_str(delta: dict[str, Any], key: str) -> str:

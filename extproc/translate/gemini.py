@@ -85,13 +85,14 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Any, Final, NamedTuple
 
 import orjson
 
 from extproc.translate import TranslationError, _anthropic, _fields
-from extproc.translate.sse import SseEvent, SseParser, named_event
+from extproc.translate._anthropic import untranslatable_body, untranslatable_event
+from extproc.translate.sse import SseEvent
 
 __all__ = [
     "StreamTranslator",
@@ -108,23 +109,7 @@ _MAX_STOP: Final = 5  # Gemini's limit; more would be a 400 from the provider wi
 SIGNATURE_PREFIX: Final = "gemini:"
 
 _DROPPED: Final = frozenset(("service_tier", "speed", "cache_control"))
-_HANDLED: Final = frozenset(
-    (
-        "model",
-        "stream",
-        "messages",
-        "system",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "stop_sequences",
-        "metadata",
-        "tools",
-        "tool_choice",
-        "thinking",
-    )
-)
+_KNOWN: Final = _anthropic.REQUEST_FIELDS | {"stream", "top_k"} | _DROPPED
 _TOOL_MODES: Final = {"auto": "AUTO", "any": "ANY", "tool": "ANY", "none": "NONE"}
 
 _STOP_REASONS: Final = {"STOP": "end_turn", "MAX_TOKENS": "max_tokens"} | dict.fromkeys(
@@ -132,20 +117,10 @@ _STOP_REASONS: Final = {"STOP": "end_turn", "MAX_TOKENS": "max_tokens"} | dict.f
 )
 
 # HTTP status → Anthropic error type; Google's own status names add nothing the HTTP status does not say.
-_ERROR_TYPES: Final = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-}
+_ERROR_TYPES: Final = _anthropic.HTTP_ERROR_TYPES
 
 _CUT_MESSAGE: Final = _anthropic.CUT_MESSAGE
-_UNTRANSLATABLE_MESSAGE: Final = _anthropic.untranslatable_message("Anthropic Messages")
+_UNTRANSLATABLE_MESSAGE: Final = _anthropic.UNTRANSLATABLE_ANTHROPIC
 _ID_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -181,24 +156,16 @@ def request(body: dict[str, Any], *, model: str, vertex: bool = False) -> dict[s
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    for key, value in body.items():
-        if value is None or key in _DROPPED:
-            continue
-        if key not in _HANDLED:
-            raise TranslationError(f"{_fields.shown(key)} cannot be translated to the Gemini API")
+    _fields.only(body, _KNOWN, "", "cannot be translated to the Gemini API")
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise _fields.wrong("metadata", "an object")
-    if body.get("stream") is not None and not isinstance(body["stream"], bool):
-        raise _fields.wrong("stream", "a boolean")
+    _fields.optional_bool(body, "stream")
 
 
 def _contents(raw: Any) -> list[dict[str, Any]]:
     """Every turn in order, consecutive turns of one role merged into one content."""
-    if not isinstance(raw, list) or not raw:
-        raise TranslationError("'messages' must be a non-empty array")
-    if isinstance(raw[-1], dict) and raw[-1].get("role") == "assistant":
-        raise TranslationError("a final assistant turn (prefill) cannot be continued by the Gemini API")
+    raw = _anthropic.turns(raw, prefill_by="the Gemini API")
     names: dict[str, str] = {}  # tool_use id → function name, for the tool results that follow
     contents: list[dict[str, Any]] = []
     for index, message in enumerate(raw):
@@ -222,54 +189,20 @@ def _drop_call_ids(contents: list[dict[str, Any]]) -> None:
 
 def _turn(message: Any, index: int, names: dict[str, str]) -> tuple[str, list[dict[str, Any]]]:
     """One Anthropic turn → (Gemini role, parts)."""
-    if not isinstance(message, dict):
-        raise _fields.wrong(f"messages.{index}", "an object")
-    role, content = message.get("role"), message.get("content")
+    role, content = _anthropic.turn(message, index)
     if role == "user":
         return "user", _user_parts(content, index, names)
-    if role == "assistant":
-        return "model", _model_parts(content, index, names)
-    if isinstance(role, str):
-        raise TranslationError(f"'messages.{index}.role' {_fields.shown(role)} cannot be translated")
-    raise _fields.wrong(f"messages.{index}.role", "a string")
-
-
-def _block(content: list[Any], position: int, where: str) -> tuple[dict[str, Any], str]:
-    """A content block and its type, both checked."""
-    block = content[position]
-    if not isinstance(block, dict):
-        raise _fields.wrong(f"{where}.{position}", "an object")
-    kind = block.get("type")
-    if not isinstance(kind, str):
-        raise _fields.wrong(f"{where}.{position}.type", "a string")
-    return block, kind
-
-
-def _str(block: dict[str, Any], key: str, at: str) -> str:
-    value = block.get(key)
-    if not isinstance(value, str):
-        raise _fields.wrong(f"{at}.{key}", "a string")
-    return value
-
-
-def _blocks(content: Any, index: int) -> tuple[list[Any], str]:
-    """A turn's content as a block list and its path (a string is one text block)."""
-    where = f"messages.{index}.content"
-    if isinstance(content, str):
-        return ([{"type": "text", "text": content}] if content else []), where
-    if not isinstance(content, list):
-        raise TranslationError(f"'{where}' must be a string or an array")
-    return content, where
+    return "model", _model_parts(content, index, names)
 
 
 def _user_parts(content: Any, index: int, names: dict[str, str]) -> list[dict[str, Any]]:
-    blocks, where = _blocks(content, index)
+    blocks, where = _anthropic.content_blocks(content, index)
     parts: list[dict[str, Any]] = []
     for position in range(len(blocks)):
-        block, kind = _block(blocks, position, where)
+        block, kind = _anthropic.block(blocks, position, where)
         at = f"{where}.{position}"
         if kind == "text":
-            parts.append({"text": _str(block, "text", at)})
+            parts.append({"text": _fields.string(block, "text", at)})
         elif kind == "image":
             parts.append(_image_part(block, at))
         elif kind == "document":
@@ -282,11 +215,11 @@ def _user_parts(content: Any, index: int, names: dict[str, str]) -> list[dict[st
 
 
 def _model_parts(content: Any, index: int, names: dict[str, str]) -> list[dict[str, Any]]:
-    blocks, where = _blocks(content, index)
+    blocks, where = _anthropic.content_blocks(content, index)
     parts: list[dict[str, Any]] = []
     pending: str | None = None  # a signature for the part that follows (from an empty thinking block)
     for position in range(len(blocks)):
-        block, kind = _block(blocks, position, where)
+        block, kind = _anthropic.block(blocks, position, where)
         at = f"{where}.{position}"
         if kind == "thinking":
             thought, pending = _thought(block, at)
@@ -296,7 +229,7 @@ def _model_parts(content: Any, index: int, names: dict[str, str]) -> list[dict[s
         if kind == "redacted_thinking":
             continue  # Claude's encrypted reasoning: nothing Gemini can read
         if kind == "text":
-            part = {"text": _str(block, "text", at)}
+            part = {"text": _fields.string(block, "text", at)}
         elif kind == "tool_use":
             part = _function_call(block, at, names)
         else:
@@ -326,28 +259,21 @@ def _thought(block: dict[str, Any], at: str) -> tuple[dict[str, Any] | None, str
 
 
 def _function_call(block: dict[str, Any], at: str, names: dict[str, str]) -> dict[str, Any]:
-    call_id, name = _str(block, "id", at), _str(block, "name", at)
-    args = block.get("input")
-    if args is None:
-        args = {}
-    elif not isinstance(args, dict):
-        raise _fields.wrong(f"{at}.input", "an object")
-    _fields.writable(args, f"{at}.input")
+    call_id, name = _fields.string(block, "id", at), _fields.string(block, "name", at)
+    args = _anthropic.tool_use_input(block, at)
     names[call_id] = name
     return {"functionCall": {"id": call_id, "name": name, "args": args}}
 
 
 def _function_response(block: dict[str, Any], at: str, names: dict[str, str]) -> dict[str, Any]:
-    call_id = _str(block, "tool_use_id", at)
+    call_id = _fields.string(block, "tool_use_id", at)
     name = names.get(call_id)
     if name is None:
         # Gemini matches a function response to its call by the function's name, which only the call has.
         raise TranslationError(
             f"'{at}.tool_use_id' {_fields.shown(call_id)} names no earlier tool_use, so its function is unknown"
         )
-    is_error = block.get("is_error")
-    if is_error is not None and not isinstance(is_error, bool):
-        raise _fields.wrong(f"{at}.is_error", "a boolean")
+    is_error = _fields.optional_bool(block, "is_error", at)
     # Gemini reads "output" as the function's result and "error" as its failure.
     result = {"error" if is_error else "output": _result_value(block.get("content"), at)}
     return {"functionResponse": {"id": call_id, "name": name, "response": result}}
@@ -364,25 +290,23 @@ def _result_value(content: Any, at: str) -> str | list[str]:
         raise _fields.wrong(where, "a string or an array of text blocks")
     texts: list[str] = []
     for position in range(len(content)):
-        block, kind = _block(content, position, where)
+        block, kind = _anthropic.block(content, position, where)
         if kind != "text":
             shown = _fields.shown(kind)
             raise TranslationError(f"'{where}' block type {shown} cannot be sent to Gemini in a tool result")
-        texts.append(_str(block, "text", f"{where}.{position}"))
+        texts.append(_fields.string(block, "text", f"{where}.{position}"))
     return texts[0] if len(texts) == 1 else texts
 
 
 def _base64_source(block: dict[str, Any], at: str, what: str) -> tuple[str, str]:
     """(media type, data) of a base64 source; any other source is refused."""
-    source = block.get("source")
-    if not isinstance(source, dict):
-        raise _fields.wrong(f"{at}.source", "an object")
+    source = _anthropic.source(block, at)
     kind = source.get("type")
     if kind != "base64":
         shown = _fields.shown(kind) if isinstance(kind, str) else "without a type"
         # Gemini fetches only files it stores or gs:// objects; an Anthropic url source is neither.
         raise TranslationError(f"'{at}' {what} source {shown} cannot be translated to Gemini (only base64)")
-    return _str(source, "media_type", f"{at}.source"), _str(source, "data", f"{at}.source")
+    return _fields.string(source, "media_type", f"{at}.source"), _fields.string(source, "data", f"{at}.source")
 
 
 def _image_part(block: dict[str, Any], at: str) -> dict[str, Any]:
@@ -401,64 +325,35 @@ def _document_part(block: dict[str, Any], at: str) -> dict[str, Any]:
 
 
 def _system_parts(system: Any) -> list[dict[str, Any]]:
-    if isinstance(system, str):
-        return [{"text": system}] if system else []
-    if not isinstance(system, list):
-        raise TranslationError("'system' must be a string or an array of text blocks")
-    parts: list[dict[str, Any]] = []
-    for position in range(len(system)):
-        block, kind = _block(system, position, "system")
-        if kind != "text":
-            raise TranslationError("'system' may only hold text blocks")
-        parts.append({"text": _str(block, "text", f"system.{position}")})
-    return parts
+    return [{"text": text} for text in _anthropic.system_texts(system)]
 
 
 def _generation_config(body: dict[str, Any]) -> dict[str, Any]:
     """``generationConfig``: sampling, length, stop sequences, thinking (empty when none is set)."""
-    out: dict[str, Any] = {}
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None:
-        out["maxOutputTokens"] = _fields.max_tokens(max_tokens, "max_tokens")
     # Anthropic's temperature range (0..1) lies inside Gemini's (0..2): the value means the same.
-    for key, name in (("temperature", "temperature"), ("top_p", "topP")):
-        value = body.get(key)
-        if value is not None:
-            if not _fields.is_number(value):
-                raise _fields.wrong(key, "a number")
-            out[name] = value
+    out = _anthropic.sampling_config(body, "maxOutputTokens", "topP")
     top_k = body.get("top_k")
     if top_k is not None:
-        if type(top_k) is not int or not 1 <= top_k <= _fields.MAX_TOKENS:
-            raise _fields.wrong("top_k", "a positive integer")
-        out["topK"] = top_k
-    out.update(_stop_config(body.get("stop_sequences")))
+        out["topK"] = _top_k(top_k, "top_k")
+    stop = _anthropic.stop_sequences(body.get("stop_sequences"), _MAX_STOP, "Gemini")
+    if stop:
+        out["stopSequences"] = stop
     thinking = _thinking_config(body.get("thinking"))
     if thinking:
         out["thinkingConfig"] = thinking
     return out
 
 
-def _stop_config(stop: Any) -> dict[str, Any]:
-    """``stop_sequences`` → ``stopSequences``, refused past Gemini's limit rather than cut short."""
-    if stop is None:
-        return {}
-    if not isinstance(stop, list) or not all(isinstance(item, str) for item in stop):
-        raise _fields.wrong("stop_sequences", "an array of strings")
-    if len(stop) > _MAX_STOP:
-        raise TranslationError(f"Gemini accepts at most {_MAX_STOP} stop sequences")
-    return {"stopSequences": list(stop)} if stop else {}
+def _top_k(value: Any, where: str) -> int:
+    return _fields.integer(value, where, 1, "a positive integer")
 
 
 def _thinking_config(thinking: Any) -> dict[str, Any]:
     """Anthropic's ``thinking`` → Gemini's ``thinkingConfig`` (empty: Gemini's default)."""
     if thinking is None:
         return {}
-    if not isinstance(thinking, dict):
-        raise _fields.wrong("thinking", "an object")
-    kind, display = thinking.get("type"), thinking.get("display")
-    if not isinstance(kind, str):
-        raise _fields.wrong("thinking.type", "a string")
+    thinking, kind = _fields.typed(thinking, "thinking")
+    display = thinking.get("display")
     if display not in (None, "summarized", "omitted"):
         raise _fields.wrong("thinking.display", '"summarized" or "omitted"')
     if kind == "disabled":
@@ -499,16 +394,10 @@ def _declaration(tool: Any, index: int) -> dict[str, Any]:
         raise TranslationError(f"tool {shown} is an Anthropic server tool and cannot be translated to Gemini")
     if tool.get("strict") is True:
         raise TranslationError(f"'{where}.strict' cannot be translated: Gemini does not promise to follow the schema")
-    declaration: dict[str, Any] = {"name": _str(tool, "name", where)}
-    description = tool.get("description")
+    name, description, schema = _anthropic.tool_definition(tool, where)
+    declaration: dict[str, Any] = {"name": name}
     if description is not None:
-        if not isinstance(description, str):
-            raise _fields.wrong(f"{where}.description", "a string")
         declaration["description"] = description
-    schema = tool["input_schema"]
-    if not isinstance(schema, dict):
-        raise _fields.wrong(f"{where}.input_schema", "an object")
-    _fields.writable(schema, f"{where}.input_schema")
     # parametersJsonSchema takes JSON Schema as it is; "parameters" takes only Google's OpenAPI subset
     # and would refuse $ref, anyOf with null, additionalProperties and other keywords client tools use.
     declaration["parametersJsonSchema"] = schema
@@ -524,14 +413,11 @@ def _tool_config(choice: Any) -> dict[str, Any]:
     mode = _TOOL_MODES.get(kind)
     if mode is None:
         raise TranslationError(f"'tool_choice' type {_fields.shown(kind)} cannot be translated to Gemini")
-    disable = choice.get("disable_parallel_tool_use")
-    if disable is not None and not isinstance(disable, bool):
-        raise _fields.wrong("tool_choice.disable_parallel_tool_use", "a boolean")
-    if disable:
+    if _fields.optional_bool(choice, "disable_parallel_tool_use", "tool_choice"):
         raise TranslationError("'tool_choice.disable_parallel_tool_use' cannot be translated to Gemini")
     config: dict[str, Any] = {"mode": mode}
     if kind == "tool":
-        config["allowedFunctionNames"] = [_str(choice, "name", "tool_choice")]
+        config["allowedFunctionNames"] = [_fields.string(choice, "name", "tool_choice")]
     return {"functionCallingConfig": config}
 
 
@@ -590,12 +476,9 @@ def canonical_request(body: dict[str, Any], *, model: str, stream: bool, default
     return out
 
 
-def _only(fields: dict[str, Any], known: Iterable[str], where: str) -> None:
+def _only(fields: dict[str, Any], known: Container[str], where: str) -> None:
     """Refuse a field (not null) that is not in ``known``: it would be lost on the way back."""
-    for key, value in fields.items():
-        if value is not None and key not in known:
-            shown = _fields.shown(f"{where}.{key}" if where else key, 80)
-            raise TranslationError(f"{shown} cannot be translated from a Gemini request")
+    _fields.only(fields, known, where, "cannot be translated from a Gemini request", 80)
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -620,10 +503,8 @@ def _read_system(raw: Any) -> str | list[dict[str, Any]] | None:
     for position, part in enumerate(parts):
         at = f"systemInstruction.parts.{position}"
         _part_kind(part, at, {"text": frozenset({"text"})})
-        texts.append(_str(part, "text", at))
-    if not texts:
-        return None
-    return texts[0] if len(texts) == 1 else [{"type": "text", "text": text} for text in texts]
+        texts.append(_fields.string(part, "text", at))
+    return _anthropic.system_of(texts)
 
 
 def _part_kind(part: Any, at: str, kinds: dict[str, frozenset[str]]) -> str:
@@ -681,7 +562,7 @@ def _read_user_parts(parts: list[Any], where: str, calls: dict[str, list[str]]) 
         elif kind == "inlineData":
             blocks.append(_read_media(part[kind], f"{at}.{kind}"))
         else:
-            blocks.append({"type": "text", "text": _str(part, "text", at)})
+            blocks.append({"type": "text", "text": _fields.string(part, "text", at)})
     return results + blocks
 
 
@@ -691,13 +572,11 @@ def _read_model_parts(parts: list[Any], index: int, calls: dict[str, list[str]])
     for position, part in enumerate(parts):
         at = f"contents.{index}.parts.{position}"
         kind = _part_kind(part, at, _MODEL_PARTS)
-        signature = part.get("thoughtSignature")
-        if signature is not None and not isinstance(signature, str):
-            raise _fields.wrong(f"{at}.thoughtSignature", "a string")
-        if _is_thought(part, at):
+        signature = _fields.optional_str(part, "thoughtSignature", at)
+        if _fields.optional_bool(part, "thought", at):
             if signature is None:
                 raise TranslationError(f"'{at}' is a thought without a thoughtSignature: Gemini cannot take it back")
-            text = _str(part, "text", at)
+            text = _fields.string(part, "text", at)
             blocks.append({"type": "thinking", "thinking": text, "signature": SIGNATURE_PREFIX + signature})
             continue
         if signature is not None:  # from an empty thinking block right before the block it signed
@@ -705,23 +584,13 @@ def _read_model_parts(parts: list[Any], index: int, calls: dict[str, list[str]])
         if kind == "functionCall":
             blocks.append(_read_call(part[kind], f"{at}.{kind}", f"toolu_gem_{index}_{position}", calls))
         else:
-            blocks.append({"type": "text", "text": _str(part, "text", at)})
+            blocks.append({"type": "text", "text": _fields.string(part, "text", at)})
     return blocks
-
-
-def _is_thought(part: dict[str, Any], at: str) -> bool:
-    thought = part.get("thought")
-    if thought is not None and not isinstance(thought, bool):
-        raise _fields.wrong(f"{at}.thought", "a boolean")
-    return thought is True
 
 
 def _call_id(call: dict[str, Any], at: str) -> str | None:
     """A function call's or response's id; absent (Vertex AI has none) or empty: None."""
-    call_id = call.get("id")
-    if call_id is not None and not isinstance(call_id, str):
-        raise _fields.wrong(f"{at}.id", "a string")
-    return call_id or None
+    return _fields.optional_str(call, "id", at) or None
 
 
 def _read_call(call: Any, at: str, generated: str, calls: dict[str, list[str]]) -> dict[str, Any]:
@@ -729,7 +598,7 @@ def _read_call(call: Any, at: str, generated: str, calls: dict[str, list[str]]) 
     if not isinstance(call, dict):
         raise _fields.wrong(at, "an object")
     _only(call, ("id", "name", "args"), at)
-    name = _str(call, "name", at)
+    name = _fields.string(call, "name", at)
     call_id = _call_id(call, at) or generated
     args = _object(call.get("args"), f"{at}.args")
     calls.setdefault(name, []).append(call_id)
@@ -741,7 +610,7 @@ def _read_response(raw: Any, at: str, calls: dict[str, list[str]]) -> dict[str, 
     if not isinstance(raw, dict):
         raise _fields.wrong(at, "an object")
     _only(raw, ("id", "name", "response"), at)
-    name = _str(raw, "name", at)
+    name = _fields.string(raw, "name", at)
     call_id = _call_id(raw, at)
     pending = calls.get(name, [])
     if call_id is None and pending:
@@ -776,8 +645,8 @@ def _read_media(data: Any, at: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise _fields.wrong(at, "an object")
     _only(data, ("mimeType", "data"), at)
-    media_type = _str(data, "mimeType", at)
-    source = {"type": "base64", "media_type": media_type, "data": _str(data, "data", at)}
+    media_type = _fields.string(data, "mimeType", at)
+    source = {"type": "base64", "media_type": media_type, "data": _fields.string(data, "data", at)}
     if media_type == "application/pdf":
         return {"type": "document", "source": source}
     if media_type.startswith("image/"):
@@ -787,24 +656,13 @@ def _read_media(data: Any, at: str) -> dict[str, Any]:
 
 def _read_sampling(config: dict[str, Any]) -> dict[str, Any]:
     """``temperature``, ``topP``, ``topK`` and ``stopSequences`` under their Anthropic names."""
-    out: dict[str, Any] = {}
-    for name, key in (("temperature", "temperature"), ("topP", "top_p")):
-        value = config.get(name)
-        if value is not None:
-            if not _fields.is_number(value):
-                raise _fields.wrong(f"generationConfig.{name}", "a number")
-            out[key] = value
+    out = _fields.numbers(config, (("temperature", "temperature"), ("topP", "top_p")), "generationConfig")
     top_k = config.get("topK")
     if top_k is not None:
-        if type(top_k) is not int or not 1 <= top_k <= _fields.MAX_TOKENS:
-            raise _fields.wrong("generationConfig.topK", "a positive integer")
-        out["top_k"] = top_k
+        out["top_k"] = _top_k(top_k, "generationConfig.topK")
     stop = config.get("stopSequences")
-    if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(item, str) for item in stop):
-            raise _fields.wrong("generationConfig.stopSequences", "an array of strings")
-        if stop:
-            out["stop_sequences"] = list(stop)
+    if stop is not None and _fields.strings(stop, "generationConfig.stopSequences"):
+        out["stop_sequences"] = list(stop)
     return out
 
 
@@ -815,9 +673,7 @@ def _read_thinking(raw: Any) -> dict[str, Any]:
     where = "generationConfig.thinkingConfig"
     config = _object(raw, where)
     _only(config, ("includeThoughts", "thinkingBudget"), where)
-    include, budget = config.get("includeThoughts"), config.get("thinkingBudget")
-    if include is not None and not isinstance(include, bool):
-        raise _fields.wrong(f"{where}.includeThoughts", "a boolean")
+    include, budget = _fields.optional_bool(config, "includeThoughts", where), config.get("thinkingBudget")
     if budget == 0 and type(budget) is int:
         return {}  # Gemini's "do not think"
     if budget is None or (budget == -1 and type(budget) is int):
@@ -855,10 +711,10 @@ def _read_declaration(declaration: Any, at: str) -> dict[str, Any]:
     if not isinstance(declaration, dict):
         raise _fields.wrong(at, "an object")
     _only(declaration, ("name", "description", "parametersJsonSchema", "parameters"), at)
-    tool: dict[str, Any] = {"name": _str(declaration, "name", at)}
-    description = declaration.get("description")
+    tool: dict[str, Any] = {"name": _fields.string(declaration, "name", at)}
+    description = _fields.optional_str(declaration, "description", at)
     if description is not None:
-        tool["description"] = _str(declaration, "description", at)
+        tool["description"] = description
     schema, legacy = declaration.get("parametersJsonSchema"), declaration.get("parameters")
     if schema is not None and legacy is not None:
         raise TranslationError(f"'{at}' has both parametersJsonSchema and parameters")
@@ -980,12 +836,7 @@ def usage(raw: Any) -> dict[str, int]:
         raw = {}
     cached = _fields.count(raw.get("cachedContentTokenCount"))
     output = _fields.count(raw.get("candidatesTokenCount")) + _fields.count(raw.get("thoughtsTokenCount"))
-    return {
-        "input_tokens": max(_fields.count(raw.get("promptTokenCount")) - cached, 0),
-        "output_tokens": output,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": cached,
-    }
+    return _anthropic.cached_usage(_fields.count(raw.get("promptTokenCount")), cached, output)
 
 
 def response(body: Any, *, requested_model: str) -> dict[str, Any]:
@@ -1005,16 +856,7 @@ def response(body: Any, *, requested_model: str) -> dict[str, Any]:
         content = _content(_candidate_parts(candidate, "candidates.0"), base)
         called = any(block["type"] == "tool_use" for block in content)
         reason = stop_reason(candidate.get("finishReason"), called)
-    return {
-        "id": "msg_" + base,
-        "type": "message",
-        "role": "assistant",
-        "model": requested_model,
-        "content": content,
-        "stop_reason": reason,
-        "stop_sequence": None,
-        "usage": usage(body.get("usageMetadata")),
-    }
+    return _anthropic.message_object("msg_" + base, requested_model, content, reason, usage(body.get("usageMetadata")))
 
 
 def _first_candidate(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -1084,27 +926,11 @@ def _tool_use(part: _Part, base: str, number: int) -> dict[str, Any]:
     return {"type": "tool_use", "id": call_id, "name": part.call["name"], "input": part.call["args"]}
 
 
-def _anthropic_error(err_type: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": err_type, "message": message}}
-
-
 def _error_type(status: Any) -> str:
+    """The Anthropic error type of an HTTP status (or a stream error's ``code``, which may be anything)."""
     if type(status) is not int:
         return "api_error"
-    return _ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
-
-
-_UNTRANSLATABLE: Final = _anthropic_error("api_error", _UNTRANSLATABLE_MESSAGE)
-
-
-def untranslatable_body() -> bytes:
-    """The Anthropic error body that replaces a Gemini answer this module could not translate."""
-    return orjson.dumps(_UNTRANSLATABLE)
-
-
-def untranslatable_event() -> bytes:
-    """The Anthropic stream's last event when Gemini's stream could not be translated further."""
-    return named_event("error", _UNTRANSLATABLE)
+    return _anthropic.status_error_type(status, _ERROR_TYPES)
 
 
 def error(status: int, body: bytes) -> bytes:
@@ -1113,12 +939,7 @@ def error(status: int, body: bytes) -> bytes:
     Google sends ``{"error": {"code", "message", "status"}}``, sometimes inside a one-element list.
     Never raises: a body of another shape gives a message naming the HTTP status.
     """
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
-    message = _error_message(parsed)
-    return orjson.dumps(_anthropic_error(_error_type(status), message or f"Upstream provider error (HTTP {status})"))
+    return _anthropic.provider_error(status, body, _error_type(status), _error_message)
 
 
 def _error_message(parsed: Any) -> str | None:
@@ -1133,7 +954,7 @@ def _error_message(parsed: Any) -> str | None:
 # streaming
 
 
-class StreamTranslator(_anthropic.EventStream):
+class StreamTranslator(_anthropic.AnthropicStream):
     """Gemini ``streamGenerateContent?alt=sse`` → Anthropic Messages SSE, one chunk at a time.
 
     Text and thought parts stream into text and thinking blocks; a function call arrives whole and
@@ -1148,20 +969,13 @@ class StreamTranslator(_anthropic.EventStream):
     """
 
     def __init__(self, *, requested_model: str) -> None:
-        self._model = requested_model
-        self._parser = SseParser()
-        self._started = False
+        super().__init__(requested_model=requested_model)  # the open block's kind is "text" or "thinking"
         self._base = ""
-        self._open: int | None = None  # Anthropic index of the open content block
-        self._open_kind: str | None = None  # "text" or "thinking"
         self._signed = False  # the open thinking block got its signature: the next thought opens another
-        self._blocks = 0
         self._tools = 0
         self._called = False
         self._stop: str | None = None  # Anthropic's stop reason, once Gemini said why it stopped
         self._usage: Any = None
-        self._ended = False
-        self.failure: str | None = None  # why the stream could not be translated, if it could not
 
     def finish(self) -> bytes:
         """The end of the stream: the clean end if Gemini said why it stopped, else an error event."""
@@ -1169,28 +983,13 @@ class StreamTranslator(_anthropic.EventStream):
             return b""
         self._ended = True
         if self._stop is None:
-            return named_event("error", _anthropic_error("api_error", _CUT_MESSAGE))
+            return _anthropic.error_event("api_error", _CUT_MESSAGE)
         out = [] if self._started else [self._start({})]
-        message_delta = {
-            "type": "message_delta",
-            "delta": {"stop_reason": self._stop, "stop_sequence": None},
-            "usage": usage(self._usage),
-        }
-        out.append(named_event("message_delta", message_delta))
-        out.append(named_event("message_stop", {"type": "message_stop"}))
+        out.extend(_anthropic.message_end_events(self._stop, usage(self._usage)))
         return b"".join(out)
 
-    def _untranslatable(self) -> bytes:
-        self._ended = True
-        return untranslatable_event()
-
     def _event(self, event: SseEvent) -> Iterable[bytes]:  # Gemini's events have no name
-        try:
-            payload = event.json()
-        except orjson.JSONDecodeError:
-            raise TranslationError("a chunk is not JSON") from None
-        if not isinstance(payload, dict):
-            raise TranslationError("a chunk is not a JSON object")
+        payload = _anthropic.chunk_payload(event)
         if payload.get("error") is not None:
             return [self._provider_error(payload["error"])]
         if isinstance(payload.get("usageMetadata"), dict):
@@ -1216,24 +1015,14 @@ class StreamTranslator(_anthropic.EventStream):
         self._ended = True
         message = _error_message({"error": inner}) or _anthropic.PROVIDER_ERROR_MESSAGE
         code = inner.get("code") if isinstance(inner, dict) else None
-        return named_event("error", _anthropic_error(_error_type(code), message))
+        return _anthropic.error_event(_error_type(code), message)
 
     def _start(self, payload: dict[str, Any]) -> bytes:
         self._started = True
         self._base = _id_base(payload.get("responseId"))
         counts = usage(payload.get("usageMetadata"))
         counts["output_tokens"] = 0  # what is written so far is counted in message_delta
-        message: dict[str, Any] = {
-            "id": "msg_" + self._base,
-            "type": "message",
-            "role": "assistant",
-            "model": self._model,
-            "content": [],
-            "stop_reason": None,
-            "stop_sequence": None,
-            "usage": counts,
-        }
-        return named_event("message_start", {"type": "message_start", "message": message})
+        return _anthropic.message_start_event("msg_" + self._base, self._model, counts)
 
     def _part(self, part: _Part) -> list[bytes]:
         if part.kind == "call":
@@ -1267,19 +1056,6 @@ class StreamTranslator(_anthropic.EventStream):
         self._called = True
         return out
 
-    def _open_block(self, kind: str, block: dict[str, Any]) -> list[bytes]:
-        out = self._close_block()
-        self._open, self._open_kind, self._signed = self._blocks, kind, False
-        self._blocks += 1
-        start = {"type": "content_block_start", "index": self._open, "content_block": block}
-        out.append(named_event("content_block_start", start))
-        return out
-
-    def _close_block(self) -> list[bytes]:
-        if self._open is None:
-            return []
-        index, self._open, self._open_kind = self._open, None, None
-        return [named_event("content_block_stop", {"type": "content_block_stop", "index": index})]
-
-    def _delta(self, delta: dict[str, Any]) -> bytes:
-        return named_event("content_block_delta", {"type": "content_block_delta", "index": self._open, "delta": delta})
+    def _open_block(self, kind: str, content_block: dict[str, Any]) -> list[bytes]:
+        self._signed = False
+        return super()._open_block(kind, content_block)

@@ -100,6 +100,8 @@ _HANDLED: Final = frozenset(
     )
 )
 
+_KNOWN: Final = _HANDLED | _DROPPED
+
 _FINISH_REASONS: Final = {
     "end_turn": "stop",
     "stop_sequence": "stop",
@@ -150,7 +152,7 @@ def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096)
         if stops:
             out["stop_sequences"] = stops
     _anthropic.sampling(body, out)
-    user = _anthropic.optional_str(body, "user") or _anthropic.optional_str(body, "safety_identifier")
+    user = _fields.optional_str(body, "user") or _fields.optional_str(body, "safety_identifier")
     if user is not None:
         out["metadata"] = {"user_id": user}
 
@@ -160,7 +162,7 @@ def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096)
             raise _fields.wrong("tools", "an array")
         if tools:
             out["tools"] = [_tool(tool, index) for index, tool in enumerate(tools)]
-    parallel = _anthropic.optional_bool(body, "parallel_tool_calls")
+    parallel = _fields.optional_bool(body, "parallel_tool_calls")
     choice = _tool_choice(body.get("tool_choice"), parallel, bool(tools))
     if choice is not None:
         out["tool_choice"] = choice
@@ -176,12 +178,7 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
 
 
 def _refuse_unknown(body: dict[str, Any]) -> None:
-    for key, value in body.items():
-        # SDKs and hand-written clients send null for "not given"; it never means anything else here.
-        if value is None or key in _DROPPED:
-            continue
-        if key not in _HANDLED:
-            raise TranslationError(f"{_fields.shown(key)} cannot be translated to the Anthropic Messages API")
+    _fields.only(body, _KNOWN, "", "cannot be translated to the Anthropic Messages API")
 
 
 def _refuse_n(body: dict[str, Any]) -> None:
@@ -195,7 +192,7 @@ def _refuse_n(body: dict[str, Any]) -> None:
 
 
 def _refuse_logprobs(body: dict[str, Any]) -> None:
-    if _anthropic.optional_bool(body, "logprobs") or body.get("top_logprobs") is not None:
+    if _fields.optional_bool(body, "logprobs") or body.get("top_logprobs") is not None:
         raise TranslationError("'logprobs' cannot be served by the Anthropic Messages API")
 
 
@@ -296,7 +293,7 @@ def _user_content(content: Any, index: int) -> str | list[dict[str, Any]]:
     for position in range(len(content)):
         part, kind = _anthropic.part(content, position, where)
         if kind == "text":
-            blocks.append({"type": "text", "text": _anthropic.text_of(part, "text", f"{where}.content[{position}]")})
+            blocks.append({"type": "text", "text": _fields.string(part, "text", f"{where}.content[{position}]")})
         elif kind == "image_url":
             image = part.get("image_url")
             # Officially {"url": ..., "detail": ...}; a bare URL string is accepted as well.
@@ -365,7 +362,7 @@ def _assistant_text_block(content: list[Any], position: int, where: str) -> dict
     part, kind = _anthropic.part(content, position, where)
     if kind not in ("text", "refusal"):
         raise TranslationError(f"'{where}.content' part type {_fields.shown(kind)} cannot be translated")
-    return {"type": "text", "text": _anthropic.text_of(part, kind, f"{where}.content[{position}]")}
+    return {"type": "text", "text": _fields.string(part, kind, f"{where}.content[{position}]")}
 
 
 def _tool_use_block(call: Any, at: str, where: str) -> dict[str, Any]:

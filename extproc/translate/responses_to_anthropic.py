@@ -185,7 +185,7 @@ def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096)
     if not isinstance(body, dict):
         raise TranslationError("the request body must be a JSON object")
     _refuse_unsupported(body)
-    instructions = _anthropic.optional_str(body, "instructions")
+    instructions = _fields.optional_str(body, "instructions")
     system, messages = _input(body.get("input"), instructions)
     out: dict[str, Any] = {"model": model}
     if system is not None:
@@ -195,7 +195,7 @@ def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096)
     limit = body.get("max_output_tokens")
     out["max_tokens"] = default_max_tokens if limit is None else _fields.max_tokens(limit, "max_output_tokens")
     _anthropic.sampling(body, out)
-    user, safety_identifier = _anthropic.optional_str(body, "user"), _anthropic.optional_str(body, "safety_identifier")
+    user, safety_identifier = _fields.optional_str(body, "user"), _fields.optional_str(body, "safety_identifier")
     user = user or safety_identifier
     if user:
         out["metadata"] = {"user_id": user}
@@ -206,7 +206,7 @@ def request(body: dict[str, Any], *, model: str, default_max_tokens: int = 4096)
         if not isinstance(raw_tools, list):
             raise _fields.wrong("tools", "an array")
         tools = [_tool(tool, index) for index, tool in enumerate(raw_tools)]
-    parallel = _anthropic.optional_bool(body, "parallel_tool_calls")
+    parallel = _fields.optional_bool(body, "parallel_tool_calls")
     tools, choice = _tool_choice(body.get("tool_choice"), tools, parallel)
     if tools:
         out["tools"] = tools
@@ -230,7 +230,7 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         if key not in _HANDLED:
             raise TranslationError(f"{_fields.shown(key)} cannot be translated to the Anthropic Messages API")
     _check_dropped(body)
-    if _anthropic.optional_bool(body, "background"):
+    if _fields.optional_bool(body, "background"):
         raise TranslationError("'background': true cannot be served by the Anthropic Messages API")
     top_logprobs = body.get("top_logprobs")
     if top_logprobs is not None:
@@ -258,9 +258,9 @@ def _check_dropped(body: dict[str, Any]) -> None:
         value = body.get(key)
         if value is not None and not isinstance(value, dict):
             raise _fields.wrong(key, "an object")
-    _anthropic.optional_bool(body, "store")
+    _fields.optional_bool(body, "store")
     for key in ("service_tier", "prompt_cache_key", "prompt_cache_retention", "truncation"):
-        _anthropic.optional_str(body, key)
+        _fields.optional_str(body, key)
     calls = body.get("max_tool_calls")
     if calls is not None and type(calls) is not int:
         raise _fields.wrong("max_tool_calls", "an integer")
@@ -451,7 +451,7 @@ def _input_part(content: list[Any], position: int, where: str, *, files: bool = 
     part, kind = _anthropic.part(content, position, where)
     at = f"{where}.content[{position}]" if files else f"{where}.output[{position}]"
     if kind == "input_text":
-        return {"type": "text", "text": _anthropic.text_of(part, "text", at)}
+        return {"type": "text", "text": _fields.string(part, "text", at)}
     if kind == "input_image":
         url = part.get("image_url")
         if url is None and part.get("file_id") is not None:
@@ -494,9 +494,9 @@ def _assistant_blocks(content: Any, where: str) -> list[dict[str, Any]]:
         part, kind = _anthropic.part(content, position, where)
         at = f"{where}.content[{position}]"
         if kind in ("output_text", "input_text"):
-            text = _anthropic.text_of(part, "text", at)
+            text = _fields.string(part, "text", at)
         elif kind == "refusal":
-            text = _anthropic.text_of(part, "refusal", at)
+            text = _fields.string(part, "refusal", at)
         else:
             raise TranslationError(f"'{where}.content' part type {_fields.shown(kind)} cannot be translated")
         if text:  # Anthropic refuses empty text blocks
