@@ -11,7 +11,10 @@ and the per-call cost of telemetry (access log, usage events on NATS JetStream a
 The isolation section fails every call of one service at its provider while another service, sharing
 the processor and the provider, is measured: alone, beside that failing load, and beside the same load succeeding.
 
-Usage: python -m bench.run [--duration 10] [--concurrency 1 16] [--only overhead,fallback,isolation,telemetry]
+Every overhead row reports the processor's and the sidecar Envoy's CPU per call (from /proc), and the
+soak section (``--only soak``, not run by default) the processor's RSS every 100k calls up to 1M.
+
+Usage: python -m bench.run [--duration 10] [--concurrency 1 16] [--only overhead,fallback,isolation,telemetry,soak]
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -107,6 +110,39 @@ class Result:
     errors: int  # non-2xx responses plus socket errors
     non2xx: int = 0
     requests: int = 0
+    processor_us: float | None = None  # processor CPU (user + system, every thread) per call, from /proc
+    envoy_us: float | None = None  # the sidecar Envoy's CPU per call
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) so far, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def pid_of(part: Managed | None) -> int | None:
+    return part.process.pid if part is not None and part.process is not None else None
+
+
+def measured(url: str, script: Path, concurrency: int, duration: int, processor: Managed | None,
+             envoy: Managed) -> Result:
+    """One wrk cell, with the processor's and the Envoy's CPU per call over exactly that cell."""
+    pids = (pid_of(processor), pid_of(envoy))
+    before = [cpu_seconds(p) if p else 0.0 for p in pids]
+    result = run_wrk(url, script, concurrency, duration)
+    after = [cpu_seconds(p) if p else 0.0 for p in pids]
+    calls = max(result.requests, 1)
+    per_call = [(a - b) / calls * 1e6 for a, b in zip(after, before, strict=True)]
+    return replace(result, processor_us=per_call[0] if pids[0] else None, envoy_us=per_call[1])
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -196,19 +232,23 @@ service: {BENCH_SERVICE}
 ai_proxy:
   models: [{{name: auth_assistant, provider: openai, model: gpt-4, cache_ttl: 600}}]
 """
-# label, policy, quota backend
-VARIANTS: tuple[tuple[str, str, str], ...] = (
-    ("processor", ROUTING_ONLY, "memory"),
-    ("quota-memory", WITH_QUOTA, "memory"),
-    ("quota-redis", WITH_QUOTA, "redis"),
-    ("cache", WITH_CACHE, "memory"),
+# label, policy, quota backend, whether the processor also writes the access log and usage events
+VARIANTS: tuple[tuple[str, str, str, bool], ...] = (
+    ("processor", ROUTING_ONLY, "memory", False),
+    ("quota-memory", WITH_QUOTA, "memory", False),
+    ("quota-redis", WITH_QUOTA, "redis", False),
+    ("full", WITH_QUOTA, "redis", True),
+    ("cache", WITH_CACHE, "memory", False),
 )
 LABELS = {
     "direct": "Envoy direct",
     "null": "Envoy + null Python ext_proc",
+    "null-aio-uvloop": "  null, grpc.aio on uvloop",
+    "null-sync": "  null, sync thread-pool server",
     "processor": "Envoy + processor (routing)",
     "quota-memory": "  + quota, memory store",
     "quota-redis": "  + quota, Redis store",
+    "full": "  + Redis quota, log, events",
 }
 
 
@@ -221,13 +261,15 @@ def policy_dir(work: Path, label: str, service_policy: str, backend: str, redis_
 
 
 SECTIONS = ("overhead", "streaming", "cache", "fallback", "isolation", "telemetry")
+# Not run by default: a million calls take ~20 minutes on 2 cores (`--only soak`).
+OPTIONAL_SECTIONS = ("soak",)
 
 
 def sections(text: str) -> tuple[str, ...]:
     chosen = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = sorted(set(chosen) - set(SECTIONS))
+    unknown = sorted(set(chosen) - set(SECTIONS) - set(OPTIONAL_SECTIONS))
     if not chosen or unknown:
-        raise argparse.ArgumentTypeError(f"sections are {', '.join(SECTIONS)} (comma-separated), "
+        raise argparse.ArgumentTypeError(f"sections are {', '.join(SECTIONS + OPTIONAL_SECTIONS)} (comma-separated), "
                                          f"not {', '.join(unknown) or repr(text)}")
     return chosen
 
@@ -235,7 +277,8 @@ def sections(text: str) -> tuple[str, ...]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", type=sections, default=SECTIONS, metavar="SECTION[,SECTION]",
-                        help=f"run only these sections: {', '.join(SECTIONS)} (default: all)")
+                        help=f"run only these sections: {', '.join(SECTIONS + OPTIONAL_SECTIONS)} (default: all "
+                        f"but {', '.join(OPTIONAL_SECTIONS)})")
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -252,13 +295,15 @@ def main() -> int:
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222",
                         help="usage events for the telemetry section (skipped if nothing listens there)")
     parser.add_argument("--no-traces", action="store_true", help="telemetry section: leave out the OTLP row")
+    parser.add_argument("--soak-calls", type=int, default=1_000_000, help="soak section: calls in all")
+    parser.add_argument("--soak-concurrency", type=int, default=16)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("bench: wrk not found (Debian package `wrk`; `make bench` installs it)", file=sys.stderr)
         return 1
     work = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
     try:
-        if {"overhead", "streaming", "cache"} & set(args.only):
+        if {"overhead", "streaming", "cache", "soak"} & set(args.only):
             run_overhead(args, work)
         if "fallback" in args.only:
             print_fallback(args, work)
@@ -294,14 +339,25 @@ def run_overhead(args: argparse.Namespace, work: Path) -> None:
         parts.append(Managed("null-processor", [sys.executable, "-m", "bench.null_processor",
                                                 f"127.0.0.1:{null_port}"], log_dir=work).start_listening(null_port))
         processors: dict[str, int] = {"direct": 0, "null": null_port}
-        for label, service_policy, backend in VARIANTS:
+        managed: dict[str, Managed] = {"null": parts[-1]}
+        for flavour in ("aio-uvloop", "sync"):  # the same null servicer on other gRPC servers (#16's levers)
             port = free_port()
-            parts.append(start_processor([policy_dir(work, label, service_policy, backend, args.redis_url)], port,
-                                         log_dir=work, env=env, extra_args=["--watch", "0"], name=label))
+            managed[f"null-{flavour}"] = Managed(f"null-{flavour}", [
+                sys.executable, "-m", "bench.null_processor", f"127.0.0.1:{port}", "--flavour", flavour],
+                log_dir=work).start_listening(port)
+            parts.append(managed[f"null-{flavour}"])
+            processors[f"null-{flavour}"] = port
+        for label, service_policy, backend, telemetry in VARIANTS:
+            port = free_port()
+            extra = ["--watch", "0", *(full_telemetry(args, work) if telemetry else [])]
+            managed[label] = start_processor([policy_dir(work, label, service_policy, backend, args.redis_url)], port,
+                                             log_dir=work, env=env, extra_args=extra, name=label)
+            parts.append(managed[label])
             processors[label] = port
         openai_provider = load_policy([work / "policy-processor"]).providers["openai"]
         sidecars: dict[str, SidecarSpec] = {}
         streaming: dict[str, SidecarSpec] = {}
+        envoys: dict[str, Managed] = {}
         for label, port in processors.items():
             for table, upstream in ((sidecars, upstream_port), (streaming, mock_port)):
                 spec = SidecarSpec(service=BENCH_SERVICE, namespace="bench", listen_port=free_port(),
@@ -310,6 +366,8 @@ def run_overhead(args: argparse.Namespace, work: Path) -> None:
                                    access_log=False, with_processor=label != "direct")
                 parts.append(start_envoy(spec, work))
                 table[label] = spec
+                if table is sidecars:
+                    envoys[label] = parts[-1]
         if "overhead" in args.only:
             results: dict[tuple[str, int], Result] = {}
             for concurrency in args.concurrency:
@@ -318,7 +376,8 @@ def run_overhead(args: argparse.Namespace, work: Path) -> None:
                     url = f"http://127.0.0.1:{spec.listen_port}/v1/chat/completions"
                     run_wrk(url, script, concurrency, 2)  # warm-up: connections, caches, JIT-free but still
                     before = ext_proc_stats(spec.admin_port)
-                    results[(label, concurrency)] = run_wrk(url, script, concurrency, args.duration)
+                    results[(label, concurrency)] = measured(url, script, concurrency, args.duration,
+                                                             managed.get(label), envoys[label])
                     after = ext_proc_stats(spec.admin_port)
                     if label == "processor":
                         delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
@@ -328,6 +387,8 @@ def run_overhead(args: argparse.Namespace, work: Path) -> None:
                               f"{delta.get('stream_msgs_received', 0) / calls:.2f} back, pipelined as one round "
                               f"trip; failed streams {delta.get('streams_failed', 0)}", flush=True)
             print_table(results, args.concurrency, args.duration)
+        if "soak" in args.only:
+            soak(args, script, sidecars["processor"], managed["processor"], managed["null"], sidecars["null"])
         if "streaming" in args.only:
             print_streaming(streaming, args.stream_calls)
         if "cache" in args.only:
@@ -889,15 +950,20 @@ def print_streaming(sidecars: dict[str, SidecarSpec], calls: int) -> None:
 
 def print_table(results: dict[tuple[str, int], Result], concurrencies: list[int], duration: int) -> None:
     print(f"\nPOST /v1/chat/completions, {len(BODY)} B body, {duration}s per cell, wrk on the same machine")
-    header = f"{'conc':>4}  {'path':<30}{'RPS':>9}{'vs direct':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+    header = (f"{'conc':>4}  {'path':<30}{'RPS':>9}{'vs direct':>11}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+              f"{'proc µs/call':>14}{'Envoy µs/call':>15}{'Envoy added':>13}")
     print(header)
     print("-" * len(header))
     for concurrency in concurrencies:
         direct = results[("direct", concurrency)]
         for key, label in LABELS.items():
             r = results[(key, concurrency)]
+            proc_us = "-" if r.processor_us is None else f"{r.processor_us:.0f}"
+            envoy_us = "-" if r.envoy_us is None else f"{r.envoy_us:.0f}"
+            added = "-" if r.envoy_us is None or direct.envoy_us is None or key == "direct" else (
+                f"{r.envoy_us - direct.envoy_us:+.0f}")
             print(f"{concurrency:>4}  {label:<30}{r.rps:>9.0f}{r.rps / direct.rps:>11.1%}{r.p50_ms:>9.3f}"
-                  f"{r.p99_ms:>9.3f}{r.errors:>8}")
+                  f"{r.p99_ms:>9.3f}{r.errors:>8}{proc_us:>14}{envoy_us:>15}{added:>13}")
         proc, null = results[("processor", concurrency)], results[("null", concurrency)]
         print(f"{'':>4}  added p50 over direct: {proc.p50_ms - direct.p50_ms:+.3f} ms "
               f"(gRPC hop {null.p50_ms - direct.p50_ms:+.3f}, policy work {proc.p50_ms - null.p50_ms:+.3f}); "
@@ -905,6 +971,47 @@ def print_table(results: dict[tuple[str, int], Result], concurrencies: list[int]
               f"{results[('quota-redis', concurrency)].p50_ms - proc.p50_ms:+.3f} (Redis)")
     print("\nvs direct = RPS as a share of Envoy direct. The null row answers CONTINUE with the same message")
     print("pattern: it isolates the cost of the Python gRPC hop from the cost of our policy decisions.")
+    print("µs/call = CPU (user + system, all threads, /proc/<pid>/stat) over the cell / calls served; Envoy added =")
+    print("the sidecar's µs/call minus Envoy direct's (what our filters cost Envoy). 'full' = token and request")
+    print("limits in Redis, usage settled from the response, access log and usage events (file and NATS) on.")
+
+
+def full_telemetry(args: argparse.Namespace, work: Path) -> list[str]:
+    """The processor flags of the 'full' row: access log, usage events to a file and (if reachable) NATS."""
+    nats = ["--events-nats", args.nats_url] if nats_reachable(args.nats_url) else []
+    return ["--access-log", str(work / "full-access.jsonl"), "--events-file", str(work / "full-events.jsonl"), *nats]
+
+
+def soak(args: argparse.Namespace, script: Path, spec: SidecarSpec, processor: Managed, null: Managed,
+         null_spec: SidecarSpec) -> None:
+    """RSS of the routing processor (and the null one beside it, the gRPC floor) every 100k calls."""
+    step, total = 100_000, args.soak_calls
+    url = f"http://127.0.0.1:{spec.listen_port}/v1/chat/completions"
+    null_url = f"http://127.0.0.1:{null_spec.listen_port}/v1/chat/completions"
+    pid, null_pid = pid_of(processor), pid_of(null)
+    assert pid is not None and null_pid is not None
+    print(f"\nSoak: {total:,} calls at concurrency {args.soak_concurrency} to the routing processor (and as many to "
+          "the null processor), RSS every 100k")
+    header = f"{'calls':>10}{'processor RSS MB':>18}{'null RSS MB':>13}{'errors':>8}{'proc µs/call':>14}"
+    print(header)
+    print("-" * len(header))
+    done, errors, rows = 0, 0, []
+    while done < total:
+        chunk = 0
+        before = cpu_seconds(pid)
+        while chunk < step:  # wrk runs for a time, not a count: run until this 100k is complete
+            results = run_wrk_parallel((url, script, args.soak_concurrency, 5),
+                                       (null_url, script, args.soak_concurrency, 5))
+            chunk += results[0].requests
+            errors += results[0].errors + results[1].errors
+        done += chunk
+        per_call = (cpu_seconds(pid) - before) / chunk * 1e6
+        rows.append((done, rss_mb(pid), rss_mb(null_pid)))
+        print(f"{done:>10,}{rows[-1][1]:>18.1f}{rows[-1][2]:>13.1f}{errors:>8}{per_call:>14.0f}", flush=True)
+    first, last = rows[0], rows[-1]
+    print(f"processor RSS from {first[0]:,} to {last[0]:,} calls: {first[1]:.1f} → {last[1]:.1f} MB "
+          f"({(last[1] - first[1]) / first[1]:+.1%}); null processor {first[2]:.1f} → {last[2]:.1f} MB "
+          f"({(last[2] - first[2]) / first[2]:+.1%})")
 
 
 def print_cache(sidecar: SidecarSpec, calls: int) -> None:
