@@ -71,6 +71,8 @@ CREDENTIAL_TYPES: dict[str, tuple[str, ...]] = {
 CREDENTIAL_REQUIRED = frozenset({"azure_openai", "bedrock", "gemini", "vertex"})
 AZURE_V1 = "v1"  # api_version selecting Azure's v1 paths (/openai/v1/..., the model in the body)
 _REGION = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-[0-9]$")
+# Google's rule for project ids; the id goes into the request path, so nothing else may pass.
+_GOOGLE_PROJECT = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _GOOGLE_LOCATION = re.compile(r"^(global|[a-z]+-[a-z]+[0-9])$")
 
 
@@ -176,8 +178,9 @@ class Provider(_Frozen):
             if self.region is None or not _REGION.match(self.region):
                 raise _provider_problem("a bedrock provider needs 'region', an AWS region such as us-east-1", "region")
         elif api == "vertex":
-            if not self.project:
-                raise _provider_problem("a vertex provider needs 'project', the Google Cloud project id", "project")
+            if not self.project or not _GOOGLE_PROJECT.match(self.project):
+                raise _provider_problem("a vertex provider needs 'project', a Google Cloud project id (6 to 30 "
+                                        "lowercase letters, digits and hyphens, starting with a letter)", "project")
             if self.location is None or not _GOOGLE_LOCATION.match(self.location):
                 raise _provider_problem("a vertex provider needs 'location', a region such as us-central1 (or "
                                         "global)", "location")

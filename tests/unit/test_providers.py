@@ -135,9 +135,10 @@ MISSING: list[tuple[str, str, str | None, str]] = [
      "a bedrock provider needs 'region'"),
     ("api: vertex\n  location: us-central1\n  credential: {type: google}", "project", None,
      "a vertex provider needs 'project'"),
-    ("api: vertex\n  project: p\n  credential: {type: google}", "location", None,
+    ("api: vertex\n  project: demo-project\n  credential: {type: google}", "location", None,
      "a vertex provider needs 'location'"),
-    ("api: vertex\n  project: p\n  location: moon\n  credential: {type: google}", "location", "location: moon",
+    ("api: vertex\n  project: demo-project\n  location: moon\n  credential: {type: google}", "location",
+     "location: moon",
      "a vertex provider needs 'location'"),
     ("api: azure_openai\n  base_url: http://c.openai.azure.com\n  deployments: {a: b}\n  credential: {env: K}",
      "api_version", None, "an azure_openai provider needs 'api_version'"),
@@ -153,7 +154,7 @@ MISSING: list[tuple[str, str, str | None, str]] = [
     ("api: bedrock\n  region: us-east-1", "credential", None,
      "a bedrock provider needs a credential source, e.g. credential: {type: aws}"),
     ("api: gemini", "credential", None, "a gemini provider needs a credential source"),
-    ("api: vertex\n  project: p\n  location: global", "credential", None,
+    ("api: vertex\n  project: demo-project\n  location: global", "credential", None,
      "a vertex provider needs a credential source, e.g. credential: {type: google"),
     ("api: openai\n  credential: {env: K}", "base_url", None, "a provider of api openai needs 'base_url'"),
     ("api: openai_compatible", "base_url", None, "needs 'base_url'"),
@@ -161,13 +162,14 @@ MISSING: list[tuple[str, str, str | None, str]] = [
 MISPLACED: list[tuple[str, str, str | None, str]] = [
     ("api: openai\n  base_url: http://api.openai.com/v1\n  region: us-east-1", "region", "region: us-east-1",
      "'region' does not apply to a provider of api openai"),
-    ("api: gemini\n  project: p\n  credential: {env: G}", "project", "project: p",
+    ("api: gemini\n  project: demo-project\n  credential: {env: G}", "project", "project: demo-project",
      "'project' does not apply to a provider of api gemini"),
     ("api: bedrock\n  region: us-east-1\n  api_version: v1\n  credential: {type: aws}", "api_version",
      "api_version: v1", "'api_version' does not apply to a provider of api bedrock"),
     ("api: openai_compatible\n  base_url: http://h/v1\n  deployments: {a: b}", "deployments", "deployments:",
      "'deployments' does not apply to a provider of api openai_compatible"),
-    ("api: vertex\n  project: p\n  location: global\n  region: us-east-1\n  credential: {type: google}", "region",
+    ("api: vertex\n  project: demo-project\n  location: global\n  region: us-east-1\n  credential: {type: google}",
+     "region",
      "region: us-east-1", "'region' does not apply to a provider of api vertex"),
     ("api: gemini\n  credential: {type: aws}", "credential", "credential:",
      "a gemini provider takes a credential of type api_key, not aws"),
@@ -185,7 +187,8 @@ MISPLACED: list[tuple[str, str, str | None, str]] = [
      "credential:", "a aws credential comes from its own chain: set only 'profile'"),
     ("api: bedrock\n  region: us-east-1\n  credential: {type: aws, file: /creds}", "credential", "credential:",
      "comes from its own chain"),
-    ("api: vertex\n  project: p\n  location: global\n  credential: {type: google, env: GOOGLE_KEY}", "credential",
+    ("api: vertex\n  project: demo-project\n  location: global\n  credential: {type: google, env: GOOGLE_KEY}",
+     "credential",
      "credential:", "set only 'file' (a service-account key), or nothing"),
 ]
 
@@ -222,7 +225,7 @@ def test_the_entry_line_is_the_entrys_own_in_a_file_of_many(tmp_path: Path) -> N
           credential: {env: GEMINI_KEY}
         - name: vertex
           api: vertex
-          project: demo
+          project: demo-project
           credential: {type: google}
         - name: azure
           api: azure_openai
@@ -300,9 +303,9 @@ def test_an_azure_v1_route_needs_no_deployment(tmp_path: Path) -> None:
      "http://bedrock-runtime.us-gov-west-1.amazonaws.com", "bedrock-runtime.us-gov-west-1.amazonaws.com"),
     ("api: gemini\n  credential: {env: G}", "http://generativelanguage.googleapis.com",
      "generativelanguage.googleapis.com"),
-    ("api: vertex\n  project: p\n  location: us-central1\n  credential: {type: google}",
+    ("api: vertex\n  project: demo-project\n  location: us-central1\n  credential: {type: google}",
      "http://us-central1-aiplatform.googleapis.com", "us-central1-aiplatform.googleapis.com"),
-    ("api: vertex\n  project: p\n  location: global\n  credential: {type: google}",
+    ("api: vertex\n  project: demo-project\n  location: global\n  credential: {type: google}",
      "http://aiplatform.googleapis.com", "aiplatform.googleapis.com"),
     # An explicit base_url (a VPC endpoint, a proxy) wins over the default.
     ("api: bedrock\n  region: us-east-1\n  base_url: http://bedrock.vpce.internal:8080/\n  credential: {type: aws}",
@@ -394,9 +397,9 @@ ROUND_TRIP = (
              deployments={"gpt-4o": "gpt4o-prod"}, credential=CredentialSource(type="entra_id", file="/t/token")),
     Provider(name="azure-key", api="azure_openai", base_url="http://fabrikam.openai.azure.com", api_version="v1",
              credential=CredentialSource(env="AZURE_KEY")),
-    Provider(name="vertex", api="vertex", project="demo", location="europe-west4",
+    Provider(name="vertex", api="vertex", project="demo-project", location="europe-west4",
              credential=CredentialSource(type="google", file="/k/sa.json")),
-    Provider(name="vertex-adc", api="vertex", project="demo", location="global",
+    Provider(name="vertex-adc", api="vertex", project="demo-project", location="global",
              credential=CredentialSource(type="google")),
     Provider(name="gemini", api="gemini", credential=CredentialSource(env="GEMINI_KEY")),
 )
