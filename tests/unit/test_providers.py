@@ -1251,3 +1251,36 @@ def test_the_decisions_settlement_reads_the_bedrock_answer(tmp_path: Path, aws_e
     assert chunks[0]["model"] == "br"
     assert chunks[-1]["usage"]["total_tokens"] == 28
     assert settlement.settled is not None and settlement.settled.output_tokens == 7
+
+
+def test_the_egress_gateway_signs_bedrock_over_the_body_the_grant_covers(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gateway mode: the decision hands out a grant, and the gateway's credential port signs the very
+    body and path the grant names (the signature verifies with botocore); another body is refused."""
+    from extproc.core.grants import Grant, body_digest, redeem
+    from extproc.core.inflight import MemoryInFlight
+    from extproc.policy.compiled import compile_policy_set
+    from extproc.policy.model import MeshSettings
+
+    signer = Signer(b"gateway-test-key-0123456789abcdef")
+    policy = compile_policy_set(mesh=MeshSettings(), providers=[BEDROCK], services=[], version="t", prices=[])
+    body = b'{"messages":[{"role":"user","content":[{"text":"hi"}]}]}'
+    grant = Grant(BEDROCK.name, BEDROCK.authority, "shop", "order-service", "order-sa", "n-1", body_digest(body),
+                  "POST", BEDROCK_PATH).encode(signer, 60)
+    store, cloud = MemoryInFlight(), FakeCloud(aws=FakeAws(AWS_KEYS))
+
+    def presented(sent: bytes) -> list[tuple[str, str]] | ApiError:
+        return asyncio.run(redeem(grant, method="POST", path=BEDROCK_PATH, authority=BEDROCK.authority, body=sent,
+                                  peer=None, signer=signer, inflight=store, credentials=CredentialStore(),
+                                  policy=policy, cloud=cloud))
+
+    refused = presented(body.replace(b"hi", b"ho"))
+    assert isinstance(refused, ApiError) and refused.code == "grant_wrong_body"
+    headers = presented(body)
+    assert isinstance(headers, list), headers
+    ours = dict(headers)
+    url = "http://bedrock-runtime.us-east-1.amazonaws.com" + BEDROCK_PATH
+    theirs = botocore_authorization(AWS_KEYS, url, body, ours["x-amz-date"], "us-east-1", monkeypatch)
+    assert ours["authorization"] == theirs["authorization"]
+    again = presented(body)
+    assert isinstance(again, ApiError) and again.code == "grant_replayed"
