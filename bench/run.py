@@ -297,6 +297,7 @@ def main() -> int:
     parser.add_argument("--no-traces", action="store_true", help="telemetry section: leave out the OTLP row")
     parser.add_argument("--soak-calls", type=int, default=1_000_000, help="soak section: calls in all")
     parser.add_argument("--soak-concurrency", type=int, default=16)
+    parser.add_argument("--soak-null", action="store_true", help="soak section: load the null processor alike")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("bench: wrk not found (Debian package `wrk`; `make bench` installs it)", file=sys.stderr)
@@ -984,34 +985,39 @@ def full_telemetry(args: argparse.Namespace, work: Path) -> list[str]:
 
 def soak(args: argparse.Namespace, script: Path, spec: SidecarSpec, processor: Managed, null: Managed,
          null_spec: SidecarSpec) -> None:
-    """RSS of the routing processor (and the null one beside it, the gRPC floor) every 100k calls."""
+    """RSS of the routing processor every 100k calls (with --soak-null, the null processor's too, loaded alike:
+    the gRPC floor's own growth)."""
     step, total = 100_000, args.soak_calls
-    url = f"http://127.0.0.1:{spec.listen_port}/v1/chat/completions"
-    null_url = f"http://127.0.0.1:{null_spec.listen_port}/v1/chat/completions"
-    pid, null_pid = pid_of(processor), pid_of(null)
-    assert pid is not None and null_pid is not None
-    print(f"\nSoak: {total:,} calls at concurrency {args.soak_concurrency} to the routing processor (and as many to "
-          "the null processor), RSS every 100k")
+    runs = [(f"http://127.0.0.1:{spec.listen_port}/v1/chat/completions", script, args.soak_concurrency, 5)]
+    pids = [pid_of(processor)]
+    if args.soak_null:
+        runs.append((f"http://127.0.0.1:{null_spec.listen_port}/v1/chat/completions", script,
+                     args.soak_concurrency, 5))
+        pids.append(pid_of(null))
+    print(f"\nSoak: {total:,} calls at concurrency {args.soak_concurrency} to the routing processor"
+          f"{' (and as many to the null processor)' if args.soak_null else ''}, RSS every 100k")
     header = f"{'calls':>10}{'processor RSS MB':>18}{'null RSS MB':>13}{'errors':>8}{'proc µs/call':>14}"
     print(header)
     print("-" * len(header))
     done, errors, rows = 0, 0, []
     while done < total:
         chunk = 0
-        before = cpu_seconds(pid)
+        before = cpu_seconds(pids[0] or 0)
         while chunk < step:  # wrk runs for a time, not a count: run until this 100k is complete
-            results = run_wrk_parallel((url, script, args.soak_concurrency, 5),
-                                       (null_url, script, args.soak_concurrency, 5))
+            results = run_wrk_parallel(*runs)
             chunk += results[0].requests
-            errors += results[0].errors + results[1].errors
+            errors += sum(r.errors for r in results)
         done += chunk
-        per_call = (cpu_seconds(pid) - before) / chunk * 1e6
-        rows.append((done, rss_mb(pid), rss_mb(null_pid)))
-        print(f"{done:>10,}{rows[-1][1]:>18.1f}{rows[-1][2]:>13.1f}{errors:>8}{per_call:>14.0f}", flush=True)
+        per_call = (cpu_seconds(pids[0] or 0) - before) / chunk * 1e6
+        rss = [rss_mb(pid) if pid else 0.0 for pid in pids] + [0.0]
+        rows.append((done, rss[0], rss[1]))
+        null_text = f"{rss[1]:>13.1f}" if args.soak_null else f"{'-':>13}"
+        print(f"{done:>10,}{rss[0]:>18.1f}{null_text}{errors:>8}{per_call:>14.0f}", flush=True)
     first, last = rows[0], rows[-1]
-    print(f"processor RSS from {first[0]:,} to {last[0]:,} calls: {first[1]:.1f} → {last[1]:.1f} MB "
-          f"({(last[1] - first[1]) / first[1]:+.1%}); null processor {first[2]:.1f} → {last[2]:.1f} MB "
-          f"({(last[2] - first[2]) / first[2]:+.1%})")
+    growth = f"{first[1]:.1f} → {last[1]:.1f} MB ({(last[1] - first[1]) / first[1]:+.1%})"
+    null_growth = (f"; null processor {first[2]:.1f} → {last[2]:.1f} MB ({(last[2] - first[2]) / first[2]:+.1%})"
+                   if args.soak_null else "")
+    print(f"processor RSS from {first[0]:,} to {last[0]:,} calls: {growth}{null_growth}")
 
 
 def print_cache(sidecar: SidecarSpec, calls: int) -> None:
