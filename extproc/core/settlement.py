@@ -277,7 +277,7 @@ class Settlement:
             caller_api=info.caller_api or info.api, requested_model=info.requested or info.route, route=info.route,
             provider=info.provider, genai_provider=genai_provider(self._policy, info.provider),
             response_model=info.model, status=self._status, outcome=outcome,
-            streamed=self._content_type.startswith("text/event-stream"), input_tokens=usage.input_tokens,
+            streamed=self._content_type.startswith(STREAM_TYPES), input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens, cached_input_tokens=usage.cached_input_tokens,
             usage_reported=usage.reported, cost_usd=cost_micro_usd / 1e6, started_at=info.decided_at,
             ended_at=time.time(), first_byte_at=self._first_byte_at,
@@ -304,7 +304,7 @@ class Settlement:
         if info.decided_at:
             now = time.time()
             metrics.duration.labels(*labels.caller, *genai, str(self._status)).observe(max(0.0, now - info.decided_at))
-            streamed = self._content_type.startswith("text/event-stream")
+            streamed = self._content_type.startswith(STREAM_TYPES)
             if self._first_byte_at is not None and streamed:
                 metrics.ttft.labels(*labels.caller, *genai).observe(max(0.0, self._first_byte_at - info.decided_at))
                 if usage.output_tokens > 1:

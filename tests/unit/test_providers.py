@@ -1284,3 +1284,14 @@ def test_the_egress_gateway_signs_bedrock_over_the_body_the_grant_covers(tmp_pat
     assert ours["authorization"] == theirs["authorization"]
     again = presented(body)
     assert isinstance(again, ApiError) and again.code == "grant_replayed"
+
+
+def test_a_bedrock_event_stream_is_recorded_as_streamed(tmp_path: Path) -> None:
+    """The call record (usage event, access log) and the TTFT metric count Bedrock's binary event stream
+    as a stream, like SSE."""
+    runtime = runtime_for(tmp_path)
+    records: list[Any] = []
+    runtime.record = records.append  # type: ignore[method-assign]
+    settlement = Settlement(settle_info("bedrock", "openai"), runtime, strip=False)
+    run_settlement(settlement, 200, "application/vnd.amazon.eventstream", [b"".join(BEDROCK_STREAM)])
+    assert len(records) == 1 and records[0].streamed is True
