@@ -156,14 +156,15 @@ def _anthropic(stack: Stack) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=stack.base_url(SERVICE), api_key="sk-ant-app-own-key", max_retries=0)
 
 
-def _mock_api(stack: Stack, name: str) -> str:
+def _mock_api(name: str) -> str:
+    """The mock that serves a route: the in-mesh OpenAI-compatible server is a process of its own."""
     return "openai_compatible" if ROUTES[name][2] == "openai" else ROUTES[name][2]
 
 
 def _reached(stack: Stack, name: str) -> dict[str, Any]:
     """The one request the provider got: with the provider's credential, never the caller's."""
     api = ROUTES[name][2]
-    records = [r for r in httpx.get(f"http://127.0.0.1:{stack.mock_ports[_mock_api(stack, name)]}"
+    records = [r for r in httpx.get(f"http://127.0.0.1:{stack.mock_ports[_mock_api(name)]}"
                                     "/_mock/requests").json() if r["provider_api"] == api]
     assert len(records) == 1, records
     headers = records[0]["headers"]
