@@ -1,4 +1,4 @@
-"""The ``extproc`` command: serve, check, render, quota, events, jobs (the demo and the mock providers are
+"""The ``extproc`` command: serve, check, render, quota, events, jobs, ledger (the demo and the mock providers are
 dev tools: ``python -m devtools.demo``, ``python -m devtools.mock_provider``)."""
 
 from __future__ import annotations
@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Imported here: these modules import helpers from this one.
     from extproc.cli.events import add_events_parser
     from extproc.cli.jobs import add_jobs_parser
+    from extproc.cli.ledger import add_ledger_parser
     from extproc.cli.mesh import add_serve_kubernetes_parser
 
     parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_kubernetes_parser(sub)
     add_events_parser(sub)
     add_jobs_parser(sub)
+    add_ledger_parser(sub)
     _add_quota_parser(sub)
     return parser
 

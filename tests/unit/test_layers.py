@@ -17,8 +17,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("extproc.__main__", "extproc.cli"),  # the command line
     ("extproc.server", "extproc.envoy_config"),  # the gRPC and HTTP servers; Envoy and Istio configuration
     ("extproc.core",),  # the decision journey and the response side
-    # What the journey uses: quotas, the response cache, jobs, usage events, telemetry, translation.
-    ("extproc.quota", "extproc.cache", "extproc.jobs", "extproc.events", "extproc.telemetry", "extproc.translate"),
+    # What the journey uses: quotas, the response cache, jobs, usage events, telemetry, translation; and the
+    # spend ledger, which reads the usage events.
+    ("extproc.quota", "extproc.cache", "extproc.jobs", "extproc.events", "extproc.ledger", "extproc.telemetry",
+     "extproc.translate"),
     ("extproc.policy",),  # the policy model, its sources and prices
     ("extproc.base",),  # what every layer shares: the AI APIs, the wire contract, signed tokens, back-off
 )
@@ -26,6 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 SIDEWAYS: frozenset[tuple[str, str]] = frozenset({
     ("extproc.__main__", "extproc.cli"),  # python -m extproc
     ("extproc.events", "extproc.telemetry"),  # usage events are telemetry records sent elsewhere
+    ("extproc.ledger", "extproc.events"),  # the ledger stores usage events
 })
 
 
