@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     from extproc.cli.jobs import add_jobs_parser
     from extproc.cli.ledger import add_ledger_parser
     from extproc.cli.mesh import add_serve_kubernetes_parser
+    from extproc.cli.spend import add_spend_parser
 
     parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_events_parser(sub)
     add_jobs_parser(sub)
     add_ledger_parser(sub)
+    add_spend_parser(sub)
     _add_quota_parser(sub)
     return parser
 
