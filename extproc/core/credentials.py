@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from extproc.base.apis import ApiError, ErrorKind
 from extproc.policy.model import CredentialSource, Provider
 
 
@@ -52,22 +51,6 @@ def _read_key(path: str) -> str | None:
             return handle.read().strip() or None
     except (OSError, UnicodeDecodeError):
         return None
-
-
-def auth_header(api: str, key: str) -> tuple[str, str]:
-    """How a provider's API takes its key: Anthropic's x-api-key, else an OpenAI-style bearer token."""
-    return ("x-api-key", key) if api == "anthropic" else ("authorization", f"Bearer {key}")
-
-
-def key_headers(provider: Provider, store: CredentialStore) -> list[tuple[str, str]] | ApiError:
-    """The provider's key as its API takes it (none for a provider without a credential), or why not."""
-    if provider.credential is None:
-        return []
-    key = store.get(provider.credential)
-    if key is None:
-        return ApiError(ErrorKind.UNAVAILABLE, f"the credential for provider {provider.name!r} is not available; "
-                        "the platform team must provide it", "credential_unavailable")
-    return [auth_header(str(provider.api), key)]
 
 
 def api_headers(provider: Provider, request_headers: Mapping[str, str]) -> list[tuple[str, str]]:

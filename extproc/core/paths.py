@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 
 from extproc.base.apis import Api, ApiError, Endpoint, ErrorKind, canonical_path, split_path
 from extproc.base.wire import GRANT_HEADER, SETTLE_KEY, USAGE_HEADER, USAGE_OBSERVE
-from extproc.core.credentials import api_headers, key_headers
+from extproc.core.credentials import api_headers
 from extproc.core.grants import ANY_BODY, Grant, body_digest, through_gateway
 from extproc.core.identity import Caller
 from extproc.core.messages import Decision, Forward, HttpRequest, LocalReply
+from extproc.core.provider_request import credential_headers
 from extproc.core.records import reply_record
 from extproc.core.settlement import SettleInfo
 from extproc.policy.compiled import PolicySet, ServiceModels
@@ -91,7 +92,7 @@ class ProviderCall:
         path = provider.base_path + self.endpoint.suffix + split_path(self.request.path)[1]
         headers: list[tuple[str, str]] = [(":authority", provider.authority), (":path", path)]
         remove = [*self.strip, "authorization", "x-api-key", GRANT_HEADER]  # only ours go on
-        credential = self._credential(path)
+        credential = await self._credential(path)
         if isinstance(credential, ApiError):
             return LocalReply(credential.kind.status, credential.render(self.endpoint.api), f"ai_{credential.code}")
         headers += credential
@@ -131,7 +132,7 @@ class ProviderCall:
                             "quota_backend_unavailable")
         return None
 
-    def _credential(self, path: str) -> list[tuple[str, str]] | ApiError:
+    async def _credential(self, path: str) -> list[tuple[str, str]] | ApiError:
         provider = self.provider
         extra = api_headers(provider, self.request.headers)
         mesh = self.policy.mesh
@@ -143,6 +144,11 @@ class ProviderCall:
                           self.caller.service or "", peer.service_account if peer else "", uuid.uuid4().hex,
                           ANY_BODY if self.any_body else body_digest(b""), self.request.method, path)
             return [*extra, (GRANT_HEADER, grant.encode(self.runtime.signer, _CALL_TTL_S))]
-        key = key_headers(provider, self.runtime.credentials)
-        return key if isinstance(key, ApiError) else [*extra, *key]
+        if provider.credential is not None and provider.credential.type == "aws":
+            # SigV4 covers the body, which a call without a model streams on unread: it cannot be signed.
+            return ApiError(ErrorKind.INVALID_REQUEST, f"provider {provider.name!r} signs every request over its "
+                            "body (SigV4); it serves AI endpoints only, not this path", "path_not_signable")
+        # Nothing here is signed over a body: keys and tokens as each provider API takes them.
+        return await credential_headers(provider, self.runtime.credentials, self.runtime.cloud, path=path, body=b"",
+                                        extra=extra)
 

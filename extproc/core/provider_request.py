@@ -20,7 +20,7 @@ from urllib.parse import quote, urlsplit
 
 from extproc.base.apis import ApiError, ErrorKind
 from extproc.core.cloud_auth import CloudAuth, CredentialUnavailable, sigv4_headers
-from extproc.core.credentials import CredentialStore
+from extproc.core.credentials import CredentialStore, api_headers
 from extproc.policy.model import AZURE_V1, Provider
 
 log = logging.getLogger(__name__)
@@ -117,13 +117,6 @@ def _key_header(provider: Provider, kind: str, key: str) -> tuple[str, str]:
     if api == "gemini":
         return "x-goog-api-key", key
     return "authorization", f"Bearer {key}"
-
-
-def api_headers(provider: Provider, request_headers: Mapping[str, str]) -> list[tuple[str, str]]:
-    """What the provider's API needs besides the key: Anthropic's version header when the caller sent none."""
-    if provider.api == "anthropic" and "anthropic-version" not in request_headers:
-        return [("anthropic-version", provider.anthropic_version)]
-    return []
 
 
 def _unavailable(provider: Provider, reason: str) -> ApiError:

@@ -525,3 +525,28 @@ def test_a_grant_for_a_provider_without_a_key_is_redeemed_with_nothing_added(tmp
         assert not isinstance(again, list) and again.code == "grant_replayed"
 
     asyncio.run(scenario())
+
+
+def test_an_allowed_path_to_a_cloud_provider_takes_its_own_credential_or_is_refused(tmp_path: Path) -> None:
+    """An allowed path (no model, the body streams on unread) to Gemini gets Gemini's key header; to Bedrock,
+    whose SigV4 signature covers the body, it is refused in the caller's format (it used to trip an
+    assertion in the key store, an aws credential having no key to read)."""
+    from extproc.policy.model import AllowedPath, CredentialSource, Provider
+
+    decider = make_decider(tmp_path, unknown_paths="deny", env={**ENV, "GEMINI_KEY": "g-key"})
+    policy = decider.runtime.policy()
+    gemini = Provider(name="gemini", api="gemini", credential=CredentialSource(env="GEMINI_KEY"))
+    bedrock = Provider(name="bedrock", api="bedrock", region="us-east-1", credential=CredentialSource(type="aws"))
+    object.__setattr__(policy, "providers", {**policy.providers, "gemini": gemini, "bedrock": bedrock})
+    service = policy.for_caller("order-service", "shop")
+    assert service is not None
+    proxy = service.proxy.model_copy(update={"allow_paths": (
+        AllowedPath(path="/v1beta/files/**", methods=("GET",), provider="gemini"),
+        AllowedPath(path="/model/**", methods=("GET",), provider="bedrock"))})
+    object.__setattr__(service, "proxy", proxy)
+    forward = provider_call(decider, "/v1beta/files/f-1")
+    assert isinstance(forward, Forward), forward
+    got = dict(forward.set_headers)
+    assert got["x-goog-api-key"] == "g-key" and "authorization" not in got
+    status, body = error_of(provider_call(decider, "/model/x/invocations"))
+    assert status == 400 and body["error"]["code"] == "path_not_signable"  # type: ignore[index]
